@@ -1,0 +1,107 @@
+"""Every environment variable loraplex reads, in one place.
+
+Each ``LORAPLEX_*`` name also answers to its ``VLLM_*`` alias so that a vLLM deployment's
+environment carries over unchanged. The loraplex name wins when both are set. Values are read
+at call time (not import time) so tests and long-lived processes see changes.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+_TRUE = {"1", "true", "yes", "on"}
+
+
+def get(name: str, default: str | None = None) -> str | None:
+    """Read ``LORAPLEX_<name>``, falling back to ``VLLM_<name>``, then ``default``."""
+    for prefix in ("LORAPLEX_", "VLLM_"):
+        value = os.environ.get(prefix + name)
+        if value is not None:
+            return value
+    return default
+
+
+def get_bool(name: str, default: bool = False) -> bool:
+    value = get(name)
+    if value is None:
+        return default
+    return value.strip().lower() in _TRUE
+
+
+def is_set(name: str) -> bool:
+    return get(name) is not None
+
+
+# --- plugins ---------------------------------------------------------------------------------
+
+def plugins() -> list[str] | None:
+    """``LORAPLEX_PLUGINS``: None when unset (load every default-on plugin), [] when empty."""
+    value = get("PLUGINS")
+    if value is None:
+        return None
+    return [name.strip() for name in value.split(",") if name.strip()]
+
+
+def allow_runtime_lora_updating() -> bool:
+    return get_bool("ALLOW_RUNTIME_LORA_UPDATING")
+
+
+def lora_resolver_cache_dir() -> str | None:
+    return get("LORA_RESOLVER_CACHE_DIR")
+
+
+def lora_resolver_hf_repo_list() -> list[str]:
+    value = get("LORA_RESOLVER_HF_REPO_LIST") or ""
+    return [repo.strip() for repo in value.split(",") if repo.strip()]
+
+
+def lora_resolver_s3_uri() -> str | None:
+    """``LORAPLEX_LORA_RESOLVER_S3_URI``: e.g. ``s3://bucket/prefix``; adapters live under it."""
+    return get("LORA_RESOLVER_S3_URI")
+
+
+def lora_resolver_s3_endpoint_url() -> str | None:
+    return get("LORA_RESOLVER_S3_ENDPOINT_URL")
+
+
+def lora_resolver_fsspec_uri() -> str | None:
+    """``LORAPLEX_LORA_RESOLVER_FSSPEC_URI`` for the contrib fsspec resolver (any URL scheme)."""
+    return get("LORA_RESOLVER_FSSPEC_URI")
+
+
+# --- caches ----------------------------------------------------------------------------------
+
+def cache_root() -> Path:
+    """``LORAPLEX_CACHE_ROOT``: where converted models, demo adapters and downloads live."""
+    value = get("CACHE_ROOT")
+    if value:
+        return Path(value).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "loraplex"
+
+
+def lora_download_dir() -> Path:
+    """Where remote resolvers (S3, fsspec) materialise adapters."""
+    value = get("LORA_DOWNLOAD_DIR")
+    return Path(value).expanduser() if value else cache_root() / "loras"
+
+
+# --- server ----------------------------------------------------------------------------------
+
+def api_key() -> str | None:
+    return get("API_KEY")
+
+
+def admin_api_key() -> str | None:
+    return get("ADMIN_API_KEY")
+
+
+# --- kernels / device -------------------------------------------------------------------------
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def use_triton_kernels() -> str:
+    """``LORAPLEX_KERNELS``: ``auto`` (Triton on CUDA, torch on CPU), ``triton`` or ``torch``."""
+    return (get("KERNELS") or "auto").lower()
