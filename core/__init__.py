@@ -1,0 +1,1 @@
+"""loraplex: serve many LoRA adapters on one base LLM."""
