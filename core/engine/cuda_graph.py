@@ -1,0 +1,99 @@
+"""CUDA graphs for decode: one graph per padded batch size, replayed with inputs in static buffers.
+
+Everything a decode step reads (token ids, positions, KV slots, block tables, sequence lengths, LoRA slot per
+token) lives in these buffers, so a mixed-adapter decode step is a single graph replay. Padding rows point at
+the reserved KV block 0, have seq_len 0 (attention skips them) and LoRA slot -1 (LoRA kernels skip them).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from loraplex.layers.attention import AttentionMetadata
+
+logger = logging.getLogger("loraplex.engine")
+
+
+def _graph_batch_sizes(max_num_seqs: int) -> list[int]:
+    sizes = [1, 2, 4, 8] + list(range(16, 513, 16))
+    return [s for s in sizes if s < max_num_seqs] + [max_num_seqs] if max_num_seqs <= 512 else sizes
+
+
+class CUDAGraphRunner:
+    def __init__(self, runner, max_num_seqs: int):
+        self.runner = runner
+        self.batch_sizes = sorted(set(_graph_batch_sizes(max_num_seqs)))
+        self.max_bs = self.batch_sizes[-1]
+        dev = runner.device
+        n = self.max_bs
+        self.input_ids = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.slot_mapping = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.block_tables = torch.zeros(n, runner.max_blocks_per_seq, dtype=torch.int32, device=dev)
+        self.seq_lens = torch.zeros(n, dtype=torch.int32, device=dev)
+        self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=dev)
+        self.lora_idx = torch.full((n,), -1, dtype=torch.int32, device=dev)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[int, torch.Tensor] = {}
+        self.pool = None
+
+    def can_run(self, num_seqs: int) -> bool:
+        return num_seqs <= self.max_bs and bool(self.graphs)
+
+    def _forward(self, bs: int) -> torch.Tensor:
+        r = self.runner
+        meta = AttentionMetadata(
+            slot_mapping=self.slot_mapping[:bs], block_tables=self.block_tables[:bs], seq_lens=self.seq_lens[:bs],
+            query_start_loc=self.query_start_loc[: bs + 1], max_query_len=1, max_seq_len=r.max_model_len)
+        if r.lora_manager is not None:
+            r.lora_manager.state.meta.prepare(self.lora_idx[:bs])
+        hidden = r.model(self.input_ids[:bs], self.positions[:bs], meta)
+        return r.model.compute_logits(hidden)
+
+    @torch.inference_mode()
+    def capture_all(self) -> None:
+        r = self.runner
+        if r.lora_manager is not None:
+            # Captured with LoRA on: rows without an adapter are skipped inside the kernels.
+            r.lora_manager.state.is_active = True
+        for bs in reversed(self.batch_sizes):
+            for _ in range(2):  # warm up: Triton compiles and autotunes outside capture
+                self._forward(bs)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                self.logits[bs] = self._forward(bs)
+            if self.pool is None:
+                self.pool = graph.pool()
+            self.graphs[bs] = graph
+        torch.cuda.synchronize()
+        logger.info("captured CUDA graphs for decode batch sizes %s", self.batch_sizes)
+
+    def run(self, seqs) -> torch.Tensor:
+        r = self.runner
+        n = len(seqs)
+        bs = next(b for b in self.batch_sizes if b >= n)
+        block = r.block_size
+        width = self.block_tables.shape[1]
+        host = torch.zeros(5, bs, dtype=torch.int64)
+        host[4].fill_(-1)
+        tables = torch.zeros(bs, width, dtype=torch.int32)
+        for i, s in enumerate(seqs):
+            pos = s.num_tokens - 1
+            host[0, i] = s.last_token_id
+            host[1, i] = pos
+            host[2, i] = s.block_table[pos // block] * block + pos % block
+            host[3, i] = s.num_tokens
+            if s.lora_model is not None:
+                host[4, i] = r.lora_manager.slot_of(s.lora_model)
+            tables[i, : len(s.block_table)] = torch.tensor(s.block_table, dtype=torch.int32)
+        host = host.to(r.device, non_blocking=True)
+        self.input_ids[:bs].copy_(host[0])
+        self.positions[:bs].copy_(host[1])
+        self.slot_mapping[:bs].copy_(host[2])
+        self.seq_lens[:bs].copy_(host[3])
+        self.lora_idx[:bs].copy_(host[4])
+        self.block_tables[:bs].copy_(tables.to(r.device, non_blocking=True))
+        self.graphs[bs].replay()
+        return self.logits[bs][:n]

@@ -1,0 +1,145 @@
+"""Build an engine's parts from EngineArgs: device and dtype, tokenizer, model, KV cache, LoRA, scheduler."""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from loraplex.engine.block_manager import NUM_RESERVED_BLOCKS, BlockManager
+from loraplex.engine.model_runner import ModelRunner
+from loraplex.engine.policy import FCFSPolicy
+from loraplex.engine.scheduler import Scheduler
+from loraplex.engine_args import EngineArgs
+from loraplex.models.config import ModelConfig
+from loraplex.models.loader import build_model, default_tokenizer_path, load_hf_config, resolve_model_path
+
+logger = logging.getLogger("loraplex.engine")
+
+_DTYPE_NAMES = {"float32": torch.float32, "float": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+                "half": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was asked for but CUDA is not available")
+    return torch.device(name)
+
+
+def pick_dtype(name: str, hf_config, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return _DTYPE_NAMES[name]
+    if device.type == "cpu":
+        return torch.float32  # CPU matmuls in half precision are slow and lossy
+    declared = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    declared = _DTYPE_NAMES.get(str(declared).replace("torch.", ""), torch.bfloat16)
+    return torch.bfloat16 if declared == torch.float32 else declared
+
+
+def load_tokenizer(args: EngineArgs, path):
+    from transformers import AutoTokenizer
+
+    if args.tokenizer:
+        return AutoTokenizer.from_pretrained(args.tokenizer)
+    tok_path, kwargs = default_tokenizer_path(path)
+    return AutoTokenizer.from_pretrained(tok_path, **kwargs)
+
+
+def eos_ids(tokenizer, hf_config, path) -> tuple[int, ...]:
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    ids.update(ModelConfig.from_hf(hf_config).eos_token_ids)
+    try:
+        from transformers import GenerationConfig
+
+        gen = GenerationConfig.from_pretrained(path)
+        eos = gen.eos_token_id
+        ids.update(eos if isinstance(eos, list) else ([eos] if eos is not None else []))
+    except Exception:  # no generation_config.json is fine
+        pass
+    return tuple(sorted(ids))
+
+
+def num_kv_blocks(args: EngineArgs, model, device, dtype, max_model_len: int) -> int:
+    per_block = ModelRunner.kv_bytes_per_block(model.cfg, args.block_size, dtype)
+    if args.num_gpu_blocks_override is not None:
+        return args.num_gpu_blocks_override
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        free, total = torch.cuda.mem_get_info(device)
+        used = total - free
+        cfg = model.cfg
+        # Activation peak of the largest prefill step, generously: residual stream, qkv, MLP and fp32 logits.
+        act = args.max_num_batched_tokens * (6 * cfg.hidden_size + 2 * cfg.intermediate_size + cfg.q_size
+                                             + 2 * cfg.kv_size) * 4 + 512 * 2**20
+        budget = int(total * args.gpu_memory_utilization) - used - act
+    else:
+        budget = int(args.cpu_kv_cache_space * 2**30)
+    # Never more than every sequence at full length could use: saves memory on small CPU test engines.
+    useful = args.max_num_seqs * -(-max_model_len // args.block_size) + NUM_RESERVED_BLOCKS
+    blocks = min(budget // per_block, useful)
+    if blocks < 2:
+        raise ValueError(f"no memory left for the KV cache (budget {budget / 2**30:.2f} GiB); raise "
+                         "gpu_memory_utilization / cpu_kv_cache_space or lower max_num_batched_tokens")
+    return int(blocks)
+
+
+def build_engine_parts(args: EngineArgs, progress: bool = False) -> dict:
+    start = time.perf_counter()
+    path = resolve_model_path(args.model, args.revision, args.download_dir)
+    hf_config = load_hf_config(path)
+    model_config = ModelConfig.from_hf(hf_config)
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, hf_config, device)
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    max_model_len = args.max_model_len or model_config.max_position_embeddings
+    if max_model_len > model_config.max_position_embeddings:
+        raise ValueError(f"max_model_len={max_model_len} exceeds the model's max_position_embeddings="
+                         f"{model_config.max_position_embeddings}")
+    if args.max_num_batched_tokens is None:
+        args.max_num_batched_tokens = max(max_model_len, 2048 if device.type == "cuda" else 512, args.max_num_seqs)
+    if args.max_num_batched_tokens < max_model_len:
+        raise ValueError(f"max_num_batched_tokens={args.max_num_batched_tokens} must be >= max_model_len="
+                         f"{max_model_len}, since a whole prompt is prefilled in one step")
+    tokenizer = load_tokenizer(args, path)
+    model = build_model(path, hf_config, dtype, device)
+    plugin_manager = _plugin_manager()
+    lora_manager = None
+    if args.enable_lora:
+        from loraplex.lora.manager import LoRAManager
+
+        lora_dtype = dtype if args.lora_dtype == "auto" else _DTYPE_NAMES[args.lora_dtype]
+        lora_manager = LoRAManager(model, args.max_loras, args.max_lora_rank, args.max_cpu_loras,
+                                   args.max_num_batched_tokens, device, lora_dtype, plugin_manager)
+    blocks = num_kv_blocks(args, model, device, dtype, max_model_len)
+    capacity = (blocks - NUM_RESERVED_BLOCKS) * args.block_size
+    if capacity < max_model_len:
+        raise ValueError(f"the KV cache holds {capacity} tokens, fewer than max_model_len={max_model_len}; give it "
+                         "more memory or lower max_model_len")
+    policy = None
+    if plugin_manager is not None:
+        policy = plugin_manager.hook.loraplex_scheduling_policy(max_num_seqs=args.max_num_seqs,
+                                                                max_loras=args.max_loras)
+    scheduler = Scheduler(BlockManager(blocks, args.block_size), args.max_num_seqs, args.max_num_batched_tokens,
+                          policy or FCFSPolicy(), lora_manager)
+    eos = eos_ids(tokenizer, hf_config, path)
+    runner = ModelRunner(model, device, dtype, args.block_size, blocks, max_model_len, args.max_num_seqs, eos,
+                         lora_manager, args.seed, enforce_eager=args.enforce_eager)
+    logger.info("engine ready in %.1fs: %s on %s (%s), %d KV blocks of %d tokens", time.perf_counter() - start,
+                model_config.architecture, device, dtype, blocks, args.block_size)
+    return dict(tokenizer=tokenizer, model=model, model_config=model_config, hf_config=hf_config, device=device,
+                dtype=dtype, runner=runner, scheduler=scheduler, lora_manager=lora_manager,
+                plugin_manager=plugin_manager, max_model_len=max_model_len, eos_token_ids=eos, model_path=path,
+                num_kv_blocks=blocks)
+
+
+def _plugin_manager():
+    try:
+        from loraplex.plugins.manager import get_plugin_manager
+    except ImportError:
+        return None
+    return get_plugin_manager()

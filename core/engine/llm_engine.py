@@ -1,0 +1,172 @@
+"""LLMEngine: vLLM's offline engine API. step() = schedule, run, postprocess."""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from loraplex.engine.engine_core import build_engine_parts
+from loraplex.engine.output_processor import OutputProcessor
+from loraplex.engine_args import EngineArgs
+from loraplex.errors import InvalidRequestError, LoRADisabledError, PromptTooLongError
+from loraplex.lora.request import LoRARequest
+from loraplex.outputs import RequestOutput
+from loraplex.sampling_params import SamplingParams
+from loraplex.sequence import Sequence
+
+logger = logging.getLogger("loraplex.engine")
+
+
+class LLMEngine:
+    def __init__(self, args: EngineArgs, progress: bool = False):
+        self.args = args
+        parts = build_engine_parts(args, progress=progress)
+        self.__dict__.update(parts)  # tokenizer, model, runner, scheduler, lora_manager, plugin_manager...
+        self.outputs = OutputProcessor(self.tokenizer)
+        self.requests: dict[str, list[Sequence]] = {}
+        self.stats = {"num_requests": 0, "num_prompt_tokens": 0, "num_generation_tokens": 0, "num_steps": 0}
+        if self.plugin_manager is not None:
+            self.plugin_manager.hook.loraplex_engine_started(engine=self)
+
+    @classmethod
+    def from_engine_args(cls, engine_args: EngineArgs, **kwargs) -> "LLMEngine":
+        return cls(engine_args, **kwargs)
+
+    def get_tokenizer(self):
+        return self.tokenizer
+
+    # ------------------------------------------------------------------ requests
+    def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                ids = list(prompt["prompt_token_ids"])
+                if not all(isinstance(t, int) and 0 <= t < self.model_config.vocab_size for t in ids):
+                    raise InvalidRequestError(f"prompt_token_ids must be ints in [0, {self.model_config.vocab_size})")
+                return prompt.get("prompt"), ids
+            if "prompt" in prompt:
+                prompt = prompt["prompt"]
+            else:
+                raise InvalidRequestError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+            return self._tokenize({"prompt_token_ids": list(prompt)})
+        if not isinstance(prompt, str):
+            raise InvalidRequestError(f"prompt must be a string or {{'prompt_token_ids': [...]}}, got {type(prompt)}")
+        return prompt, self.tokenizer.encode(prompt)
+
+    def add_request(self, request_id: str, prompt: Any, params: SamplingParams | None = None,
+                    lora_request: LoRARequest | None = None, arrival_time: float | None = None,
+                    priority: int = 0) -> None:
+        request_id = str(request_id)
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError(f"params must be SamplingParams, got {type(params).__name__}")
+        if params.logprobs is not None and params.logprobs > self.args.max_logprobs:
+            raise InvalidRequestError(f"logprobs={params.logprobs} exceeds max_logprobs={self.args.max_logprobs}")
+        text, ids = self._tokenize(prompt)
+        if not ids:
+            raise InvalidRequestError("the prompt is empty")
+        max_len = self.max_model_len
+        if len(ids) >= max_len:
+            raise PromptTooLongError(
+                f"The prompt (length {len(ids)}) is longer than the maximum model length of {max_len - 1} "
+                f"(max_model_len={max_len} must leave room for at least one generated token).")
+        lora_model = None
+        if lora_request is not None:
+            if self.lora_manager is None:
+                raise LoRADisabledError("LoRA is not enabled; construct the engine with enable_lora=True",
+                                        lora_request.lora_name)
+            lora_model = self.lora_manager.get_for_request(lora_request)
+        arrival = arrival_time if arrival_time is not None else time.monotonic()
+        seqs = [Sequence(request_id, i, ids, params, lora_request, lora_model, arrival_time=arrival,
+                         priority=priority) for i in range(params.n)]
+        for seq in seqs:
+            self.outputs.attach(seq)
+            self.scheduler.add(seq)
+        self.requests[request_id] = seqs
+        self.outputs.register(request_id, text, ids, lora_request)
+        self.stats["num_requests"] += 1
+        self.stats["num_prompt_tokens"] += len(ids)
+
+    def abort_request(self, request_id) -> None:
+        ids = [request_id] if isinstance(request_id, str) else list(request_id)
+        for rid in ids:
+            for seq in self.requests.get(str(rid), []):
+                if not seq.is_finished:
+                    self.scheduler.finish(seq)
+                    seq.finish("abort")
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished() or any(
+            any(s.finish_reason == "abort" for s in seqs) for seqs in self.requests.values())
+
+    def get_num_unfinished_requests(self) -> int:
+        return sum(1 for seqs in self.requests.values() if not all(s.is_finished for s in seqs))
+
+    # ------------------------------------------------------------------ step
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        finished: list[Sequence] = []
+        if not sched.is_empty:
+            result = self.runner.execute(sched.seqs, sched.num_scheduled_tokens)
+            finished = self._postprocess(sched, result)
+        self.stats["num_steps"] += 1
+        return self._make_outputs(sched.seqs, finished)
+
+    def _postprocess(self, sched, result) -> list[Sequence]:
+        finished = []
+        for i, (seq, n) in enumerate(zip(sched.seqs, sched.num_scheduled_tokens)):
+            seq.num_computed_tokens += n
+            lp = result.logprobs[i] if result.logprobs is not None else None
+            self.outputs.append_token(seq, result.token_ids[i], lp)
+            self.stats["num_generation_tokens"] += 1
+            self.outputs.check_stop(seq, self.eos_token_ids, self.max_model_len)
+            if seq.is_finished:
+                self.scheduler.finish(seq)
+                finished.append(seq)
+        return finished
+
+    def _make_outputs(self, stepped: list[Sequence], finished: list[Sequence]) -> list[RequestOutput]:
+        touched = {s.request_id for s in stepped}
+        aborted = [rid for rid, seqs in self.requests.items()
+                   if any(s.finish_reason == "abort" for s in seqs) and all(s.is_finished for s in seqs)]
+        touched.update(aborted)
+        outputs = []
+        for rid in touched:
+            seqs = self.requests.get(rid)
+            if seqs is None:
+                continue
+            out = self.outputs.make_output(rid, seqs)
+            outputs.append(out)
+            if out.finished:
+                del self.requests[rid]
+                self.outputs.forget(rid)
+        return outputs
+
+    # ------------------------------------------------------------------ LoRA management
+    def _require_lora(self):
+        if self.lora_manager is None:
+            raise LoRADisabledError("LoRA is not enabled; construct the engine with enable_lora=True")
+        return self.lora_manager
+
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        self._require_lora().add_lora(lora_request)
+        return True
+
+    def remove_lora(self, lora_name_or_id) -> bool:
+        mgr = self._require_lora()
+        name = lora_name_or_id
+        if isinstance(lora_name_or_id, int):
+            name = next((m.name for m in mgr.adapters.values() if m.lora_int_id == lora_name_or_id), None)
+        return name is not None and mgr.remove_lora(name)
+
+    def list_loras(self) -> list[LoRARequest]:
+        return self._require_lora().list_loras()
+
+    def pin_lora(self, lora_name_or_id) -> bool:
+        mgr = self._require_lora()
+        name = lora_name_or_id
+        if isinstance(lora_name_or_id, int):
+            name = next((m.name for m in mgr.adapters.values() if m.lora_int_id == lora_name_or_id), str(name))
+        return mgr.pin_lora(name)

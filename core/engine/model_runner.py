@@ -1,0 +1,135 @@
+"""Runs one scheduled batch: build the flat token batch and metadata once, run the model, sample on device."""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from loraplex.engine.cuda_graph import CUDAGraphRunner
+from loraplex.engine.sampling_metadata import build_sampling_batch, gather_logprobs, min_tokens_mask
+from loraplex.layers.attention import AttentionMetadata
+from loraplex.layers.sampler import sample
+from loraplex.sequence import Sequence
+
+logger = logging.getLogger("loraplex.engine")
+
+
+class StepResult:
+    __slots__ = ("token_ids", "logprobs")
+
+    def __init__(self, token_ids: list[int], logprobs: list | None):
+        self.token_ids = token_ids
+        self.logprobs = logprobs  # per seq: None or (chosen_lp, rank, top_ids, top_lps)
+
+
+class ModelRunner:
+    def __init__(self, model, device: torch.device, dtype: torch.dtype, block_size: int, num_blocks: int,
+                 max_model_len: int, max_num_seqs: int, eos_token_ids: tuple[int, ...], lora_manager=None,
+                 seed: int | None = 0, enforce_eager: bool = True):
+        self.model = model
+        self.cfg = model.cfg
+        self.device = device
+        self.dtype = dtype
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.max_model_len = max_model_len
+        self.max_blocks_per_seq = -(-max_model_len // block_size)
+        self.eos_token_ids = eos_token_ids
+        self.lora_manager = lora_manager
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed if seed is not None else torch.seed())
+        self._allocate_kv_cache()
+        self.graph_runner = None
+        if device.type == "cuda" and not enforce_eager:
+            self.graph_runner = CUDAGraphRunner(self, max_num_seqs)
+            self.graph_runner.capture_all()
+
+    def _allocate_kv_cache(self) -> None:
+        cfg = self.cfg
+        shape = (cfg.num_hidden_layers, self.num_blocks, self.block_size, cfg.num_key_value_heads, cfg.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        for i, layer in enumerate(self.model.layers):
+            layer.self_attn.attn.k_cache = self.k_cache[i]
+            layer.self_attn.attn.v_cache = self.v_cache[i]
+
+    @staticmethod
+    def kv_bytes_per_block(cfg, block_size: int, dtype: torch.dtype) -> int:
+        elem = torch.tensor([], dtype=dtype).element_size()
+        return 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * elem
+
+    # ------------------------------------------------------------------ inputs
+    def _prepare(self, seqs: list[Sequence], num_new: list[int]):
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        seq_lens: list[int] = []
+        qsl = [0]
+        lora_idx: list[int] = []
+        for seq, n in zip(seqs, num_new):
+            start = seq.num_computed_tokens
+            end = start + n
+            if n == 1:
+                input_ids.append(seq.last_token_id)
+            else:
+                input_ids.extend(seq.token_ids[start:end])
+            table = seq.block_table
+            for p in range(start, end):
+                positions.append(p)
+                slots.append(table[p // bs] * bs + p % bs)
+            seq_lens.append(end)
+            qsl.append(qsl[-1] + n)
+            if self.lora_manager is not None:
+                slot = self.lora_manager.slot_of(seq.lora_model) if seq.lora_model is not None else -1
+                lora_idx.extend([slot] * n)
+        tables = torch.zeros(len(seqs), max(len(s.block_table) for s in seqs), dtype=torch.int32)
+        for i, seq in enumerate(seqs):
+            tables[i, : len(seq.block_table)] = torch.tensor(seq.block_table, dtype=torch.int32)
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64).to(dev, non_blocking=True),
+            block_tables=tables.to(dev, non_blocking=True),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(dev, non_blocking=True),
+            query_start_loc=torch.tensor(qsl, dtype=torch.int32).to(dev, non_blocking=True),
+            max_query_len=max(num_new),
+            max_seq_len=max(seq_lens),
+        )
+        ids = torch.tensor(input_ids, dtype=torch.int64).to(dev, non_blocking=True)
+        pos = torch.tensor(positions, dtype=torch.int64).to(dev, non_blocking=True)
+        return ids, pos, meta, qsl, lora_idx
+
+    def _set_lora(self, lora_idx: list[int]) -> None:
+        if self.lora_manager is None:
+            return
+        state = self.lora_manager.state
+        state.is_active = any(i >= 0 for i in lora_idx)
+        if state.is_active:
+            state.meta.prepare(torch.tensor(lora_idx, dtype=torch.int32).to(self.device, non_blocking=True))
+
+    # ------------------------------------------------------------------ step
+    @torch.inference_mode()
+    def execute(self, seqs: list[Sequence], num_new: list[int]) -> StepResult:
+        is_decode = max(num_new) == 1
+        if is_decode and self.graph_runner is not None and self.graph_runner.can_run(len(seqs)):
+            logits = self.graph_runner.run(seqs)
+        else:
+            ids, pos, meta, qsl, lora_idx = self._prepare(seqs, num_new)
+            self._set_lora(lora_idx)
+            hidden = self.model(ids, pos, meta)  # [num_tokens, hidden]
+            last = torch.tensor(qsl[1:], dtype=torch.int64, device=self.device) - 1
+            logits = self.model.compute_logits(hidden[last])  # [num_seqs, vocab]
+        return self.sample(logits, seqs)
+
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> StepResult:
+        batch = build_sampling_batch(seqs, logits.shape[1], self.device)
+        min_tokens_mask(logits, seqs, self.eos_token_ids)
+        tokens, raw_logprobs = sample(logits, batch, self.generator)
+        logprobs = None
+        if raw_logprobs is not None:
+            chosen, ranks, top_ids, top_lps = gather_logprobs(raw_logprobs, tokens, max(batch.max_num_logprobs, 0))
+            logprobs = []
+            for i, s in enumerate(seqs):
+                k = s.params.logprobs
+                logprobs.append(None if k is None else (chosen[i], ranks[i], top_ids[i][:k], top_lps[i][:k]))
+        return StepResult(tokens.tolist(), logprobs)

@@ -1,0 +1,73 @@
+"""Detokenize, apply stop conditions, and build RequestOutputs."""
+from __future__ import annotations
+
+from loraplex.engine.detokenizer import IncrementalDetokenizer
+from loraplex.outputs import CompletionOutput, Logprob, RequestOutput
+from loraplex.sequence import Sequence
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.meta: dict[str, tuple] = {}  # request_id -> (prompt text, prompt ids, lora_request)
+
+    def register(self, request_id: str, prompt: str | None, prompt_ids: list[int], lora_request) -> None:
+        self.meta[request_id] = (prompt, prompt_ids, lora_request)
+
+    def forget(self, request_id: str) -> None:
+        self.meta.pop(request_id, None)
+
+    def attach(self, seq: Sequence) -> None:
+        p = seq.params
+        if p.detokenize:
+            seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, p.skip_special_tokens,
+                                                     p.stop, p.include_stop_str_in_output)
+        if p.logprobs is not None:
+            seq.logprobs = []
+
+    def append_token(self, seq: Sequence, token_id: int, logprob) -> None:
+        seq.append_token(token_id)
+        if logprob is not None:
+            chosen, rank, top_ids, top_lps = logprob
+            entry = {tid: Logprob(lp, r + 1, None) for r, (tid, lp) in enumerate(zip(top_ids, top_lps))}
+            entry[token_id] = Logprob(chosen, rank, None)
+            for tid, lp in entry.items():
+                lp.decoded_token = self.tokenizer.decode([tid])
+            seq.logprobs.append(entry)
+            seq.cumulative_logprob += chosen
+        if seq.detokenizer is not None:
+            hit = seq.detokenizer.add_token(token_id)
+            if hit is not None:
+                seq.finish("stop", hit)
+
+    def check_stop(self, seq: Sequence, eos_ids: tuple[int, ...], max_model_len: int) -> None:
+        if seq.is_finished:
+            return
+        p = seq.params
+        token = seq.output_token_ids[-1]
+        num_out = len(seq.output_token_ids)
+        if num_out >= p.min_tokens:
+            if not p.ignore_eos and token in eos_ids:
+                seq.finish("stop", None)
+                return
+            if token in p.stop_token_ids:
+                seq.finish("stop", token)
+                return
+        if (p.max_tokens is not None and num_out >= p.max_tokens) or seq.num_tokens >= max_model_len:
+            seq.finish("length")
+
+    def make_output(self, request_id: str, seqs: list[Sequence]) -> RequestOutput:
+        prompt, prompt_ids, lora_request = self.meta[request_id]
+        outs = []
+        for s in seqs:
+            ids = list(s.output_token_ids)
+            if s.finish_reason == "stop" and s.stop_reason is None and not s.params.ignore_eos:
+                pass  # vLLM keeps the EOS token id in token_ids but not in the text
+            text = s.detokenizer.visible_text(s.is_finished) if s.detokenizer is not None else ""
+            outs.append(CompletionOutput(
+                index=s.index, text=text, token_ids=ids,
+                cumulative_logprob=s.cumulative_logprob if s.logprobs is not None else None,
+                logprobs=list(s.logprobs) if s.logprobs is not None else None,
+                finish_reason=s.finish_reason, stop_reason=s.stop_reason, lora_request=lora_request))
+        finished = all(s.is_finished for s in seqs)
+        return RequestOutput(request_id, prompt, prompt_ids, outs, finished, lora_request)

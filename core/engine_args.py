@@ -1,0 +1,106 @@
+"""EngineArgs: every knob of the engine, validated at construction (vLLM's names and defaults)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+_DTYPES = ("auto", "float32", "float16", "bfloat16", "half", "float", "fp32", "fp16", "bf16")
+_DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class EngineArgs:
+    model: str = ""
+    tokenizer: str | None = None
+    served_model_name: str | None = None
+    revision: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    seed: int | None = 0
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.9
+    # CPU KV cache budget in GiB (vLLM's VLLM_CPU_KVCACHE_SPACE); the GPU uses gpu_memory_utilization instead.
+    cpu_kv_cache_space: float = 1.0
+    num_gpu_blocks_override: int | None = None
+    enforce_eager: bool = False
+    max_seq_len_to_capture: int = 8192
+    max_logprobs: int = 20
+    trust_remote_code: bool = False
+    download_dir: str | None = None
+    disable_log_stats: bool = True
+    # LoRA
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
+    lora_dtype: str = "auto"
+    fully_sharded_loras: bool = False
+    tensor_parallel_size: int = 1
+
+    def __post_init__(self) -> None:
+        def bad(name: str, why: str) -> ValueError:
+            return ValueError(f"EngineArgs.{name} {why}, got {getattr(self, name)!r}")
+
+        if not isinstance(self.model, str) or not self.model:
+            raise bad("model", "must name a model directory, GGUF file or hub id")
+        self.dtype = str(self.dtype).lower().replace("torch.", "")
+        if self.dtype not in _DTYPES:
+            raise bad("dtype", f"must be one of {_DTYPES}")
+        self.device = str(self.device).lower()
+        if self.device.split(":")[0] not in _DEVICES:
+            raise bad("device", f"must be one of {_DEVICES}")
+        if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 1):
+            raise bad("max_model_len", "must be a positive int")
+        if not isinstance(self.max_num_seqs, int) or self.max_num_seqs < 1:
+            raise bad("max_num_seqs", "must be a positive int")
+        if self.max_num_batched_tokens is not None and (
+            not isinstance(self.max_num_batched_tokens, int) or self.max_num_batched_tokens < 1
+        ):
+            raise bad("max_num_batched_tokens", "must be a positive int")
+        if self.max_num_batched_tokens is not None and self.max_model_len is not None and (
+            self.max_num_batched_tokens < self.max_model_len
+        ):
+            raise bad("max_num_batched_tokens", f"must be >= max_model_len ({self.max_model_len}), "
+                      "since a whole prompt is prefilled in one step")
+        if self.block_size not in (8, 16, 32, 64, 128):
+            raise bad("block_size", "must be one of 8, 16, 32, 64, 128")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise bad("gpu_memory_utilization", "must be in (0, 1]")
+        if not self.cpu_kv_cache_space > 0:
+            raise bad("cpu_kv_cache_space", "must be > 0 (GiB)")
+        if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 2:
+            raise bad("num_gpu_blocks_override", "must be >= 2")
+        if self.tensor_parallel_size != 1:
+            raise bad("tensor_parallel_size", "must be 1: loraplex runs on one device")
+        if self.max_logprobs < 0:
+            raise bad("max_logprobs", "must be >= 0")
+        self._verify_lora()
+
+    def _verify_lora(self) -> None:
+        def bad(name: str, why: str) -> ValueError:
+            return ValueError(f"EngineArgs.{name} {why}, got {getattr(self, name)!r}")
+
+        if not isinstance(self.max_loras, int) or self.max_loras < 1:
+            raise bad("max_loras", "must be an int >= 1")
+        if not isinstance(self.max_lora_rank, int) or not 1 <= self.max_lora_rank <= 512:
+            raise bad("max_lora_rank", "must be an int in [1, 512]")
+        if self.max_cpu_loras is None:
+            self.max_cpu_loras = self.max_loras
+        if not isinstance(self.max_cpu_loras, int) or self.max_cpu_loras < self.max_loras:
+            raise bad("max_cpu_loras", f"must be an int >= max_loras ({self.max_loras})")
+        self.lora_dtype = str(self.lora_dtype).lower().replace("torch.", "")
+        if self.lora_dtype not in _DTYPES:
+            raise bad("lora_dtype", f"must be one of {_DTYPES}")
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in fields(cls)}
+
+    @classmethod
+    def from_kwargs(cls, model: str, **kwargs) -> "EngineArgs":
+        unknown = set(kwargs) - cls.field_names()
+        if unknown:
+            raise TypeError(f"unknown engine argument(s): {', '.join(sorted(unknown))}")
+        return cls(model=model, **kwargs)

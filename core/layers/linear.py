@@ -1,0 +1,79 @@
+"""Linear layers that pack several HF projections (q/k/v, gate/up) into one matmul, with LoRA slots.
+
+A packed layer keeps its slices' output offsets so that LoRA weights of each HF module land in the right
+columns and all slices go through one shrink and one expand launch.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class LoRAState:
+    """Shared by every LoRA-enabled layer of one model: the per-step kernel metadata and scratch buffer."""
+
+    def __init__(self, meta, max_loras: int, max_rank: int, backend: str = "auto"):
+        self.meta = meta  # loraplex.kernels.lora_meta.LoRAKernelMeta
+        self.max_loras = max_loras
+        self.max_rank = max_rank
+        self.backend = backend
+        # Flipped per step by the model runner: a batch with no adapter rows skips LoRA entirely.
+        self.is_active = False
+
+
+class Linear(nn.Module):
+    def __init__(self, in_features: int, out_sizes: list[int], bias: bool = False,
+                 names: list[str] | None = None, dtype=None, device=None):
+        super().__init__()
+        self.in_features = in_features
+        self.out_sizes = list(out_sizes)
+        self.out_features = sum(out_sizes)
+        # HF module names of the slices, e.g. ["q_proj", "k_proj", "v_proj"]
+        self.names = list(names or [])
+        offsets = [0]
+        for size in out_sizes:
+            offsets.append(offsets[-1] + size)
+        self.offsets = offsets
+        self.weight = nn.Parameter(torch.empty(self.out_features, in_features, dtype=dtype, device=device),
+                                   requires_grad=False)
+        self.bias = (nn.Parameter(torch.zeros(self.out_features, dtype=dtype, device=device), requires_grad=False)
+                     if bias else None)
+        self.lora_state: LoRAState | None = None
+        self.lora_a: torch.Tensor | None = None  # [num_slices, max_loras, max_rank, in_features]
+        self.lora_b: torch.Tensor | None = None  # [max_loras, out_features, max_rank]
+        self.lora_slice_offsets: torch.Tensor | None = None  # [num_slices + 1] int32
+
+    def slice_of(self, name: str) -> int:
+        return self.names.index(name)
+
+    def create_lora_slots(self, state: LoRAState, dtype: torch.dtype) -> None:
+        """Preallocate every slot once, so loading an adapter or running a step never allocates."""
+        device = self.weight.device
+        num_slices = len(self.out_sizes)
+        self.lora_state = state
+        self.lora_a = torch.zeros(num_slices, state.max_loras, state.max_rank, self.in_features,
+                                  dtype=dtype, device=device)
+        self.lora_b = torch.zeros(state.max_loras, self.out_features, state.max_rank, dtype=dtype, device=device)
+        self.lora_slice_offsets = torch.tensor(self.offsets, dtype=torch.int32, device=device)
+
+    def load_weight(self, name: str, tensor: torch.Tensor, kind: str = "weight") -> None:
+        """Copy one HF module's weight (or bias) into its slice."""
+        i = self.slice_of(name) if self.names else 0
+        lo, hi = self.offsets[i], self.offsets[i + 1]
+        target = self.weight if kind == "weight" else self.bias
+        if target is None:
+            raise ValueError(f"{name} has no {kind}")
+        expected = (hi - lo, self.in_features) if kind == "weight" else (hi - lo,)
+        if tuple(tensor.shape) != expected:
+            raise ValueError(f"{name}.{kind}: checkpoint shape {tuple(tensor.shape)} != model shape {expected}")
+        target.data[lo:hi].copy_(tensor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [num_tokens, in_features] -> [num_tokens, out_features]
+        y = nn.functional.linear(x, self.weight, self.bias)
+        state = self.lora_state
+        if state is not None and state.is_active:
+            from loraplex.kernels.lora_ops import add_lora
+
+            add_lora(y, x, self.lora_a, self.lora_b, state.meta, self.lora_slice_offsets, backend=state.backend)
+        return y

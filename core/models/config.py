@@ -1,0 +1,94 @@
+"""ModelConfig: the parts of an HF config our Llama-family code needs, parsed once and validated."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from loraplex.errors import UnsupportedModelError
+
+# Architectures our model code implements; all are Llama-shaped decoders.
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+}
+
+
+@dataclass
+class ModelConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    rope_theta: float
+    rope_scaling: dict = field(default_factory=dict)
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # bias on q/k/v (Qwen2, some Llamas)
+    qk_norm: bool = False  # per-head RMSNorm on q and k (Qwen3)
+    sliding_window: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    hidden_act: str = "silu"
+
+    @property
+    def q_size(self) -> int:
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_key_value_heads * self.head_dim
+
+    @classmethod
+    def from_hf(cls, hf_config) -> "ModelConfig":
+        archs = list(getattr(hf_config, "architectures", None) or [])
+        arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        if arch is None:
+            model_type = getattr(hf_config, "model_type", None)
+            by_type = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                       "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+            arch = by_type.get(model_type) if not archs else None
+        if arch is None:
+            raise UnsupportedModelError(
+                f"unsupported architecture {archs or getattr(hf_config, 'model_type', '?')}; loraplex supports "
+                f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))}")
+        family = SUPPORTED_ARCHITECTURES[arch]
+        heads = hf_config.num_attention_heads
+        kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
+        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
+        act = getattr(hf_config, "hidden_act", "silu")
+        if act not in ("silu", "swish"):
+            raise UnsupportedModelError(f"unsupported activation {act!r}")
+        rope = dict(getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {})
+        theta = rope.get("rope_theta") or getattr(hf_config, "rope_theta", None) or 10000.0
+        window = None
+        if family == "mistral":
+            window = getattr(hf_config, "sliding_window", None)
+        elif family in ("qwen2", "qwen3") and getattr(hf_config, "use_sliding_window", False):
+            raise UnsupportedModelError("Qwen sliding-window attention (use_sliding_window=True) is not supported")
+        eos = getattr(hf_config, "eos_token_id", None)
+        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+        return cls(
+            architecture=arch,
+            vocab_size=hf_config.vocab_size,
+            hidden_size=hf_config.hidden_size,
+            intermediate_size=hf_config.intermediate_size,
+            num_hidden_layers=hf_config.num_hidden_layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            head_dim=head_dim,
+            rms_norm_eps=getattr(hf_config, "rms_norm_eps", 1e-6),
+            max_position_embeddings=getattr(hf_config, "max_position_embeddings", 2048),
+            rope_theta=float(theta),
+            rope_scaling=rope,
+            tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+            attention_bias=family == "qwen2" or bool(getattr(hf_config, "attention_bias", False)),
+            qk_norm=family == "qwen3",
+            sliding_window=window,
+            eos_token_ids=eos_ids,
+            hidden_act=act,
+        )

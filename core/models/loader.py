@@ -1,0 +1,123 @@
+"""Find a checkpoint (local dir, GGUF file or hub id), build our model and load its weights."""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from loraplex.errors import UnsupportedModelError
+from loraplex.models.config import ModelConfig
+from loraplex.models.llama import LlamaForCausalLM
+
+logger = logging.getLogger("loraplex.models")
+
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.txt"]
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp|input_layernorm|post_attention_layernorm)\.?(.*)$")
+
+
+def resolve_model_path(model: str, revision: str | None = None, download_dir: str | None = None) -> Path:
+    """A local directory or .gguf file as is; otherwise a hub id through huggingface_hub's cache."""
+    path = Path(model).expanduser()
+    if path.exists():
+        return path
+    if model.startswith(("/", "./", "../")) or model.count("/") > 1:
+        raise FileNotFoundError(f"model path {model!r} does not exist")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(model, revision=revision, cache_dir=download_dir, allow_patterns=_HUB_PATTERNS))
+    except Exception as e:  # offline, unknown repo, gated...: one clear message
+        raise FileNotFoundError(f"model {model!r} is neither a local path nor reachable on the hub: {e}") from e
+
+
+def load_hf_config(path: Path):
+    from transformers import AutoConfig
+
+    if path.is_file() and path.suffix == ".gguf":
+        return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"no config.json in {path}")
+    return AutoConfig.from_pretrained(path)
+
+
+def _iter_checkpoint(path: Path):
+    """Yield (name, tensor) from safetensors shards, .bin shards, or a GGUF file (dequantised by transformers)."""
+    if path.is_file() and path.suffix == ".gguf":
+        from transformers import AutoModelForCausalLM
+
+        hf_model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        yield from hf_model.state_dict().items()
+        return
+    files = sorted(path.glob("*.safetensors"))
+    if files:
+        from safetensors import safe_open
+
+        for file in files:
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        return
+    bins = sorted(path.glob("pytorch_model*.bin"))
+    if not bins:
+        raise FileNotFoundError(f"no *.safetensors or pytorch_model*.bin weights in {path}")
+    for file in bins:
+        yield from torch.load(file, map_location="cpu", weights_only=True).items()
+
+
+def load_weights(model: LlamaForCausalLM, path: Path) -> None:
+    loaded: set[str] = set()
+    params = dict(model.named_parameters())
+    for name, tensor in _iter_checkpoint(path):
+        if name.endswith("rotary_emb.inv_freq"):
+            continue
+        if name == "lm_head.weight":
+            if model.cfg.tie_word_embeddings:
+                continue
+            model.lm_head_weight.data.copy_(tensor)
+        elif name == "model.embed_tokens.weight":
+            model.embed_tokens.weight.data.copy_(tensor)
+        elif name == "model.norm.weight":
+            model.norm.weight.data.copy_(tensor)
+        else:
+            m = _LAYER.match(name)
+            if m is None:
+                raise UnsupportedModelError(f"unexpected checkpoint tensor {name!r}")
+            layer = model.layers[int(m.group(1))]
+            rest = f"{m.group(2)}.{m.group(3)}" if m.group(3) else m.group(2)
+            module, _, kind = rest.rpartition(".")
+            hf_module = module.split(".")[-1]
+            if hf_module in model.LORA_MODULES:
+                model.lora_layer(int(m.group(1)), hf_module).load_weight(hf_module, tensor, kind)
+            else:
+                target = params.get(f"layers.{m.group(1)}.{rest}")
+                if target is None:
+                    raise UnsupportedModelError(f"unexpected checkpoint tensor {name!r}")
+                target.data.copy_(tensor)
+        loaded.add(name)
+    if "model.embed_tokens.weight" not in loaded:
+        raise UnsupportedModelError(f"checkpoint at {path} has no model.embed_tokens.weight")
+    if not model.cfg.tie_word_embeddings and "lm_head.weight" not in loaded:
+        # Some checkpoints tie without saying so.
+        model.lm_head_weight.data.copy_(model.embed_tokens.weight.data)
+
+
+def build_model(path: Path, hf_config, dtype: torch.dtype, device: torch.device,
+                attn_backend: str = "auto") -> LlamaForCausalLM:
+    cfg = ModelConfig.from_hf(hf_config)
+    with torch.device("cpu"):
+        model = LlamaForCausalLM(cfg, attn_backend=attn_backend, dtype=dtype, device="cpu")
+    load_weights(model, path)
+    return model.to(device).eval()
+
+
+def default_tokenizer_path(path: Path) -> tuple[str, dict]:
+    if path.is_file() and path.suffix == ".gguf":
+        return str(path.parent), {"gguf_file": path.name}
+    return str(path), {}
+
+
+def is_local(model: str) -> bool:
+    return os.path.exists(os.path.expanduser(model))

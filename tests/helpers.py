@@ -1,0 +1,113 @@
+"""Builders for tiny random models and PEFT adapters, so no test touches a model hub."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+TOKENIZER_VOCAB = 256
+
+
+def _tiny_tokenizer(out_dir: Path) -> None:
+    """A byte-level BPE tokenizer with no merges: every byte is a token, so any text round-trips."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    byte_vocab = {tok: i for i, tok in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    vocab = dict(sorted(byte_vocab.items(), key=lambda kv: kv[1]))
+    vocab = {tok: i for i, tok in enumerate(vocab)}
+    for special in ("<|endoftext|>", "<|im_start|>", "<|im_end|>"):
+        vocab[special] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", bos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
+    fast.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    fast.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    fast.save_pretrained(out_dir)
+
+
+def make_tiny_model(out_dir, arch: str = "llama", seed: int = 0, **overrides) -> Path:
+    """Save a tiny random HF checkpoint (safetensors + tokenizer) of the given architecture."""
+    import transformers
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    common = dict(
+        vocab_size=TOKENIZER_VOCAB + 3,
+        hidden_size=64,
+        intermediate_size=112,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+        bos_token_id=TOKENIZER_VOCAB,
+        eos_token_id=TOKENIZER_VOCAB + 2,
+        pad_token_id=TOKENIZER_VOCAB,
+        tie_word_embeddings=False,
+    )
+    if arch == "llama":
+        cfg = transformers.LlamaConfig(**common)
+        cls = transformers.LlamaForCausalLM
+    elif arch == "llama3":
+        cfg = transformers.LlamaConfig(**{**common, "rope_theta": 500000.0, "rope_scaling": {
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64}})
+        cls = transformers.LlamaForCausalLM
+    elif arch == "mistral":
+        cfg = transformers.MistralConfig(**{**common, "sliding_window": None, "head_dim": 16})
+        cls = transformers.MistralForCausalLM
+    elif arch == "qwen2":
+        cfg = transformers.Qwen2Config(**{**common, "tie_word_embeddings": True, "use_sliding_window": False})
+        cls = transformers.Qwen2ForCausalLM
+    elif arch == "qwen3":
+        cfg = transformers.Qwen3Config(**{**common, "head_dim": 32, "num_attention_heads": 3, "num_key_value_heads": 1,
+                                           "use_sliding_window": False})
+        cls = transformers.Qwen3ForCausalLM
+    else:
+        raise ValueError(arch)
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    torch.manual_seed(seed)
+    model = cls(cfg).to(torch.float32)
+    # Random init gives near-uniform logits; scale up so greedy decoding is decisive and not tie-prone.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.08)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    _tiny_tokenizer(out_dir)
+    return out_dir
+
+
+def make_peft_adapter(model_dir, out_dir, rank: int = 8, alpha: int | None = None,
+                      targets=("q_proj", "v_proj"), seed: int = 1, scale: float = 0.05, **config_overrides) -> Path:
+    """Save a PEFT LoRA adapter with random (non-zero) A and B for the model in model_dir."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    out_dir = Path(out_dir)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    cfg = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else 2 * rank,
+                     target_modules=list(targets) if not isinstance(targets, str) else targets,
+                     lora_dropout=0.0, bias="none", task_type="CAUSAL_LM", **config_overrides)
+    model = get_peft_model(base, cfg)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * scale)
+    model.save_pretrained(out_dir)
+    # PEFT records the local path as base model; keep it so resolvers can check lineage.
+    return out_dir
+
+
+def read_adapter_config(adapter_dir) -> dict:
+    return json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
