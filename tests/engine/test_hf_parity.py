@@ -61,9 +61,9 @@ def test_greedy_matches_hf(tiny_model_factory, arch):
 
 def test_preemption_gives_same_outputs(tiny_llama):
     expected = hf_greedy(tiny_llama, PROMPTS)
-    # 12 usable blocks of 8 tokens: far less than 8 sequences need, so the scheduler must preempt.
-    engine = LLMEngine.from_engine_args(EngineArgs(model=str(tiny_llama), max_model_len=96, block_size=8,
-                                                   num_gpu_blocks_override=13, max_num_seqs=8))
+    # 24 usable blocks of 8 tokens: about half of what 8 sequences need, so the scheduler must preempt.
+    engine = LLMEngine.from_engine_args(EngineArgs(model=str(tiny_llama), max_model_len=192, block_size=8,
+                                                   num_gpu_blocks_override=25, max_num_seqs=8))
     outs = run_staggered(engine, PROMPTS, SamplingParams(temperature=0, max_tokens=MAX_TOKENS), [0] * 8)
     assert engine.scheduler.num_preemptions > 0
     for i, out in enumerate(outs):
