@@ -69,6 +69,32 @@ def lora_resolver_fsspec_uri() -> str | None:
     return get("LORA_RESOLVER_FSSPEC_URI")
 
 
+def aws_endpoint_url_s3() -> str | None:
+    """botocore's own ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` (botocore reads them itself;
+    loraplex only names the endpoint in error messages)."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+def lora_resolver_s3_connect_timeout() -> float:
+    """``LORAPLEX_LORA_RESOLVER_S3_CONNECT_TIMEOUT`` (seconds, default 5): an unreachable endpoint
+    fails a resolution after roughly this long instead of hanging the request."""
+    return float(get("LORA_RESOLVER_S3_CONNECT_TIMEOUT") or 5.0)
+
+
+def lora_resolver_fsspec_options() -> dict:
+    """``LORAPLEX_LORA_RESOLVER_FSSPEC_OPTIONS``: a JSON object of fsspec storage options
+    (credentials, endpoint...) for the contrib fsspec resolver; ``{}`` when unset."""
+    import json
+
+    value = get("LORA_RESOLVER_FSSPEC_OPTIONS")
+    if not value:
+        return {}
+    options = json.loads(value)
+    if not isinstance(options, dict):
+        raise ValueError("LORAPLEX_LORA_RESOLVER_FSSPEC_OPTIONS must be a JSON object")
+    return options
+
+
 # --- caches ----------------------------------------------------------------------------------
 
 def cache_root() -> Path:

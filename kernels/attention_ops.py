@@ -82,12 +82,16 @@ def _decode_batch(q, k_cache, v_cache, block_tables, seq_lens, tokens, seqs, max
     seq_idx = torch.tensor(seqs, dtype=torch.long, device=q.device)  # [B]
     tok_idx = torch.tensor(tokens, dtype=torch.long, device=q.device)  # [B]
     lens = seq_lens[seq_idx].long()  # [B]
-    k = _gather_kv(k_cache, block_tables[seq_idx, :num_blocks], max_len)  # [B, L, num_kv_heads, head_dim]
-    v = _gather_kv(v_cache, block_tables[seq_idx, :num_blocks], max_len)
-    k = k.transpose(1, 2).float()  # [B, num_kv_heads, L, head_dim]
-    v = v.transpose(1, 2).float()
     pos = torch.arange(max_len, device=q.device)
     mask = pos[None, :] < lens[:, None]  # [B, L]
+    k = _gather_kv(k_cache, block_tables[seq_idx, :num_blocks], max_len)  # [B, L, num_kv_heads, head_dim]
+    v = _gather_kv(v_cache, block_tables[seq_idx, :num_blocks], max_len)
+    # Padding keys come from never-written slots; masking their scores is not enough when they hold NaN/inf
+    # (NaN + -inf is NaN, 0 * NaN is NaN), so zero them in the gathered copy.
+    k.masked_fill_(~mask[:, :, None, None], 0)
+    v.masked_fill_(~mask[:, :, None, None], 0)
+    k = k.transpose(1, 2).float()  # [B, num_kv_heads, L, head_dim]
+    v = v.transpose(1, 2).float()
     if sliding_window is not None:
         mask &= pos[None, :] >= (lens - sliding_window)[:, None]
     # The query heads of one KV head ride in SDPA's query-length dim, so K/V are never repeated for GQA.

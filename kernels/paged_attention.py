@@ -23,6 +23,43 @@ __all__ = ["paged_attention_triton"]
 
 
 @triton.jit
+def _attend_tile(q, q_pos, m_i, l_i, acc, t, kv_end, table_row, k_cache_ptr, v_cache_ptr, kv_head, dim, dim_ok,
+                 qk_scale, sliding_window, stride_kb, stride_ks, stride_kh, stride_kd,
+                 stride_vb, stride_vs, stride_vh, stride_vd,
+                 BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, SLIDING: tl.constexpr, UPCAST: tl.constexpr):
+    """One online-softmax step over keys [t * TILE_N, (t + 1) * TILE_N)."""
+    k_pos = t * TILE_N + tl.arange(0, TILE_N)  # [TILE_N]
+    k_ok = k_pos < kv_end
+    block = tl.load(table_row + k_pos // BLOCK_SIZE, mask=k_ok, other=0).to(tl.int64)
+    slot = k_pos % BLOCK_SIZE
+    k_off = block * stride_kb + slot * stride_ks + kv_head * stride_kh
+    v_off = block * stride_vb + slot * stride_vs + kv_head * stride_vh
+    k = tl.load(k_cache_ptr + k_off[None, :] + dim[:, None] * stride_kd,
+                mask=dim_ok[:, None] & k_ok[None, :], other=0.0)  # [HEAD_DIM_P, TILE_N]
+    v = tl.load(v_cache_ptr + v_off[:, None] + dim[None, :] * stride_vd,
+                mask=k_ok[:, None] & dim_ok[None, :], other=0.0)  # [TILE_N, HEAD_DIM_P]
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+
+    # "ieee" keeps fp32 inputs off TF32; for fp16/bf16 inputs it is ignored.
+    s = tl.dot(q, k, input_precision="ieee") * qk_scale  # [BLOCK_M, TILE_N]
+    visible = k_ok[None, :] & (k_pos[None, :] <= q_pos[:, None])
+    if SLIDING:
+        visible = visible & (k_pos[None, :] > q_pos[:, None] - sliding_window)
+    s = tl.where(visible, s, float("-inf"))
+
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # Rows with nothing visible yet keep m = -inf; subtracting 0 instead avoids inf - inf = nan.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe[:, None])  # [BLOCK_M, TILE_N]
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _paged_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
     qk_scale,  # softmax scale * log2(e): the kernel works in base 2
@@ -41,7 +78,8 @@ def _paged_attention_kernel(
     BLOCK_M: tl.constexpr,  # BLOCK_Q * GROUP_P rows, >= 16 for tl.dot
     TILE_N: tl.constexpr,  # keys per inner iteration
     SLIDING: tl.constexpr,
-    UPCAST: tl.constexpr,  # compute in fp32 (interpreter: its bf16 arithmetic is wrong)
+    UPCAST: tl.constexpr,  # compute in fp32 (the interpreter's bf16 arithmetic is wrong)
+    INTERPRET: tl.constexpr,  # the interpreter (numpy >= 2.4) cannot take tensor bounds in range()
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -80,36 +118,22 @@ def _paged_attention_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_P], dtype=tl.float32)
     table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
-    for t in range(tile_begin, num_tiles):
-        k_pos = t * TILE_N + tl.arange(0, TILE_N)  # [TILE_N]
-        k_ok = k_pos < kv_end
-        block = tl.load(table_row + k_pos // BLOCK_SIZE, mask=k_ok, other=0).to(tl.int64)
-        slot = k_pos % BLOCK_SIZE
-        k_off = block * stride_kb + slot * stride_ks + kv_head * stride_kh
-        v_off = block * stride_vb + slot * stride_vs + kv_head * stride_vh
-        k = tl.load(k_cache_ptr + k_off[None, :] + dim[:, None] * stride_kd,
-                    mask=dim_ok[:, None] & k_ok[None, :], other=0.0)
-        v = tl.load(v_cache_ptr + v_off[:, None] + dim[None, :] * stride_vd,
-                    mask=k_ok[:, None] & dim_ok[None, :], other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)  # [HEAD_DIM_P, TILE_N]
-            v = v.to(tl.float32)  # [TILE_N, HEAD_DIM_P]
-
-        # "ieee" keeps fp32 inputs off TF32; for fp16/bf16 inputs it is ignored.
-        s = tl.dot(q, k, input_precision="ieee") * qk_scale  # [BLOCK_M, TILE_N]
-        visible = k_ok[None, :] & (k_pos[None, :] <= q_pos[:, None])
-        if SLIDING:
-            visible = visible & (k_pos[None, :] > q_pos[:, None] - sliding_window)
-        s = tl.where(visible, s, float("-inf"))
-
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # Rows with nothing visible yet keep m = -inf; subtracting 0 instead avoids inf - inf = nan.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])  # [BLOCK_M, TILE_N]
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        m_i = m_new
+    if INTERPRET:
+        t = tile_begin
+        while t < num_tiles:
+            m_i, l_i, acc = _attend_tile(q, q_pos, m_i, l_i, acc, t, kv_end, table_row, k_cache_ptr, v_cache_ptr,
+                                         kv_head, dim, dim_ok, qk_scale, sliding_window,
+                                         stride_kb, stride_ks, stride_kh, stride_kd,
+                                         stride_vb, stride_vs, stride_vh, stride_vd,
+                                         BLOCK_SIZE, TILE_N, SLIDING, UPCAST)
+            t += 1
+    else:
+        for t in range(tile_begin, num_tiles):
+            m_i, l_i, acc = _attend_tile(q, q_pos, m_i, l_i, acc, t, kv_end, table_row, k_cache_ptr, v_cache_ptr,
+                                         kv_head, dim, dim_ok, qk_scale, sliding_window,
+                                         stride_kb, stride_ks, stride_kh, stride_kd,
+                                         stride_vb, stride_vs, stride_vh, stride_vd,
+                                         BLOCK_SIZE, TILE_N, SLIDING, UPCAST)
 
     acc = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     o_off = (q_start + tok).to(tl.int64)[:, None] * stride_ot + head[:, None] * stride_oh
@@ -168,7 +192,7 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(), block_tables.stride(0),
         GROUP=group, GROUP_P=group_p, HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p, BLOCK_SIZE=block_size,
         BLOCK_Q=block_q, BLOCK_M=block_m, TILE_N=tile_n, SLIDING=sliding_window is not None,
-        UPCAST=interpret or q.dtype == torch.float32,
+        UPCAST=interpret or q.dtype == torch.float32, INTERPRET=interpret,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out

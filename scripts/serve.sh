@@ -8,4 +8,4 @@ if ! python -c "import loraplex.server.cli" 2>/dev/null; then
     echo "server not built yet"
     exit 1
 fi
-exec loraplex serve --demo "$@"
+exec loraplex serve "$@"
