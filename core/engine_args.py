@@ -28,6 +28,9 @@ class EngineArgs:
     max_seq_len_to_capture: int = 8192
     max_logprobs: int = 20
     trust_remote_code: bool = False
+    # "dummy" builds random weights on the device from config.json alone (benchmarks; vLLM's name).
+    load_format: str = "auto"
+    skip_tokenizer_init: bool = False
     download_dir: str | None = None
     disable_log_stats: bool = True
     # LoRA
@@ -72,6 +75,8 @@ class EngineArgs:
             raise bad("cpu_kv_cache_space", "must be > 0 (GiB)")
         if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 2:
             raise bad("num_gpu_blocks_override", "must be >= 2")
+        if self.load_format not in ("auto", "safetensors", "dummy"):
+            raise bad("load_format", "must be 'auto', 'safetensors' or 'dummy'")
         if self.tensor_parallel_size != 1:
             raise bad("tensor_parallel_size", "must be 1: loraplex runs on one device")
         if self.max_logprobs < 0:

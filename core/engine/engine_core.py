@@ -49,7 +49,7 @@ def load_tokenizer(args: EngineArgs, path):
 
 def eos_ids(tokenizer, hf_config, path) -> tuple[int, ...]:
     ids = set()
-    if tokenizer.eos_token_id is not None:
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     ids.update(ModelConfig.from_hf(hf_config).eos_token_ids)
     try:
@@ -105,8 +105,8 @@ def build_engine_parts(args: EngineArgs, progress: bool = False) -> dict:
     if args.max_num_batched_tokens < max_model_len:
         raise ValueError(f"max_num_batched_tokens={args.max_num_batched_tokens} must be >= max_model_len="
                          f"{max_model_len}, since a whole prompt is prefilled in one step")
-    tokenizer = load_tokenizer(args, path)
-    model = build_model(path, hf_config, dtype, device)
+    tokenizer = None if args.skip_tokenizer_init else load_tokenizer(args, path)
+    model = build_model(path, hf_config, dtype, device, load_format=args.load_format)
     plugin_manager = _plugin_manager()
     lora_manager = None
     if args.enable_lora:

@@ -51,6 +51,8 @@ class LLMEngine:
             return self._tokenize({"prompt_token_ids": list(prompt)})
         if not isinstance(prompt, str):
             raise InvalidRequestError(f"prompt must be a string or {{'prompt_token_ids': [...]}}, got {type(prompt)}")
+        if self.tokenizer is None:
+            raise InvalidRequestError("the engine was built with skip_tokenizer_init=True: pass prompt_token_ids")
         return prompt, self.tokenizer.encode(prompt)
 
     def add_request(self, request_id: str, prompt: Any, params: SamplingParams | None = None,

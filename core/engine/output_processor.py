@@ -19,7 +19,7 @@ class OutputProcessor:
 
     def attach(self, seq: Sequence) -> None:
         p = seq.params
-        if p.detokenize:
+        if p.detokenize and self.tokenizer is not None:
             seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, p.skip_special_tokens,
                                                      p.stop, p.include_stop_str_in_output)
         if p.logprobs is not None:
@@ -31,8 +31,9 @@ class OutputProcessor:
             chosen, rank, top_ids, top_lps = logprob
             entry = {tid: Logprob(lp, r + 1, None) for r, (tid, lp) in enumerate(zip(top_ids, top_lps))}
             entry[token_id] = Logprob(chosen, rank, None)
-            for tid, lp in entry.items():
-                lp.decoded_token = self.tokenizer.decode([tid])
+            if self.tokenizer is not None:
+                for tid, lp in entry.items():
+                    lp.decoded_token = self.tokenizer.decode([tid])
             seq.logprobs.append(entry)
             seq.cumulative_logprob += chosen
         if seq.detokenizer is not None:

@@ -105,8 +105,10 @@ def load_weights(model: LlamaForCausalLM, path: Path) -> None:
 
 
 def build_model(path: Path, hf_config, dtype: torch.dtype, device: torch.device,
-                attn_backend: str = "auto") -> LlamaForCausalLM:
+                attn_backend: str = "auto", load_format: str = "auto") -> LlamaForCausalLM:
     cfg = ModelConfig.from_hf(hf_config)
+    if load_format == "dummy":
+        return build_dummy_model(cfg, dtype, device, attn_backend)
     with torch.device("cpu"):
         model = LlamaForCausalLM(cfg, attn_backend=attn_backend, dtype=dtype, device="cpu")
     load_weights(model, path)
@@ -121,3 +123,19 @@ def default_tokenizer_path(path: Path) -> tuple[str, dict]:
 
 def is_local(model: str) -> bool:
     return os.path.exists(os.path.expanduser(model))
+
+
+@torch.no_grad()
+def build_dummy_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
+                      attn_backend: str = "auto") -> LlamaForCausalLM:
+    """Random weights straight on the device: for benchmarks of real-size shapes with no checkpoint."""
+    model = LlamaForCausalLM(cfg, attn_backend=attn_backend, dtype=dtype, device=device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+        elif name.endswith("bias"):
+            p.zero_()
+        else:
+            p.normal_(0.0, 0.02, generator=gen)
+    return model.eval()
