@@ -76,24 +76,25 @@ class CUDAGraphRunner:
         bs = next(b for b in self.batch_sizes if b >= n)
         block = r.block_size
         width = self.block_tables.shape[1]
-        host = torch.zeros(5, bs, dtype=torch.int64)
-        host[4].fill_(-1)
-        tables = torch.zeros(bs, width, dtype=torch.int32)
-        for i, s in enumerate(seqs):
-            pos = s.num_tokens - 1
-            host[0, i] = s.last_token_id
-            host[1, i] = pos
-            host[2, i] = s.block_table[pos // block] * block + pos % block
-            host[3, i] = s.num_tokens
-            if s.lora_model is not None:
-                host[4, i] = r.lora_manager.slot_of(s.lora_model)
-            tables[i, : len(s.block_table)] = torch.tensor(s.block_table, dtype=torch.int32)
-        host = host.to(r.device, non_blocking=True)
+        pad = bs - n
+        # Built as Python lists and sent in two copies: per-element tensor writes cost more than the GPU step.
+        positions = [s.num_tokens - 1 for s in seqs]
+        rows = [
+            [s.last_token_id for s in seqs] + [0] * pad,
+            positions + [0] * pad,
+            [s.block_table[p // block] * block + p % block for s, p in zip(seqs, positions)] + [0] * pad,
+            [s.num_tokens for s in seqs] + [0] * pad,
+            [r.lora_manager.slot_of(s.lora_model) if s.lora_model is not None else -1 for s in seqs] + [-1] * pad
+            if r.lora_manager is not None else [-1] * bs,
+        ]
+        tables = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs] + [[0] * width] * pad
+        host = torch.tensor(rows, dtype=torch.int64).pin_memory().to(r.device, non_blocking=True)
+        host_tables = torch.tensor(tables, dtype=torch.int32).pin_memory().to(r.device, non_blocking=True)
         self.input_ids[:bs].copy_(host[0])
         self.positions[:bs].copy_(host[1])
         self.slot_mapping[:bs].copy_(host[2])
         self.seq_lens[:bs].copy_(host[3])
         self.lora_idx[:bs].copy_(host[4])
-        self.block_tables[:bs].copy_(tables.to(r.device, non_blocking=True))
+        self.block_tables[:bs].copy_(host_tables)
         self.graphs[bs].replay()
         return self.logits[bs][:n]

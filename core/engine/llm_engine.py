@@ -24,6 +24,7 @@ class LLMEngine:
         self.__dict__.update(parts)  # tokenizer, model, runner, scheduler, lora_manager, plugin_manager...
         self.outputs = OutputProcessor(self.tokenizer)
         self.requests: dict[str, list[Sequence]] = {}
+        self._aborted: set[str] = set()  # aborted requests whose final output is not yet returned
         self.stats = {"num_requests": 0, "num_prompt_tokens": 0, "num_generation_tokens": 0, "num_steps": 0}
         if self.plugin_manager is not None:
             self.plugin_manager.hook.loraplex_engine_started(engine=self)
@@ -98,10 +99,10 @@ class LLMEngine:
                 if not seq.is_finished:
                     self.scheduler.finish(seq)
                     seq.finish("abort")
+                    self._aborted.add(str(rid))
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished() or any(
-            any(s.finish_reason == "abort" for s in seqs) for seqs in self.requests.values())
+        return self.scheduler.has_unfinished() or bool(self._aborted)
 
     def get_num_unfinished_requests(self) -> int:
         return sum(1 for seqs in self.requests.values() if not all(s.is_finished for s in seqs))
@@ -131,9 +132,8 @@ class LLMEngine:
 
     def _make_outputs(self, stepped: list[Sequence], finished: list[Sequence]) -> list[RequestOutput]:
         touched = {s.request_id for s in stepped}
-        aborted = [rid for rid, seqs in self.requests.items()
-                   if any(s.finish_reason == "abort" for s in seqs) and all(s.is_finished for s in seqs)]
-        touched.update(aborted)
+        touched.update(self._aborted)
+        self._aborted.clear()
         outputs = []
         for rid in touched:
             seqs = self.requests.get(rid)

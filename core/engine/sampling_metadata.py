@@ -9,6 +9,8 @@ from loraplex.sequence import Sequence
 
 def build_sampling_batch(seqs: list[Sequence], vocab_size: int, device: torch.device) -> SamplingBatch:
     params = [s.params for s in seqs]
+    if all(p.is_greedy and not p.has_penalties and p.logprobs is None for p in params):
+        return _GREEDY  # the common serving case: no per-row tensors to build or copy
     has_pen = any(p.has_penalties for p in params)
     output_counts = prompt_mask = None
     pres = freq = rep = None
@@ -44,6 +46,12 @@ def build_sampling_batch(seqs: list[Sequence], vocab_size: int, device: torch.de
         any_min_p=any(p.min_p > 0.0 for p in params),
         max_num_logprobs=max(num_logprobs) if num_logprobs else -1,
     )
+
+
+_GREEDY = SamplingBatch(
+    temperature=None, top_p=None, top_k=None, min_p=None, presence_penalty=None, frequency_penalty=None,
+    repetition_penalty=None, output_counts=None, prompt_mask=None, generators=[], all_greedy=True, any_top_k=False,
+    any_top_p=False, any_min_p=False, max_num_logprobs=-1)
 
 
 def min_tokens_mask(logits: torch.Tensor, seqs: list[Sequence], eos_ids: tuple[int, ...]) -> None:

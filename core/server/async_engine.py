@@ -1,0 +1,289 @@
+"""AsyncEngine: the (not thread-safe) LLMEngine driven by one background thread, used from asyncio.
+
+Every engine call (add_request, abort, add_lora, remove_lora, step, tokenizer use) runs in that
+thread: callers submit commands, which run between two steps. So a command never races a step, and
+an HTTP handler never blocks the event loop on the engine. Outputs travel back per step with one
+``call_soon_threadsafe`` per event loop, into the asyncio queue of the ``RequestGroup`` that the
+request belongs to.
+
+The thread also publishes ``state`` (queue lengths, adapter cache counters, the loaded adapters),
+a snapshot replaced as a whole, so metrics and /v1/models read it without touching the engine.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import logging
+import threading
+import time
+import uuid
+from collections import defaultdict
+from typing import Callable
+
+from loraplex.server.errors import EngineUnavailableError
+
+logger = logging.getLogger("loraplex.server")
+
+# After this many consecutive failed steps the engine is reported unhealthy.
+MAX_STEP_FAILURES = 3
+
+
+class RequestGroup:
+    """The engine requests one HTTP request made (one per prompt); iterate it for their outputs."""
+
+    def __init__(self, aengine: "AsyncEngine", loop: asyncio.AbstractEventLoop):
+        self._aengine = aengine
+        self.loop = loop
+        self.ids: list[str] = []
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.final: dict[str, object] = {}
+        self.created = time.monotonic()
+        self.first_token_at: float | None = None
+        self.finished_at: float | None = None
+        self._closed = False
+
+    def _feed(self, item) -> None:
+        if item is not None and not isinstance(item, BaseException) and self.first_token_at is None:
+            if any(o.token_ids for o in item.outputs):
+                self.first_token_at = time.monotonic()
+        self.queue.put_nowait(item)
+
+    @property
+    def done(self) -> bool:
+        return len(self.final) == len(self.ids)
+
+    async def __aiter__(self):
+        while not self.done:
+            item = await self.queue.get()
+            if isinstance(item, BaseException):
+                self._closed = True
+                raise item
+            if item.finished:
+                self.final[item.request_id] = item
+                if self.done:
+                    self.finished_at = time.monotonic()
+            yield item
+
+    async def collect(self) -> list:
+        """Final outputs, one per prompt, in prompt order."""
+        async for _ in self:
+            pass
+        return [self.final[rid] for rid in self.ids]
+
+    def abort(self) -> None:
+        """Abort what is still running (a client went away); idempotent and safe from any state."""
+        if self._closed:
+            return
+        self._closed = True
+        pending = [rid for rid in self.ids if rid not in self.final]
+        if pending:
+            self._aengine.abort(pending)
+
+
+class AsyncEngine:
+    def __init__(self, engine):
+        self.engine = engine
+        self._cv = threading.Condition()
+        self._commands: list[tuple[Callable, concurrent.futures.Future | None]] = []
+        self._routes: dict[str, RequestGroup] = {}  # engine thread only
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._step_failures = 0
+        self._prefix = uuid.uuid4().hex[:8]
+        self._counter = itertools.count()
+        self.heartbeat = time.monotonic()
+        self.state: dict = {}
+        self.adapters: dict[str, object] = {}  # name -> LoRARequest of the current version
+        self._publish(adapters=True)
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        if self.is_running:
+            return
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="loraplex-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    @property
+    def is_healthy(self) -> bool:
+        return self.is_running and self._step_failures < MAX_STEP_FAILURES
+
+    # ------------------------------------------------------------------ commands
+    def submit(self, fn: Callable, want_result: bool = True) -> concurrent.futures.Future | None:
+        """Run ``fn(engine)`` in the engine thread; thread-safe. Returns a future of its result."""
+        fut = concurrent.futures.Future() if want_result else None
+        with self._cv:
+            if not self.is_running:
+                if fut is not None:
+                    fut.set_exception(EngineUnavailableError("The engine is not running"))
+                return fut
+            self._commands.append((fn, fut))
+            self._cv.notify()
+        return fut
+
+    async def call(self, fn: Callable):
+        """Await ``fn(engine)`` run in the engine thread."""
+        return await asyncio.wrap_future(self.submit(fn))
+
+    def abort(self, request_ids: list[str]) -> None:
+        self.submit(lambda engine: engine.abort_request(list(request_ids)), want_result=False)
+
+    async def generate(self, build: Callable) -> RequestGroup:
+        """Add requests built in the engine thread by ``build(engine) -> [(prompt, params, lora), ...]``.
+
+        All or nothing: if one request is refused (prompt too long...), those already added are
+        aborted and the error is raised here.
+        """
+        group = RequestGroup(self, asyncio.get_running_loop())
+        base = f"{self._prefix}-{next(self._counter)}"
+
+        def add(engine):
+            requests = build(engine)
+            ids = [f"{base}-{i}" for i in range(len(requests))]
+            try:
+                for rid, (prompt, params, lora) in zip(ids, requests):
+                    engine.add_request(rid, prompt, params, lora_request=lora)
+                    self._routes[rid] = group
+            except BaseException:
+                added = [rid for rid in ids if self._routes.pop(rid, None) is not None]
+                engine.abort_request(added)
+                raise
+            group.ids = ids
+            if group._closed:  # the caller left while this command waited its turn
+                engine.abort_request(ids)
+
+        try:
+            await self.call(add)
+        except asyncio.CancelledError:
+            group.abort()
+            raise
+        return group
+
+    # ------------------------------------------------------------------ engine thread
+    def _loop(self) -> None:
+        engine = self.engine
+        while True:
+            with self._cv:
+                while not self._commands and not self._stopping and not engine.has_unfinished_requests():
+                    self._cv.wait(timeout=1.0)
+                    self.heartbeat = time.monotonic()
+                commands, self._commands = self._commands, []
+                stopping = self._stopping
+            if commands:
+                self._run_commands(commands)
+            if stopping:
+                break
+            if engine.has_unfinished_requests():
+                self._step()
+            self.heartbeat = time.monotonic()
+        self._shutdown()
+
+    def _run_commands(self, commands) -> None:
+        for fn, fut in commands:
+            if fut is not None and not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                result = fn(self.engine)
+            except BaseException as e:  # the caller's error, not the loop's
+                if fut is not None:
+                    fut.set_exception(e)
+                else:
+                    logger.warning("engine command failed: %s: %s", type(e).__name__, e)
+            else:
+                if fut is not None:
+                    fut.set_result(result)
+        self._publish(adapters=True)
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as e:
+            self._step_failed(e)
+            return
+        self._step_failures = 0
+        batches: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
+        for out in outputs:
+            group = self._routes.get(out.request_id)
+            if group is None:
+                continue  # aborted by a client that left, or refused while being added
+            if out.finished:
+                del self._routes[out.request_id]
+            batches[group.loop].append((group, out))
+        for loop, items in batches.items():
+            _deliver(loop, items)
+        self._publish()
+
+    def _step_failed(self, error: Exception) -> None:
+        """A failed step fails every request in flight (they get a 500) and keeps the loop alive."""
+        logger.error("engine step failed; aborting %d request(s)", len(self._routes), exc_info=error)
+        self._step_failures += 1
+        routes, self._routes = self._routes, {}
+        try:
+            self.engine.abort_request(list(routes))
+        except Exception:
+            logger.exception("aborting after a failed step failed too")
+        batches: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
+        for group in set(routes.values()):
+            batches[group.loop].append((group, error))
+        for loop, items in batches.items():
+            _deliver(loop, items)
+        time.sleep(min(0.05 * self._step_failures, 1.0))  # no hot loop if the engine stays broken
+
+    def _shutdown(self) -> None:
+        routes, self._routes = self._routes, {}
+        if routes:
+            try:
+                self.engine.abort_request(list(routes))
+                while self.engine.has_unfinished_requests():
+                    self.engine.step()
+            except Exception:
+                logger.exception("draining the engine at shutdown failed")
+        error = EngineUnavailableError("The server is shutting down")
+        batches: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
+        for group in set(routes.values()):
+            batches[group.loop].append((group, error))
+        for loop, items in batches.items():
+            _deliver(loop, items)
+        with self._cv:
+            commands, self._commands = self._commands, []
+        for _, fut in commands:
+            if fut is not None and fut.set_running_or_notify_cancel():
+                fut.set_exception(error)
+
+    def _publish(self, adapters: bool = False) -> None:
+        engine = self.engine
+        mgr = getattr(engine, "lora_manager", None)
+        if adapters:
+            self.adapters = {} if mgr is None else {name: m.request for name, m in mgr.adapters.items()}
+        self.state = {
+            "num_running": engine.scheduler.num_running,
+            "num_waiting": engine.scheduler.num_waiting,
+            "num_gpu_loras": mgr.num_gpu_loras if mgr is not None else 0,
+            "num_cpu_loras": mgr.num_cpu_loras if mgr is not None else 0,
+            "num_loras": len(self.adapters),
+            "lora_stats": dict(mgr.stats) if mgr is not None else {},
+            "engine_stats": dict(engine.stats),
+        }
+
+
+def _deliver(loop: asyncio.AbstractEventLoop, items: list) -> None:
+    def feed():
+        for group, item in items:
+            group._feed(item)
+
+    try:
+        loop.call_soon_threadsafe(feed)
+    except RuntimeError:  # that event loop is closed: nobody is waiting any more
+        pass

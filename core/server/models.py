@@ -1,0 +1,180 @@
+"""Which names the server answers to: the base model's aliases and the adapters in the engine.
+
+The engine's LoRA registry is the single source of truth; this module reads its snapshot (published
+by the engine thread) for fast checks and re-checks inside the engine thread when it acts, so an
+adapter unloaded in between gives a clean 404 rather than a silent reload.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import logging
+import os
+import time
+
+from loraplex.errors import LoRAError, LoRANotFoundError
+from loraplex.lora.request import LoRARequest
+from loraplex.server.errors import APIError
+
+logger = logging.getLogger("loraplex.server")
+
+
+def parse_lora_module(spec) -> tuple[str, str, str | None]:
+    """``name=path``, a JSON object string, or a dict ``{"name", "path", "base_model_name"}``."""
+    if isinstance(spec, LoRARequest):
+        return spec.lora_name, spec.lora_path, spec.base_model_name
+    if isinstance(spec, str) and spec.lstrip().startswith("{"):
+        try:
+            spec = json.loads(spec)
+        except ValueError as e:
+            raise ValueError(f"--lora-modules: invalid JSON {spec!r}: {e}") from None
+    if isinstance(spec, dict):
+        name, path = spec.get("name"), spec.get("path")
+        if not isinstance(name, str) or not name or not isinstance(path, str) or not path:
+            raise ValueError(f"--lora-modules: a JSON module needs non-empty 'name' and 'path', got {spec!r}")
+        return name, path, spec.get("base_model_name")
+    if isinstance(spec, str) and "=" in spec:
+        name, path = spec.split("=", 1)
+        if name and path:
+            return name, path, None
+    raise ValueError(f"--lora-modules: expected name=path or a JSON object, got {spec!r}")
+
+
+def _inside(path: str, roots: list[str]) -> bool:
+    return any(path == root or path.startswith(root.rstrip(os.sep) + os.sep) for root in roots)
+
+
+class ModelRegistry:
+    def __init__(self, aengine, served_names: list[str], model_root: str, *, allow_runtime_updates: bool,
+                 allowed_lora_paths: list[str] | None = None, lora_resolution=None):
+        self.aengine = aengine
+        self.served_names = served_names
+        self.base_name = served_names[0]
+        self.aliases = set(served_names) | {model_root}
+        self.model_root = model_root
+        self.max_model_len = aengine.engine.max_model_len
+        self.lora_enabled = aengine.engine.lora_manager is not None
+        self.allow_runtime_updates = allow_runtime_updates
+        self.allowed_roots = [os.path.realpath(os.path.expanduser(p)) for p in allowed_lora_paths or []]
+        self._resolution = lora_resolution
+        self._ids = itertools.count(1)
+        self.created = int(time.time())
+
+    # ------------------------------------------------------------------ names
+    def _not_found(self, model: str) -> APIError:
+        names = self.served_names + sorted(self.aengine.adapters)
+        shown = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
+        return APIError(404, f"The model `{model}` does not exist. Valid aliases: {shown}", "NotFoundError",
+                        param="model")
+
+    async def lora_for(self, model: str | None) -> str | None:
+        """The adapter a request's ``model`` names, None for the base; resolves unknown names if allowed."""
+        if model is None or model in self.aliases:
+            return None
+        if model in self.aengine.adapters:
+            return model
+        if self.allow_runtime_updates and self.lora_enabled:
+            await self._resolve(model)
+            return model
+        raise self._not_found(model)
+
+    def lora_request(self, engine, name: str | None) -> LoRARequest | None:
+        """Engine thread: the current version's request; 404 if it was unloaded meanwhile."""
+        if name is None:
+            return None
+        current = engine.lora_manager.adapters.get(name) if engine.lora_manager is not None else None
+        if current is None:
+            raise self._not_found(name)
+        # The stored request may carry load_inplace=True; a generation must never trigger a reload.
+        return dataclasses.replace(current.request, load_inplace=False)
+
+    async def _resolve(self, name: str) -> None:
+        if self._resolution is None:
+            from loraplex.lora.resolution import LoRAResolution
+
+            self._resolution = LoRAResolution()
+        try:
+            req = await self._resolution.resolve(self.base_name, name)
+        except LoRANotFoundError as e:
+            logger.info("adapter %r not resolved: %s", name, e)
+            raise self._not_found(name) from None
+        except LoRAError as e:
+            raise APIError(400, f"LoRA adapter '{name}' was found but could not be loaded.") from e
+        req = dataclasses.replace(req, lora_name=name, load_inplace=False)
+
+        def add(engine):
+            if name not in engine.lora_manager.adapters:  # a concurrent request may have added it
+                engine.add_lora(req)
+
+        try:
+            await self.aengine.call(add)
+        except LoRAError as e:
+            logger.warning("resolved adapter %r at %s failed to load: %s", name, req.lora_path, e)
+            raise APIError(400, f"LoRA adapter '{name}' was found but could not be loaded.") from e
+
+    # ------------------------------------------------------------------ listing
+    def list_models(self) -> dict:
+        permission = [{"id": f"modelperm-{self.base_name}", "object": "model_permission", "created": self.created,
+                       "allow_create_engine": False, "allow_sampling": True, "allow_logprobs": True,
+                       "allow_search_indices": False, "allow_view": True, "allow_fine_tuning": False,
+                       "organization": "*", "group": None, "is_blocking": False}]
+        data = [{"id": name, "object": "model", "created": self.created, "owned_by": "vllm",
+                 "root": self.model_root, "parent": None, "max_model_len": self.max_model_len,
+                 "permission": permission} for name in self.served_names]
+        for name, req in sorted(self.aengine.adapters.items()):
+            data.append({"id": name, "object": "model", "created": self.created, "owned_by": "vllm",
+                         "root": req.lora_path, "parent": req.base_model_name or self.base_name,
+                         "max_model_len": None, "permission": permission})
+        return {"object": "list", "data": data}
+
+    # ------------------------------------------------------------------ adapter management
+    def preload(self, engine, spec) -> None:
+        """Before the engine thread starts: load a --lora-modules entry (errors stop the server)."""
+        name, path, base = parse_lora_module(spec)
+        if name in self.aliases:
+            raise ValueError(f"--lora-modules: the adapter name '{name}' conflicts with a served base model")
+        engine.add_lora(LoRARequest(name, next(self._ids), path, base_model_name=base))
+        logger.info("loaded LoRA adapter %r from %s", name, path)
+
+    def check_path(self, path: str) -> None:
+        if not self.allowed_roots:
+            return
+        real = os.path.realpath(os.path.expanduser(path))
+        # Files inside are checked too: a symlinked weight file could expose any file on the host.
+        inside = [real]
+        if os.path.isdir(real):
+            inside += [os.path.realpath(e.path) for e in os.scandir(real)]
+        if not all(_inside(p, self.allowed_roots) for p in inside):
+            raise APIError(403, f"lora_path '{path}' is outside the directories allowed by --allowed-lora-paths",
+                           param="lora_path")
+
+    async def load(self, name: str, path: str, load_inplace: bool) -> None:
+        if name in self.aliases:
+            raise APIError(400, f"The lora adapter '{name}' conflicts with a served base model.", "InvalidUserInput")
+        self.check_path(path)
+
+        def add(engine):
+            if engine.lora_manager is None:
+                raise APIError(400, "LoRA is not enabled on this server; start it with --enable-lora")
+            current = engine.lora_manager.adapters.get(name)
+            if current is not None and not load_inplace:
+                raise APIError(400, f"The lora adapter '{name}' has already been loaded. If you want to load the "
+                               "adapter in place, set 'load_inplace' to True.", "InvalidUserInput")
+            lora_id = current.lora_int_id if current is not None else next(self._ids)
+            engine.add_lora(LoRARequest(name, lora_id, path, load_inplace=load_inplace))
+
+        try:
+            await self.aengine.call(add)
+        except LoRANotFoundError:
+            raise APIError(404, f"Loading lora {name} failed: No adapter found for {path}") from None
+        except LoRAError as e:
+            raise APIError(400, f"Loading lora {name} failed: {e}") from None
+
+    async def unload(self, name: str) -> None:
+        def remove(engine):
+            if engine.lora_manager is None or name not in engine.lora_manager.adapters:
+                raise APIError(404, f"The lora adapter '{name}' cannot be found.", "NotFoundError")
+            engine.remove_lora(name)
+
+        await self.aengine.call(remove)
