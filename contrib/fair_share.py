@@ -11,7 +11,7 @@ loraplex declares for this module) or register this module on the plugin manager
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from loraplex.engine.policy import SchedulableRequest
 from loraplex.plugins import hookimpl

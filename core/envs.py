@@ -122,6 +122,19 @@ def admin_api_key() -> str | None:
     return get("ADMIN_API_KEY")
 
 
+def allowed_lora_paths() -> list[str]:
+    """``LORAPLEX_ALLOWED_LORA_PATHS``: directories (``os.pathsep``-separated) that runtime-loaded
+    adapters must live in; empty means no restriction."""
+    value = get("ALLOWED_LORA_PATHS") or ""
+    return [p for p in value.split(os.pathsep) if p.strip()]
+
+
+def max_request_body_bytes() -> int | None:
+    """``LORAPLEX_MAX_REQUEST_BODY_BYTES``: larger request bodies get a 413 (server default 10 MiB)."""
+    value = get("MAX_REQUEST_BODY_BYTES")
+    return int(value) if value else None
+
+
 # --- kernels / device -------------------------------------------------------------------------
 
 def triton_interpret() -> bool:

@@ -26,8 +26,10 @@ logger = logging.getLogger("loraplex.plugins")
 ENTRY_POINT_GROUPS = ("loraplex.plugins", "vllm.general_plugins")
 DEFAULT_ON_ATTR = "LORAPLEX_DEFAULT_ON"
 
-_lock = threading.Lock()
+# Reentrant: a plugin's loader may itself call get_plugin_manager() (e.g. to register an object).
+_lock = threading.RLock()
 _manager: pluggy.PluginManager | None = None
+_building: pluggy.PluginManager | None = None
 _loaded: list[str] = []
 
 
@@ -38,6 +40,8 @@ def get_plugin_manager() -> pluggy.PluginManager:
     if manager is not None:
         return manager
     with _lock:
+        if _building is not None:
+            return _building  # called from a plugin while it loads: the manager it is loading into
         if _manager is None:
             _manager = _build()
         return _manager
@@ -67,7 +71,7 @@ def new_plugin_manager() -> pluggy.PluginManager:
 
 def _register_builtins(pm: pluggy.PluginManager) -> None:
     try:
-        # The default adapter loader; until the engine ships it, the engine falls back itself.
+        # Guarded so the plugin system still works in a partial install; the engine imports it directly.
         from loraplex.lora import peft_loader
     except ImportError as e:
         logger.debug("built-in PEFT loader not available: %s", e)
@@ -79,7 +83,16 @@ def _register_builtins(pm: pluggy.PluginManager) -> None:
 
 
 def _build() -> pluggy.PluginManager:
-    pm = new_plugin_manager()
+    global _building
+    pm = _building = new_plugin_manager()
+    try:
+        _load_entry_points(pm)
+    finally:
+        _building = None
+    return pm
+
+
+def _load_entry_points(pm: pluggy.PluginManager) -> None:
     selected = envs.plugins()
     eps = _discover()
     for name in eps:
@@ -99,7 +112,6 @@ def _build() -> pluggy.PluginManager:
     except pluggy.PluginValidationError as e:
         logger.warning("a plugin implements a hook loraplex does not define: %s", e)
     logger.info("plugins loaded: %s", ", ".join(_loaded) or "none")
-    return pm
 
 
 def _discover() -> dict[str, EntryPoint]:

@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from loraplex.errors import LoRANotFoundError
@@ -25,23 +26,27 @@ ADAPTER_CONFIG = "adapter_config.json"
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 
 
+def name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be used as a relative path under a root, or None if it can."""
+    if not isinstance(name, str) or not name.strip():
+        return "is empty"
+    if "\x00" in name or "\\" in name:
+        return "contains a NUL or backslash"
+    if name.startswith("/") or os.path.isabs(name):
+        return "is an absolute path"
+    if any(p in ("", ".", "..") for p in name.split("/")):
+        return "has an empty, '.' or '..' path component"
+    return None
+
+
 def check_name(lora_name: str) -> list[str]:
     """Split an adapter name into path components, refusing anything that could leave a root."""
-    if not isinstance(lora_name, str) or not lora_name.strip():
-        raise LoRANotFoundError("The lora adapter name is empty", lora_name or None)
-    bad = None
-    if "\x00" in lora_name or "\\" in lora_name:
-        bad = "contains a NUL or backslash"
-    elif lora_name.startswith("/") or os.path.isabs(lora_name):
-        bad = "is an absolute path"
-    else:
-        parts = lora_name.split("/")
-        if any(p in ("", ".", "..") for p in parts):
-            bad = "has an empty, '.' or '..' path component"
+    bad = name_problem(lora_name)
     if bad:
         logger.warning("refusing LoRA adapter name %r: it %s", lora_name, bad)
-        raise LoRANotFoundError(f"The lora adapter '{lora_name}' cannot be found: the name {bad}", lora_name)
-    return parts
+        raise LoRANotFoundError(f"The lora adapter '{lora_name}' cannot be found: the name {bad}",
+                                lora_name or None)
+    return lora_name.split("/")
 
 
 def base_name_candidates(base_model_name: str) -> list[str]:
@@ -49,11 +54,7 @@ def base_name_candidates(base_model_name: str) -> list[str]:
     out = []
     stripped = (base_model_name or "").rstrip("/")
     for cand in (stripped, stripped.rsplit("/", 1)[-1]):
-        try:
-            check_name(cand)
-        except LoRANotFoundError:
-            continue
-        if cand not in out:
+        if name_problem(cand) is None and cand not in out:
             out.append(cand)
     return out
 
@@ -112,13 +113,22 @@ def _install(staging: Path, target: Path) -> None:
             return
     # A leftover that is not a complete adapter (never one of ours): move it aside atomically first.
     trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.stale-", dir=target.parent))
-    os.rename(target, trash / "old")
-    os.rename(staging, target)
-    shutil.rmtree(trash, ignore_errors=True)
+    try:
+        try:
+            os.rename(target, trash / "old")
+        except FileNotFoundError:
+            pass  # another process cleared it first
+        try:
+            os.rename(staging, target)
+        except OSError:
+            if not is_complete_adapter(target):
+                raise
+    finally:
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 def download_atomically(fs, remote_dir: str, remote_files: list[str], target: Path, lora_name: str) -> Path:
-    """Copy ``remote_files`` (all under ``remote_dir`` on fsspec filesystem ``fs``) to ``target``.
+    """Copy the files of ``remote_files`` that lie directly in ``remote_dir`` (on fsspec ``fs``) to ``target``.
 
     Files land in a staging directory beside ``target`` and are renamed into place only once
     adapter_config.json and the weights are there, so readers never see a half-written adapter.
@@ -132,14 +142,11 @@ def download_atomically(fs, remote_dir: str, remote_files: list[str], target: Pa
         prefix = remote_dir.rstrip("/") + "/"
         rpaths, lpaths = [], []
         for rpath in remote_files:
-            if not rpath.startswith(prefix):
+            rel = rpath[len(prefix):] if rpath.startswith(prefix) else ""
+            # Only the folder's own files: a PEFT adapter is flat, and a name like "a/../b" or a
+            # nested checkpoint must neither escape the staging directory nor be downloaded.
+            if not rel or "/" in rel or name_problem(rel):
                 continue
-            rel = rpath[len(prefix):]
-            try:
-                check_name(rel)
-            except LoRANotFoundError:
-                continue  # a key like "a/../b" must not write outside the staging directory
-            (staging / rel).parent.mkdir(parents=True, exist_ok=True)
             rpaths.append(rpath)
             lpaths.append(str(staging / rel))
         if rpaths:
@@ -154,11 +161,13 @@ def download_atomically(fs, remote_dir: str, remote_files: list[str], target: Pa
 
 
 def resolve_from_store(fs, root: str, base_model_name: str, lora_name: str, local_root: Path,
-                       store: str) -> LoRARequest | None:
+                       store: str, before_remote: Callable[[], None] | None = None) -> LoRARequest | None:
     """Look for ``<root>/<name>`` then ``<root>/<base model>/<name>`` on ``fs``; download the first found.
 
-    ``store`` names the store in messages. Errors other than "no such adapter" propagate for the
-    caller to word (each store fails in its own way).
+    ``store`` names the store in messages; ``before_remote`` runs once before the store is first
+    contacted (e.g. to check that a bucket exists, since listing a missing one may just be empty).
+    Errors other than "no such adapter" propagate for the caller to word (each store fails in its
+    own way).
     """
     parts = check_name(lora_name)
     root = root.rstrip("/")
@@ -170,9 +179,13 @@ def resolve_from_store(fs, root: str, base_model_name: str, lora_name: str, loca
             request = request_for_dir(lora_name, local, base_model_name)
             if request is not None:
                 return request
+    if before_remote is not None:
+        before_remote()
+    # Instances are cached by fsspec, listings with them: an adapter uploaded after a miss must show.
+    fs.invalidate_cache()
     for rel in layouts:
         remote_dir = "/".join([root, *rel])
-        files = fs.find(remote_dir)
+        files = fs.find(remote_dir, maxdepth=1)
         if f"{remote_dir}/{ADAPTER_CONFIG}" not in files:
             continue
         logger.info("downloading LoRA adapter %r from %s/%s", lora_name, store, "/".join(rel))

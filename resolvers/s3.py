@@ -50,8 +50,6 @@ def make_filesystem():
 def _describe(e: Exception, bucket: str, where: str) -> str:
     text = str(e)
     kind = type(e).__name__
-    if isinstance(e, FileNotFoundError) and "bucket" in text.lower():
-        return f"the S3 bucket '{bucket}' does not exist at {where}"
     if "Connect" in kind or "Timeout" in kind or "EndpointConnection" in kind:
         return f"cannot reach the S3 endpoint {where} ({text})"
     if isinstance(e, PermissionError) or "AccessDenied" in text or "Credentials" in kind:
@@ -65,16 +63,25 @@ def loraplex_resolve_lora(base_model_name: str, lora_name: str) -> LoRARequest |
     if not uri:
         return None
     bucket, prefix = parse_s3_uri(uri)
-    local_root = envs.lora_download_dir() / "s3" / bucket
-    if prefix:
-        local_root = local_root.joinpath(*prefix.split("/"))
     root = f"{bucket}/{prefix}" if prefix else bucket
+    # Mirrors the key layout; "." and ".." in a configured prefix must not move the copy elsewhere.
+    local_root = envs.lora_download_dir().joinpath(
+        "s3", *[p for p in root.split("/") if p not in ("", ".", "..")])
+    where = envs.lora_resolver_s3_endpoint_url() or envs.aws_endpoint_url_s3() or "AWS S3"
     try:
-        return resolve_from_store(make_filesystem(), root, base_model_name, lora_name, local_root, f"s3://{root}")
+        fs = make_filesystem()
+
+        def check_bucket() -> None:
+            try:
+                fs.info(bucket)
+            except FileNotFoundError:
+                raise LoRANotFoundError(f"The lora adapter '{lora_name}' cannot be fetched: the S3 bucket "
+                                        f"'{bucket}' does not exist at {where}", lora_name) from None
+
+        return resolve_from_store(fs, root, base_model_name, lora_name, local_root, f"s3://{root}", check_bucket)
     except LoRAError:
         raise
     except Exception as e:  # botocore and aiohttp raise many types; all mean "not available now"
-        where = envs.lora_resolver_s3_endpoint_url() or envs.aws_endpoint_url_s3() or "AWS S3"
         reason = _describe(e, bucket, where)
         logger.warning("S3 LoRA resolver: adapter %r: %s", lora_name, reason)
         raise LoRANotFoundError(f"The lora adapter '{lora_name}' cannot be fetched from s3://{root}: {reason}",

@@ -35,11 +35,11 @@ class LoRAResolution:
 
     @property
     def plugin_manager(self):
-        if self._pm is None:
-            from loraplex.plugins.manager import get_plugin_manager
+        if self._pm is not None:
+            return self._pm
+        from loraplex.plugins.manager import get_plugin_manager
 
-            self._pm = get_plugin_manager()
-        return self._pm
+        return get_plugin_manager()  # not kept: reset_plugin_manager() must take effect
 
     def _pool(self) -> concurrent.futures.Executor:
         with self._lock:

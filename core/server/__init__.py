@@ -1,0 +1,17 @@
+"""loraplex's OpenAI-compatible server (vLLM's routes and bodies). Needs the ``server`` extra.
+
+Imported lazily so that ``loraplex --help`` works without starlette installed.
+"""
+__all__ = ["create_app", "AsyncEngine"]
+
+
+def __getattr__(name):
+    if name == "create_app":
+        from loraplex.server.app import create_app
+
+        return create_app
+    if name == "AsyncEngine":
+        from loraplex.server.async_engine import AsyncEngine
+
+        return AsyncEngine
+    raise AttributeError(name)

@@ -222,9 +222,11 @@ def test_write_kv_cache(slot_dtype, dense):
     if dense:
         k_cache = torch.zeros(num_blocks, block_size, num_kv_heads, head_dim)
         v_cache = torch.zeros_like(k_cache)
-    else:  # strided views cannot be flattened: exercises the (block, offset) index_put_ path
-        k_cache = torch.zeros(num_blocks, block_size, num_kv_heads, 2 * head_dim)[..., :head_dim]
-        v_cache = torch.zeros(num_blocks, block_size, num_kv_heads, 2 * head_dim)[..., head_dim:]
+    else:  # (block, offset) cannot be flattened into one dim: exercises the index_put_ path
+        k_cache = torch.zeros(num_blocks, 2 * block_size, num_kv_heads, head_dim)[:, :block_size]
+        v_cache = torch.zeros(num_blocks, 2 * block_size, num_kv_heads, head_dim)[:, block_size:]
+        with pytest.raises(RuntimeError):
+            k_cache.view(-1, num_kv_heads, head_dim)
     slots = torch.randperm(num_blocks * block_size)[:20]
     k, v = torch.randn(20, num_kv_heads, head_dim), torch.randn(20, num_kv_heads, head_dim)
     write_kv_cache(k, v, k_cache, v_cache, slots.to(slot_dtype))

@@ -79,7 +79,7 @@ def moto_endpoint(tmp_path_factory):
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
-                raise RuntimeError(f"moto server did not start (exit {proc.poll()})")
+                raise RuntimeError(f"moto server did not start (exit {proc.poll()})") from None
             time.sleep(0.2)
     yield url
     proc.terminate()

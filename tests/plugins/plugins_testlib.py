@@ -28,7 +28,7 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def probe(plugin_site: Path | None, *, base: str = "base", names=(), policy: bool = False, timeout: float = 120,
+def probe(plugin_site: Path | None, *, base: str = BASE, names=(), policy: bool = False, timeout: float = 120,
           **env: str) -> dict:
     """Load the plugin manager in a fresh process and report what it loaded and resolved."""
     extra = dict(env)
@@ -82,3 +82,18 @@ def engine_or_skip():
     except ImportError as e:
         pytest.skip(f"engine not available yet: {e}")
     return LLM, SamplingParams
+
+
+def fake_dist(site: Path, dist: str, entry_points: dict[str, dict[str, str]], modules: dict[str, str]) -> Path:
+    """An installed distribution as importlib.metadata sees one (dist-info + modules), without pip."""
+    info = site / f"{dist}-0.0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.0.1\n")
+    lines = []
+    for group, eps in entry_points.items():
+        lines.append(f"[{group}]")
+        lines += [f"{name} = {value}" for name, value in eps.items()]
+    (info / "entry_points.txt").write_text("\n".join(lines) + "\n")
+    for mod, source in modules.items():
+        (site / f"{mod}.py").write_text(source)
+    return site

@@ -1,0 +1,158 @@
+"""The Starlette app: ``create_app(engine_or_args, ...)`` with an explicit route list.
+
+Handlers get their state from the lifespan (``request.state.server``); every route under /v1 goes
+through ``_endpoint``, which checks the API key and turns any exception into its HTTP answer via
+``errors.error_response`` (the one mapping).
+"""
+from __future__ import annotations
+
+import contextlib
+import hmac
+import logging
+from dataclasses import dataclass
+
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from loraplex import __version__, envs
+from loraplex.server import routes_admin, routes_openai
+from loraplex.server.async_engine import AsyncEngine
+from loraplex.server.errors import EXCEPTION_HANDLERS, APIError, error_response
+from loraplex.server.metrics import ServerMetrics
+from loraplex.server.models import ModelRegistry
+from loraplex.server.protocol import DEFAULT_MAX_BODY_BYTES
+
+logger = logging.getLogger("loraplex.server")
+
+
+@dataclass
+class ServerState:
+    aengine: AsyncEngine
+    models: ModelRegistry
+    metrics: ServerMetrics
+    max_body_bytes: int
+    max_logprobs: int
+
+
+def _authorize(request, keys: tuple[str, ...], user_keys: tuple[str, ...]) -> None:
+    if not keys:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    token = token.strip()
+    if scheme.lower() == "bearer" and token:
+        # Compare against every key, in constant time, so timing says nothing about which one is close.
+        matches = [hmac.compare_digest(token.encode(), k.encode()) for k in keys]
+        if any(matches):
+            return
+        if any(hmac.compare_digest(token.encode(), k.encode()) for k in user_keys):
+            raise APIError(403, "Adapter management needs the admin API key")
+    raise APIError(401, "Unauthorized: a valid API key is required (Authorization: Bearer <key>)")
+
+
+def _endpoint(handler, keys: tuple[str, ...], user_keys: tuple[str, ...] = (), count: bool = False):
+    async def endpoint(request) -> Response:
+        try:
+            _authorize(request, keys, user_keys)
+            response = await handler(request)
+        except Exception as exc:
+            response = error_response(exc)
+        if count:
+            request.state.server.metrics.count(getattr(request.state, "model_label", None), response.status_code)
+        return response
+
+    endpoint.__name__ = handler.__name__
+    return endpoint
+
+
+async def health(request) -> Response:
+    if request.state.server.aengine.is_healthy:
+        return Response(status_code=200)
+    return error_response(APIError(503, "The engine loop is not running"))
+
+
+async def metrics(request) -> Response:
+    body, content_type = request.state.server.metrics.render()
+    return Response(body, media_type=content_type)
+
+
+async def version(request) -> Response:
+    return JSONResponse({"version": __version__})
+
+
+def _build_engine(engine_or_args, progress: bool):
+    from loraplex.engine.llm_engine import LLMEngine
+    from loraplex.engine_args import EngineArgs
+
+    if isinstance(engine_or_args, AsyncEngine):
+        return engine_or_args
+    if isinstance(engine_or_args, EngineArgs):
+        engine_or_args = LLMEngine.from_engine_args(engine_or_args, progress=progress)
+    if not isinstance(engine_or_args, LLMEngine):
+        raise TypeError(f"create_app needs an LLMEngine, EngineArgs or AsyncEngine, got {type(engine_or_args)}")
+    return AsyncEngine(engine_or_args)
+
+
+def create_app(engine_or_args, *, served_model_name: str | list[str] | None = None, api_key: str | None = None,
+               admin_api_key: str | None = None, allowed_lora_paths: list[str] | None = None,
+               lora_modules: list | None = None, allow_runtime_lora_updating: bool | None = None,
+               max_request_body_bytes: int | None = None, lora_resolution=None, progress: bool = False) -> Starlette:
+    """A vLLM-compatible OpenAI server over one engine.
+
+    ``None`` for ``api_key``, ``admin_api_key``, ``allowed_lora_paths``, ``allow_runtime_lora_updating``
+    and ``max_request_body_bytes`` means: take it from the environment (``loraplex.envs``).
+    ``lora_modules`` entries are ``name=path`` strings, JSON strings, dicts or LoRARequests, loaded
+    before the server accepts requests.
+    """
+    aengine = _build_engine(engine_or_args, progress)
+    engine = aengine.engine
+    if isinstance(served_model_name, str):
+        served_model_name = [served_model_name]
+    names = list(served_model_name or [engine.args.served_model_name or engine.args.model])
+    runtime = envs.allow_runtime_lora_updating() if allow_runtime_lora_updating is None else allow_runtime_lora_updating
+    api_key = api_key if api_key is not None else envs.api_key()
+    admin_api_key = admin_api_key if admin_api_key is not None else envs.admin_api_key()
+    models = ModelRegistry(aengine, names, engine.args.model, allow_runtime_updates=runtime,
+                           allowed_lora_paths=allowed_lora_paths if allowed_lora_paths is not None
+                           else envs.allowed_lora_paths(), lora_resolution=lora_resolution)
+    if lora_modules and not aengine.is_running:
+        for spec in lora_modules:
+            models.preload(engine, spec)
+        aengine._publish(adapters=True)
+    state = ServerState(aengine, models, ServerMetrics(aengine),
+                        max_request_body_bytes or envs.max_request_body_bytes() or DEFAULT_MAX_BODY_BYTES,
+                        engine.args.max_logprobs)
+
+    user_keys = tuple(k for k in (api_key, admin_api_key) if k) if api_key else ()
+    admin_keys = (admin_api_key,) if admin_api_key else user_keys
+    routes = [
+        Route("/health", health, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/version", version, methods=["GET"]),
+        Route("/v1/models", _endpoint(routes_openai.list_models, user_keys), methods=["GET"]),
+        Route("/v1/completions", _endpoint(routes_openai.completions, user_keys, count=True), methods=["POST"]),
+        Route("/v1/chat/completions", _endpoint(routes_openai.chat_completions, user_keys, count=True),
+              methods=["POST"]),
+    ]
+    if runtime:
+        routes += [
+            Route("/v1/load_lora_adapter", _endpoint(routes_admin.load_lora_adapter, admin_keys, user_keys),
+                  methods=["POST"]),
+            Route("/v1/unload_lora_adapter", _endpoint(routes_admin.unload_lora_adapter, admin_keys, user_keys),
+                  methods=["POST"]),
+        ]
+        logger.warning("runtime LoRA updating is enabled: /v1/load_lora_adapter and /v1/unload_lora_adapter "
+                       "are served%s", "" if admin_keys else " WITHOUT authentication")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        aengine.start()
+        try:
+            yield {"server": state}
+        finally:
+            aengine.stop()
+
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=EXCEPTION_HANDLERS)
+    app.state.server = state
+    return app

@@ -1,0 +1,199 @@
+"""``loraplex serve [MODEL] ...``: vLLM's ``vllm serve`` flags, uvicorn underneath.
+
+Without MODEL it serves the embedded demo: SmolLM2-135M-Instruct plus the demo adapters.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from loraplex import __version__, envs
+
+logger = logging.getLogger("loraplex.server")
+
+DEFAULT_MAX_LORA_RANK = 16
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loraplex", description="Serve many LoRA adapters on one base LLM "
+                                     "with vLLM's OpenAI-compatible API.")
+    parser.add_argument("--version", action="version", version=f"loraplex {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    s = sub.add_parser("serve", help="start the OpenAI-compatible server",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Start the OpenAI-compatible server. Without MODEL: the embedded demo model "
+                       "and its demo adapters.")
+    s.add_argument("model", nargs="?", default=None, help="model directory, GGUF file or hub id")
+    s.add_argument("--model", dest="model_flag", default=None, help="same as the positional MODEL")
+    s.add_argument("--host", default="0.0.0.0", help="interface to bind (vLLM's default: all interfaces)")
+    s.add_argument("--port", type=int, default=8000, help="port to bind (0: any free port)")
+    s.add_argument("--uvicorn-log-level", default="info",
+                   choices=["critical", "error", "warning", "info", "debug", "trace"])
+    s.add_argument("--served-model-name", nargs="+", default=None,
+                   help="name(s) the base model answers to (default: MODEL)")
+    s.add_argument("--tokenizer", default=None)
+    s.add_argument("--dtype", default="auto")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--max-model-len", type=int, default=None)
+    s.add_argument("--max-num-seqs", type=int, default=256)
+    s.add_argument("--max-num-batched-tokens", type=int, default=None)
+    s.add_argument("--max-logprobs", type=int, default=20)
+    s.add_argument("--block-size", type=int, default=16)
+    s.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    s.add_argument("--cpu-kv-cache-space", type=float, default=1.0, help="CPU KV cache in GiB")
+    s.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    s.add_argument("--trust-remote-code", action="store_true")
+    lora = s.add_argument_group("LoRA")
+    lora.add_argument("--enable-lora", action="store_true")
+    lora.add_argument("--lora-modules", nargs="+", action="extend", default=[], metavar="MODULE",
+                      help='adapters to preload: name=path or \'{"name": ..., "path": ..., "base_model_name": ...}\'')
+    lora.add_argument("--max-loras", type=int, default=1, help="adapters in one batch (device slots)")
+    lora.add_argument("--max-lora-rank", type=int, default=None,
+                      help=f"largest adapter rank (default {DEFAULT_MAX_LORA_RANK}; the demo raises it to fit)")
+    lora.add_argument("--max-cpu-loras", type=int, default=None, help="adapters cached in CPU memory "
+                      "(default: --max-loras)")
+    lora.add_argument("--lora-dtype", default="auto")
+    sec = s.add_argument_group("security and limits")
+    sec.add_argument("--api-key", default=None, help="Bearer key for every /v1 route (env LORAPLEX_API_KEY)")
+    sec.add_argument("--admin-api-key", default=None,
+                     help="Bearer key for adapter management routes (env LORAPLEX_ADMIN_API_KEY)")
+    sec.add_argument("--allowed-lora-paths", nargs="+", default=None, metavar="DIR",
+                     help="runtime-loaded adapters must live under these directories")
+    sec.add_argument("--max-request-body-bytes", type=int, default=None,
+                     help="larger bodies get 413 (default 10 MiB)")
+    # Accepted so that vLLM command lines run unchanged; they have no effect here.
+    for flag in ("--disable-log-requests", "--disable-log-stats", "--disable-frontend-multiprocessing"):
+        s.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
+    return parser
+
+
+def _demo(args) -> tuple[str, list[str], str]:
+    """Model dir, demo adapters as lora modules, served name; exits with a clear message if unavailable."""
+    try:
+        from loraplex.demo.adapters import ensure_demo_adapters
+        from loraplex.demo.default_model import DEFAULT_MODEL_NAME, ensure_default_model
+    except ImportError as e:
+        raise SystemExit(f"loraplex: no MODEL given and the embedded demo is not available ({e}).\n"
+                         "Pass a model: loraplex serve /path/to/model [--enable-lora --lora-modules name=path]")
+    try:
+        model_dir = ensure_default_model(progress=True)
+        adapters = ensure_demo_adapters(progress=True)
+    except Exception as e:  # e.g. DefaultModelUnavailable, whose message says what to install
+        raise SystemExit(f"loraplex: cannot prepare the embedded demo model: {e}")
+    return str(model_dir), [f"{name}={path}" for name, path in adapters.items()], DEFAULT_MODEL_NAME
+
+
+def _max_rank(modules: list[str]) -> int:
+    from pathlib import Path
+
+    from loraplex.server.models import parse_lora_module
+
+    ranks = []
+    for spec in modules:
+        try:
+            config = json.loads((Path(parse_lora_module(spec)[1]) / "adapter_config.json").read_text())
+            ranks += [config.get("r", 0)] + list((config.get("rank_pattern") or {}).values())
+        except (OSError, ValueError):
+            continue
+    return max(ranks, default=0)
+
+
+def _banner(url: str, model: str, adapters: list[str], api_key: bool) -> str:
+    auth = ' -H "Authorization: Bearer $LORAPLEX_API_KEY"' if api_key else ""
+    body = json.dumps({"model": adapters[0] if adapters else model, "prompt": "Hello, my name is",
+                       "max_tokens": 32, "temperature": 0})
+    return (f"loraplex: serving {model} on {url}" + (f" with adapters {', '.join(adapters)}" if adapters else "")
+            + f"\n  try:\n    curl{auth} {url}/v1/models\n"
+            f"    curl{auth} {url}/v1/completions -H 'Content-Type: application/json' -d '{body}'\n")
+
+
+def serve(args) -> int:
+    import uvicorn
+
+    from loraplex import EngineArgs, LLMEngine
+    from loraplex.server.app import create_app
+    from loraplex.server.models import parse_lora_module
+
+    modules = list(args.lora_modules)
+    model, served = args.model or args.model_flag, args.served_model_name
+    demo = model is None
+    if demo:
+        model, demo_modules, name = _demo(args)
+        known = {parse_lora_module(m)[0] for m in modules}
+        modules += [m for m in demo_modules if parse_lora_module(m)[0] not in known]
+        served = served or [name]
+        args.enable_lora = True
+    try:
+        names = [parse_lora_module(m)[0] for m in modules]
+    except ValueError as e:
+        raise SystemExit(f"loraplex: {e}")
+    if modules and not args.enable_lora:
+        logger.info("--lora-modules given: enabling LoRA")
+        args.enable_lora = True
+    max_rank = args.max_lora_rank or max(DEFAULT_MAX_LORA_RANK, _max_rank(modules) if demo else 0)
+    try:
+        engine_args = EngineArgs(
+            model=model, tokenizer=args.tokenizer, served_model_name=served[0] if served else None, dtype=args.dtype,
+            device=args.device, seed=args.seed, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
+            gpu_memory_utilization=args.gpu_memory_utilization, cpu_kv_cache_space=args.cpu_kv_cache_space,
+            enforce_eager=args.enforce_eager, max_logprobs=args.max_logprobs, trust_remote_code=args.trust_remote_code,
+            enable_lora=args.enable_lora, max_loras=args.max_loras, max_lora_rank=max_rank,
+            max_cpu_loras=args.max_cpu_loras, lora_dtype=args.lora_dtype)
+    except ValueError as e:
+        raise SystemExit(f"loraplex: {e}")
+    print(f"loraplex: loading {model} ...", file=sys.stderr, flush=True)
+    try:
+        engine = LLMEngine.from_engine_args(engine_args, progress=True)
+    except Exception as e:  # a missing or unsupported model: one clear line, not a traceback
+        raise SystemExit(f"loraplex: cannot load model {model}: {type(e).__name__}: {e}")
+    api_key = args.api_key or envs.api_key()
+    try:
+        app = create_app(engine, served_model_name=served, api_key=api_key, admin_api_key=args.admin_api_key,
+                         allowed_lora_paths=args.allowed_lora_paths, lora_modules=modules,
+                         max_request_body_bytes=args.max_request_body_bytes, progress=True)
+    except Exception as e:
+        raise SystemExit(f"loraplex: cannot preload --lora-modules: {type(e).__name__}: {e}")
+    if args.host in ("0.0.0.0", "::", "") and not api_key:
+        logger.warning("listening on all interfaces without --api-key: anyone who can reach this port can use it")
+    display = "127.0.0.1" if args.host in ("0.0.0.0", "") else ("[::1]" if args.host == "::" else args.host)
+    base_name = (served or [model])[0]
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None):
+            await super().startup(sockets=sockets)
+            if self.should_exit:
+                return
+            port = self.servers[0].sockets[0].getsockname()[1] if self.servers else args.port
+            print(_banner(f"http://{display}:{port}", base_name, names, bool(api_key)), flush=True)
+
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
+                            timeout_graceful_shutdown=10)
+    try:
+        Server(config).run()
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown
+        pass
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command != "serve":
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return serve(args)
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,27 @@
+"""OpenAI routes: /v1/models, /v1/completions, /v1/chat/completions. Thin: parse, delegate, shape."""
+from __future__ import annotations
+
+from starlette.responses import JSONResponse, Response
+
+from loraplex.server import serving
+from loraplex.server.protocol import parse_chat, parse_completion, read_json
+
+
+async def list_models(request) -> Response:
+    return JSONResponse(request.state.server.models.list_models())
+
+
+async def completions(request) -> Response:
+    return await _generate(request, "completion")
+
+
+async def chat_completions(request) -> Response:
+    return await _generate(request, "chat")
+
+
+async def _generate(request, kind: str) -> Response:
+    state = request.state.server
+    body = await read_json(request, state.max_body_bytes)
+    req = (parse_chat if kind == "chat" else parse_completion)(body, state.max_logprobs)
+    result = await serving.generate(request, req, kind, state)
+    return result if isinstance(result, Response) else JSONResponse(result)

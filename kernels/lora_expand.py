@@ -1,0 +1,112 @@
+"""LoRA expand in Triton: out[t, slice s cols] += buf[s, t, :rank] @ lora_b[slot(t), slice s cols, :rank].T.
+
+One program owns BLOCK_M tokens of one slot (grouped by LoRAKernelMeta) and BLOCK_N columns of the packed output.
+The slices' column ranges come from the device tensor slice_offsets, so the n-blocks tile total_out and a block
+that straddles a slice boundary takes one partial product per slice it touches, each with its own rows of buf
+and its own columns of lora_b. Every output element is owned by exactly one program: a plain read-add-write,
+no atomics. The grid comes from tensor shapes only (no host sync, CUDA-graph safe); programs past their slot's
+token count exit at once, and the rank loop stops at the slot's rank.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from loraplex.kernels import _triton_utils as tu
+from loraplex.kernels.lora_ops import check_expand_args
+
+__all__ = ["lora_expand_triton"]
+
+
+@triton.jit
+def _lora_expand_kernel(
+    buf_ptr, b_ptr, out_ptr, offsets_ptr, sorted_ids_ptr, counts_ptr, starts_ptr, ranks_ptr,
+    num_tokens, total_out,
+    stride_us, stride_ut, stride_ur,
+    stride_bl, stride_bn, stride_br,
+    stride_ot, stride_on,
+    MAX_RANK: tl.constexpr,  # constexpr: the interpreter (numpy >= 2.4) cannot take a runtime scalar in range()
+    NUM_SLICES: tl.constexpr,
+    NUM_N_BLOCKS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr,  # fp32 math (fp32 lora_b, or the interpreter, whose bf16 arithmetic is wrong)
+):
+    pid_mn = tl.program_id(0)
+    slot = tl.program_id(1)
+    pid_m = pid_mn // NUM_N_BLOCKS
+    pid_n = pid_mn % NUM_N_BLOCKS
+
+    count = tl.load(counts_ptr + slot)
+    rank = tl.minimum(tl.load(ranks_ptr + slot), MAX_RANK)
+    # The grid is sized as if every token used this slot; an empty slot (rank 0) adds nothing either.
+    if (pid_m * BLOCK_M >= count) | (rank == 0):
+        return
+    start = tl.load(starts_ptr + slot)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < count
+    tok = tl.load(sorted_ids_ptr + start + offs_m, mask=m_ok, other=0)
+    m_ok = m_ok & (tok < num_tokens)  # meta prepared for more tokens than buf has: ignore the extra rows
+    tok = tok.to(tl.int64)
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)  # packed output columns
+    offs_k = tl.arange(0, BLOCK_K)
+    b_cols = b_ptr + slot.to(tl.int64) * stride_bl + offs_n[None, :].to(tl.int64) * stride_bn  # [1, BLOCK_N]
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for s in tl.static_range(NUM_SLICES):
+        lo = tl.load(offsets_ptr + s)
+        hi = tl.load(offsets_ptr + s + 1)
+        if (n0 < hi) & (n0 + BLOCK_N > lo):
+            col_ok = (offs_n >= lo) & (offs_n < hi)
+            u_rows = buf_ptr + s * stride_us + tok[:, None] * stride_ut  # [BLOCK_M, 1]
+            # Bounded by MAX_RANK with the rank test inside: the trip count stays static (the interpreter cannot
+            # loop to a loaded value) and ranks below MAX_RANK skip the tail iterations.
+            for k0 in range(0, MAX_RANK, BLOCK_K):
+                if k0 < rank:
+                    k = k0 + offs_k
+                    k_ok = k < rank
+                    u = tl.load(u_rows + k[None, :] * stride_ur, mask=m_ok[:, None] & k_ok[None, :],
+                                other=0.0)  # [BLOCK_M, BLOCK_K] fp32
+                    b = tl.load(b_cols + k[:, None] * stride_br, mask=k_ok[:, None] & col_ok[None, :],
+                                other=0.0)  # [BLOCK_K, BLOCK_N]
+                    if UPCAST:
+                        b = b.to(tl.float32)
+                    else:
+                        # Tensor cores take one input dtype: the low-rank activations drop to lora_b's.
+                        u = u.to(b.dtype)
+                    acc += tl.dot(u, b, input_precision="ieee")
+
+    out_ptrs = out_ptr + tok[:, None] * stride_ot + offs_n[None, :] * stride_on
+    o_mask = m_ok[:, None] & (offs_n < total_out)[None, :]
+    cur = tl.load(out_ptrs, mask=o_mask, other=0.0).to(tl.float32)
+    tl.store(out_ptrs, (cur + acc).to(out_ptr.dtype.element_ty), mask=o_mask)
+
+
+def lora_expand_triton(buf: torch.Tensor, lora_b: torch.Tensor, out: torch.Tensor, meta,
+                       slice_offsets: torch.Tensor) -> None:
+    """Triton expand; same contract as ``loraplex.kernels.lora_ops.lora_expand``. Never syncs with the host,
+    so slice_offsets values are trusted: they must rise from 0 to total_out."""
+    check_expand_args(buf, lora_b, out, meta, slice_offsets)
+    num_slices, num_tokens, max_rank = buf.shape
+    max_loras, total_out, _ = lora_b.shape
+    if num_tokens == 0 or num_slices == 0 or max_rank == 0 or total_out == 0:
+        return
+    interpret = tu.interpreting()
+    if not buf.is_cuda and not interpret:
+        raise ValueError(f"lora_expand_triton: needs CUDA tensors (or TRITON_INTERPRET=1), got {buf.device}")
+    cfg = tu.expand_config(num_tokens, total_out, max_rank, interpret)
+    num_n_blocks = triton.cdiv(total_out, cfg.BLOCK_N)
+    grid = (triton.cdiv(num_tokens, cfg.BLOCK_M) * num_n_blocks, max_loras)
+    _lora_expand_kernel[grid](
+        buf, lora_b, out, slice_offsets, meta.sorted_token_ids, meta.num_tokens_per_lora, meta.lora_token_start,
+        meta.lora_ranks,
+        num_tokens, total_out,
+        *buf.stride(), *lora_b.stride(), *out.stride(),
+        MAX_RANK=max_rank, NUM_SLICES=num_slices, NUM_N_BLOCKS=num_n_blocks, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
+        BLOCK_K=cfg.BLOCK_K, UPCAST=interpret or lora_b.dtype == torch.float32,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )

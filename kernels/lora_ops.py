@@ -1,0 +1,278 @@
+"""Multi-LoRA shrink/expand entry points: Triton on CUDA, a torch reference everywhere else.
+
+A LoRA linear adds ``scale * (x @ A[slot].T) @ B[slot].T`` to each token's output, with a different adapter slot
+per token. ``lora_shrink`` computes the low-rank activations of every slice of a packed projection (q/k/v,
+gate/up) in one launch; ``lora_expand`` adds them, through each slice's B, into that slice's output columns.
+
+The torch reference is also the CPU production path: it reads the per-slot token counts on the host (one sync,
+so it is not CUDA-graph capturable) and does one gathered matmul per active slot. The Triton path never syncs.
+
+Both are registered as torch custom ops (``torch.ops.loraplex.lora_shrink`` / ``lora_expand``), so that
+torch.compile treats them as opaque mutating calls and CUDA graphs capture them. Importing this module does not
+need triton; ``lora_shrink_triton`` / ``lora_expand_triton`` are resolved lazily.
+"""
+from __future__ import annotations
+
+import importlib.util
+from typing import NamedTuple
+
+import torch
+
+__all__ = ["lora_shrink", "lora_expand", "add_lora", "lora_shrink_ref", "lora_expand_ref",
+           "lora_shrink_triton", "lora_expand_triton", "check_shrink_args", "check_expand_args", "HAS_TRITON"]
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_META_FIELDS = ("sorted_token_ids", "num_tokens_per_lora", "lora_token_start", "lora_ranks")
+
+
+class _MetaView(NamedTuple):
+    """The LoRAKernelMeta buffers the kernels read, rebuilt inside the custom ops (which take only tensors)."""
+    sorted_token_ids: torch.Tensor
+    num_tokens_per_lora: torch.Tensor
+    lora_token_start: torch.Tensor
+    lora_ranks: torch.Tensor
+
+
+# ----------------------------------------------------------------------------------------------- checks
+def _check_meta(op: str, meta, device: torch.device, max_loras: int, num_tokens: int) -> None:
+    for name in _META_FIELDS:
+        t = getattr(meta, name)
+        if t.dim() != 1 or t.dtype != torch.int32:
+            raise ValueError(f"{op}: meta.{name} must be a 1-D int32 tensor, got {tuple(t.shape)} {t.dtype}")
+        if t.device != device:
+            raise ValueError(f"{op}: meta.{name} is on {t.device} but the operands are on {device}")
+    if meta.num_tokens_per_lora.shape[0] != max_loras or meta.lora_ranks.shape[0] != max_loras \
+            or meta.lora_token_start.shape[0] != max_loras + 1:
+        raise ValueError(f"{op}: meta was allocated for {meta.num_tokens_per_lora.shape[0]} slots but the LoRA "
+                         f"weights have {max_loras}")
+    if meta.sorted_token_ids.shape[0] < num_tokens:
+        raise ValueError(f"{op}: {num_tokens} tokens exceed meta's max_num_tokens "
+                         f"{meta.sorted_token_ids.shape[0]}")
+
+
+def check_shrink_args(x: torch.Tensor, lora_a: torch.Tensor, out: torch.Tensor, meta) -> None:
+    """Shape/dtype/device checks shared by both backends; never syncs with the device."""
+    if x.dim() != 2 or x.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"lora_shrink: x must be [num_tokens, in_dim] fp16/bf16/fp32, got {tuple(x.shape)} {x.dtype}")
+    if lora_a.dim() != 4 or lora_a.shape[3] != x.shape[1]:
+        raise ValueError(f"lora_shrink: lora_a must be [num_slices, max_loras, max_rank, in_dim={x.shape[1]}], "
+                         f"got {tuple(lora_a.shape)}")
+    if lora_a.dtype != x.dtype:
+        raise ValueError(f"lora_shrink: lora_a is {lora_a.dtype} but x is {x.dtype}")
+    num_slices, max_loras, max_rank, _ = lora_a.shape
+    expected = (num_slices, x.shape[0], max_rank)
+    if tuple(out.shape) != expected or out.dtype != torch.float32:
+        raise ValueError(f"lora_shrink: out must be {list(expected)} (num_slices, num_tokens, max_rank) float32, "
+                         f"got {tuple(out.shape)} {out.dtype}")
+    for name, t in (("lora_a", lora_a), ("out", out)):
+        if t.device != x.device:
+            raise ValueError(f"lora_shrink: {name} is on {t.device} but x is on {x.device}")
+    _check_meta("lora_shrink", meta, x.device, max_loras, x.shape[0])
+
+
+def check_expand_args(buf: torch.Tensor, lora_b: torch.Tensor, out: torch.Tensor, meta,
+                      slice_offsets: torch.Tensor) -> None:
+    """Shape/dtype/device checks shared by both backends; never syncs (offset values are not checked here)."""
+    if buf.dim() != 3 or buf.dtype != torch.float32:
+        raise ValueError(f"lora_expand: buf must be [num_slices, num_tokens, max_rank] float32, got "
+                         f"{tuple(buf.shape)} {buf.dtype}")
+    num_slices, num_tokens, max_rank = buf.shape
+    if lora_b.dim() != 3 or lora_b.shape[2] != max_rank or lora_b.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"lora_expand: lora_b must be [max_loras, total_out, max_rank={max_rank}] fp16/bf16/fp32, "
+                         f"got {tuple(lora_b.shape)} {lora_b.dtype}")
+    max_loras, total_out, _ = lora_b.shape
+    if tuple(out.shape) != (num_tokens, total_out) or out.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"lora_expand: out must be [num_tokens={num_tokens}, total_out={total_out}] "
+                         f"fp16/bf16/fp32, got {tuple(out.shape)} {out.dtype}")
+    if slice_offsets.dim() != 1 or slice_offsets.shape[0] != num_slices + 1 \
+            or slice_offsets.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"lora_expand: slice_offsets must be [num_slices + 1 = {num_slices + 1}] int32, got "
+                         f"{tuple(slice_offsets.shape)} {slice_offsets.dtype}")
+    for name, t in (("lora_b", lora_b), ("out", out), ("slice_offsets", slice_offsets)):
+        if t.device != buf.device:
+            raise ValueError(f"lora_expand: {name} is on {t.device} but buf is on {buf.device}")
+    _check_meta("lora_expand", meta, buf.device, max_loras, num_tokens)
+
+
+# ----------------------------------------------------------------------------------------------- reference
+def _active_slots(meta, max_rank: int) -> list[tuple[int, int, int, int]]:
+    """(slot, start, count, rank) of every slot with tokens this step; one host sync for all of them."""
+    host = torch.cat([meta.num_tokens_per_lora, meta.lora_token_start[:-1], meta.lora_ranks]).tolist()
+    n = meta.num_tokens_per_lora.shape[0]
+    return [(s, host[n + s], host[s], min(host[2 * n + s], max_rank)) for s in range(n) if host[s] > 0]
+
+
+def lora_shrink_ref(x: torch.Tensor, lora_a: torch.Tensor, out: torch.Tensor, meta, scale: float = 1.0) -> None:
+    """Torch shrink (fp32 math); same contract as :func:`lora_shrink`."""
+    check_shrink_args(x, lora_a, out, meta)
+    num_slices, _, max_rank, _ = lora_a.shape
+    for slot, start, count, rank in _active_slots(meta, max_rank):
+        ids = meta.sorted_token_ids[start:start + count].long()  # [count]
+        xs = x.index_select(0, ids).float()  # [count, in_dim]
+        a = lora_a[:, slot, :rank].float()  # [num_slices, rank, in_dim]
+        res = torch.matmul(xs, a.transpose(1, 2)).mul_(scale)  # [num_slices, count, rank]
+        if rank < max_rank:
+            # Rank columns past the adapter's rank are defined as zero, whatever the padding of lora_a holds.
+            res = torch.nn.functional.pad(res, (0, max_rank - rank))
+        out.index_copy_(1, ids, res)
+
+
+def lora_expand_ref(buf: torch.Tensor, lora_b: torch.Tensor, out: torch.Tensor, meta,
+                    slice_offsets: torch.Tensor) -> None:
+    """Torch expand (fp32 accumulate, one rounding into out's dtype); same contract as :func:`lora_expand`."""
+    check_expand_args(buf, lora_b, out, meta, slice_offsets)
+    num_slices, _, max_rank = buf.shape
+    offsets = slice_offsets.tolist()
+    if offsets[0] != 0 or offsets[-1] != out.shape[1] or any(b < a for a, b in zip(offsets, offsets[1:])):
+        raise ValueError(f"lora_expand: slice_offsets must rise from 0 to total_out={out.shape[1]}, got {offsets}")
+    for slot, start, count, rank in _active_slots(meta, max_rank):
+        if rank == 0:
+            continue
+        ids = meta.sorted_token_ids[start:start + count].long()  # [count]
+        low = buf.index_select(1, ids)[:, :, :rank]  # [num_slices, count, rank]
+        b = lora_b[slot, :, :rank].float()  # [total_out, rank]
+        rows = out.index_select(0, ids).float()  # [count, total_out], a copy: accumulate in place
+        for s in range(num_slices):
+            lo, hi = offsets[s], offsets[s + 1]
+            if hi > lo:
+                rows[:, lo:hi].addmm_(low[s], b[lo:hi].t())
+        out.index_copy_(0, ids, rows.to(out.dtype))
+
+
+# ----------------------------------------------------------------------------------------------- custom ops
+def _impl(name: str, backend: str):
+    if backend == "triton":
+        if name == "shrink":
+            from loraplex.kernels.lora_shrink import lora_shrink_triton as fn
+        else:
+            from loraplex.kernels.lora_expand import lora_expand_triton as fn
+        return fn
+    return lora_shrink_ref if name == "shrink" else lora_expand_ref
+
+
+@torch.library.custom_op("loraplex::lora_shrink", mutates_args=("out",))
+def _lora_shrink_op(x: torch.Tensor, lora_a: torch.Tensor, out: torch.Tensor, sorted_token_ids: torch.Tensor,
+                    num_tokens_per_lora: torch.Tensor, lora_token_start: torch.Tensor, lora_ranks: torch.Tensor,
+                    scale: float, backend: str) -> None:
+    meta = _MetaView(sorted_token_ids, num_tokens_per_lora, lora_token_start, lora_ranks)
+    _impl("shrink", backend)(x, lora_a, out, meta, scale)
+
+
+@_lora_shrink_op.register_fake
+def _(x, lora_a, out, sorted_token_ids, num_tokens_per_lora, lora_token_start, lora_ranks, scale, backend):
+    return None
+
+
+@torch.library.custom_op("loraplex::lora_expand", mutates_args=("out",))
+def _lora_expand_op(buf: torch.Tensor, lora_b: torch.Tensor, out: torch.Tensor, slice_offsets: torch.Tensor,
+                    sorted_token_ids: torch.Tensor, num_tokens_per_lora: torch.Tensor, lora_token_start: torch.Tensor,
+                    lora_ranks: torch.Tensor, backend: str) -> None:
+    meta = _MetaView(sorted_token_ids, num_tokens_per_lora, lora_token_start, lora_ranks)
+    _impl("expand", backend)(buf, lora_b, out, meta, slice_offsets)
+
+
+@_lora_expand_op.register_fake
+def _(buf, lora_b, out, slice_offsets, sorted_token_ids, num_tokens_per_lora, lora_token_start, lora_ranks, backend):
+    return None
+
+
+# ----------------------------------------------------------------------------------------------- public
+def _resolve_backend(op: str, backend: str, t: torch.Tensor) -> str:
+    from loraplex import envs
+
+    if backend == "auto":
+        backend = envs.use_triton_kernels()
+        if backend == "auto":
+            backend = "triton" if (t.is_cuda and HAS_TRITON) else "torch"
+    if backend not in ("triton", "torch"):
+        raise ValueError(f"{op}: backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    if backend == "triton":
+        if not HAS_TRITON:
+            raise ValueError(f"{op}: backend='triton' but triton is not installed")
+        if not t.is_cuda and not envs.triton_interpret():
+            raise ValueError(f"{op}: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got {t.device}")
+    return backend
+
+
+def _meta_args(meta) -> list[torch.Tensor]:
+    return [getattr(meta, name) for name in _META_FIELDS]
+
+
+def _eager(t: torch.Tensor) -> bool:
+    # The custom-op dispatcher costs tens of microseconds a call, paid twice per LoRA linear; only tracing
+    # (torch.compile, fake/meta tensors) needs it, plain eager calls and CUDA-graph capture do not.
+    return type(t) is torch.Tensor and not t.is_meta and not torch.compiler.is_compiling()
+
+
+def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, out: torch.Tensor, meta, scale: float = 1.0,
+                backend: str = "auto") -> None:
+    """out[s, t, :] = scale * x[t] @ lora_a[s, slot(t)].T for every token with an adapter, all slices at once.
+
+    x:      [num_tokens, in_dim] fp32/bf16/fp16
+    lora_a: [num_slices, max_loras, max_rank, in_dim], x's dtype
+    out:    [num_slices, num_tokens, max_rank] float32; rank columns >= lora_ranks[slot] are written as zeros;
+            rows of tokens without an adapter (slot -1) are left untouched.
+    meta:   a LoRAKernelMeta prepared for these tokens. ``backend="auto"`` honours LORAPLEX_KERNELS.
+    """
+    backend = _resolve_backend("lora_shrink", backend, x)
+    if _eager(x):
+        _impl("shrink", backend)(x, lora_a, out, meta, float(scale))
+    else:
+        torch.ops.loraplex.lora_shrink(x, lora_a, out, *_meta_args(meta), float(scale), backend)
+
+
+def lora_expand(buf: torch.Tensor, lora_b: torch.Tensor, out: torch.Tensor, meta, slice_offsets: torch.Tensor,
+                backend: str = "auto") -> None:
+    """out[t, off[s]:off[s+1]] += buf[s, t, :] @ lora_b[slot(t), off[s]:off[s+1], :].T, fp32 accumulate.
+
+    buf:           [num_slices, num_tokens, max_rank] float32 (shrink's output)
+    lora_b:        [max_loras, total_out, max_rank], all slices packed along dim 1
+    out:           [num_tokens, total_out]; rows of tokens without an adapter are left untouched
+    slice_offsets: [num_slices + 1] int32 on out's device, 0 = off[0] <= ... <= off[-1] = total_out
+    Only rank columns < lora_ranks[slot] are read.
+    """
+    backend = _resolve_backend("lora_expand", backend, buf)
+    if _eager(buf):
+        _impl("expand", backend)(buf, lora_b, out, meta, slice_offsets)
+    else:
+        torch.ops.loraplex.lora_expand(buf, lora_b, out, slice_offsets, *_meta_args(meta), backend)
+
+
+def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, meta,
+             slice_offsets: torch.Tensor, buffer: torch.Tensor | None = None, scale: float = 1.0,
+             backend: str = "auto") -> None:
+    """y += scale * (x @ A[slot].T) @ B[slot].T per token, for all slices of a packed projection.
+
+    y: [num_tokens, total_out]; buffer: optional float32 scratch [num_slices, >= num_tokens, max_rank]
+    (allocated per call when None). One shrink and one expand launch whatever the number of slices.
+    """
+    if lora_a.dim() != 4 or x.dim() != 2:
+        raise ValueError(f"add_lora: x must be 2-D and lora_a 4-D, got {tuple(x.shape)} and {tuple(lora_a.shape)}")
+    num_slices, _, max_rank, _ = lora_a.shape
+    num_tokens = x.shape[0]
+    if buffer is None:
+        # Rows of tokens without an adapter are never read, so the scratch needs no zeroing.
+        buffer = torch.empty((num_slices, num_tokens, max_rank), dtype=torch.float32, device=x.device)
+    elif buffer.dim() != 3 or buffer.shape[0] != num_slices or buffer.shape[1] < num_tokens \
+            or buffer.shape[2] != max_rank:
+        raise ValueError(f"add_lora: buffer must be [num_slices={num_slices}, >= {num_tokens}, "
+                         f"max_rank={max_rank}] float32, got {tuple(buffer.shape)}")
+    else:
+        buffer = buffer[:, :num_tokens]
+    lora_shrink(x, lora_a, buffer, meta, scale, backend)
+    lora_expand(buffer, lora_b, y, meta, slice_offsets, backend)
+
+
+def __getattr__(name: str):
+    # Lazy so that this module imports on machines without triton.
+    if name == "lora_shrink_triton":
+        from loraplex.kernels.lora_shrink import lora_shrink_triton
+
+        return lora_shrink_triton
+    if name == "lora_expand_triton":
+        from loraplex.kernels.lora_expand import lora_expand_triton
+
+        return lora_expand_triton
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,106 @@
+"""LoRA shrink in Triton: out[s, t, :] = scale * x[t] @ lora_a[s, slot(t)].T, all slices in one launch.
+
+Tokens come grouped by adapter slot (LoRAKernelMeta.sorted_token_ids), so one program multiplies BLOCK_M rows
+that share one adapter by one BLOCK_N-wide block of that adapter's rank rows. The grid is
+(m-blocks * n-blocks, slices, slots) from tensor shapes only; a program whose m-block lies past its slot's token
+count exits at once, which keeps the launch free of host syncs and CUDA-graph safe. Rank rows past the slot's
+rank are neither loaded nor multiplied, and are stored as zeros.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from loraplex.kernels import _triton_utils as tu
+from loraplex.kernels.lora_ops import check_shrink_args
+
+__all__ = ["lora_shrink_triton"]
+
+
+@triton.jit
+def _lora_shrink_kernel(
+    x_ptr, a_ptr, out_ptr, sorted_ids_ptr, counts_ptr, starts_ptr, ranks_ptr,
+    num_tokens, scale,
+    stride_xt, stride_xk,
+    stride_as, stride_al, stride_ar, stride_ak,
+    stride_os, stride_ot, stride_or,
+    # Loop bounds are constexpr: few distinct values per model, and the interpreter (numpy >= 2.4) cannot take
+    # a runtime scalar in range().
+    IN_DIM: tl.constexpr,
+    MAX_RANK: tl.constexpr,
+    NUM_N_BLOCKS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr,  # fp32 math (fp32 inputs, or the interpreter, whose bf16 arithmetic is wrong)
+):
+    pid_mn = tl.program_id(0)
+    slice_id = tl.program_id(1)
+    slot = tl.program_id(2)
+    pid_m = pid_mn // NUM_N_BLOCKS
+    pid_n = pid_mn % NUM_N_BLOCKS
+
+    count = tl.load(counts_ptr + slot)
+    # The grid is sized as if every token used this slot; most programs of a mixed batch stop here.
+    if pid_m * BLOCK_M >= count:
+        return
+    start = tl.load(starts_ptr + slot)
+    rank = tl.minimum(tl.load(ranks_ptr + slot), MAX_RANK)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < count
+    tok = tl.load(sorted_ids_ptr + start + offs_m, mask=m_ok, other=0)
+    m_ok = m_ok & (tok < num_tokens)  # meta prepared for more tokens than x has: ignore the extra rows
+    tok = tok.to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # rank rows of lora_a
+    n_ok = offs_n < rank
+    offs_k = tl.arange(0, BLOCK_K)
+
+    x_rows = x_ptr + tok[:, None] * stride_xt  # [BLOCK_M, 1]
+    a_rows = (a_ptr + slice_id.to(tl.int64) * stride_as + slot.to(tl.int64) * stride_al
+              + offs_n[None, :] * stride_ar)  # [1, BLOCK_N]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    # An n-block wholly past the rank only stores zeros: small ranks skip the whole reduction.
+    if pid_n * BLOCK_N < rank:
+        for k0 in range(0, IN_DIM, BLOCK_K):
+            k = k0 + offs_k
+            if IN_DIM % BLOCK_K == 0:
+                xt = tl.load(x_rows + k[None, :] * stride_xk, mask=m_ok[:, None], other=0.0)  # [BLOCK_M, BLOCK_K]
+                at = tl.load(a_rows + k[:, None] * stride_ak, mask=n_ok[None, :], other=0.0)  # [BLOCK_K, BLOCK_N]
+            else:
+                k_ok = k < IN_DIM
+                xt = tl.load(x_rows + k[None, :] * stride_xk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+                at = tl.load(a_rows + k[:, None] * stride_ak, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            if UPCAST:
+                xt = xt.to(tl.float32)
+                at = at.to(tl.float32)
+            # "ieee" keeps fp32 inputs off TF32; for fp16/bf16 inputs it is ignored.
+            acc += tl.dot(xt, at, input_precision="ieee")
+
+    out_ptrs = (out_ptr + slice_id.to(tl.int64) * stride_os + tok[:, None] * stride_ot
+                + offs_n[None, :] * stride_or)
+    tl.store(out_ptrs, acc * scale, mask=m_ok[:, None] & (offs_n < MAX_RANK)[None, :])
+
+
+def lora_shrink_triton(x: torch.Tensor, lora_a: torch.Tensor, out: torch.Tensor, meta, scale: float = 1.0) -> None:
+    """Triton shrink; same contract as ``loraplex.kernels.lora_ops.lora_shrink``. Never syncs with the host."""
+    check_shrink_args(x, lora_a, out, meta)
+    num_tokens, in_dim = x.shape
+    num_slices, max_loras, max_rank, _ = lora_a.shape
+    if num_tokens == 0 or num_slices == 0 or max_rank == 0:
+        return
+    interpret = tu.interpreting()
+    if not x.is_cuda and not interpret:
+        raise ValueError(f"lora_shrink_triton: needs CUDA tensors (or TRITON_INTERPRET=1), got {x.device}")
+    cfg = tu.shrink_config(num_tokens, in_dim, max_rank, interpret)
+    num_n_blocks = triton.cdiv(max_rank, cfg.BLOCK_N)
+    grid = (triton.cdiv(num_tokens, cfg.BLOCK_M) * num_n_blocks, num_slices, max_loras)
+    _lora_shrink_kernel[grid](
+        x, lora_a, out, meta.sorted_token_ids, meta.num_tokens_per_lora, meta.lora_token_start, meta.lora_ranks,
+        num_tokens, float(scale),
+        *x.stride(), *lora_a.stride(), *out.stride(),
+        IN_DIM=in_dim, MAX_RANK=max_rank, NUM_N_BLOCKS=num_n_blocks,
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, UPCAST=interpret or x.dtype == torch.float32,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )

@@ -1,0 +1,350 @@
+"""LoRA shrink/expand (Triton + torch reference) and LoRAKernelMeta against a naive per-token oracle.
+
+Without CUDA the Triton kernels run under the interpreter (tests/conftest.py), so the CPU cases stay small.
+LoRA weights past each adapter's rank hold NaN: any read of the padding poisons the result.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from loraplex.kernels.lora_meta import LoRAKernelMeta
+from loraplex.kernels.lora_ops import (HAS_TRITON, add_lora, lora_expand, lora_expand_ref, lora_shrink,
+                                       lora_shrink_ref)
+
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BACKENDS = ["torch", pytest.param("triton", marks=needs_triton)]
+# Relative to the largest magnitude of the expected tensor; bf16/fp16 round the inputs and (expand) the output.
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
+SENTINEL = 7.0  # shrink rows of tokens without an adapter must keep it
+
+
+def _impls(backend):
+    if backend == "torch":
+        return lora_shrink_ref, lora_expand_ref
+    from loraplex.kernels.lora_expand import lora_expand_triton
+    from loraplex.kernels.lora_shrink import lora_shrink_triton
+
+    return lora_shrink_triton, lora_expand_triton
+
+
+@dataclass
+class Case:
+    x: torch.Tensor  # [num_tokens, in_dim]
+    lora_a: torch.Tensor  # [num_slices, max_loras, max_rank, in_dim]
+    lora_b: torch.Tensor  # [max_loras, total_out, max_rank]
+    meta: LoRAKernelMeta
+    offsets: torch.Tensor  # [num_slices + 1] int32
+    slots: list  # per token
+    ranks: list  # per slot
+    out_sizes: tuple
+
+
+def make_case(num_tokens, in_dim, out_sizes, ranks, slots, dtype, max_rank=None, device=DEVICE, seed=0) -> Case:
+    gen = torch.Generator().manual_seed(seed)
+    max_loras, num_slices, total_out = len(ranks), len(out_sizes), sum(out_sizes)
+    max_rank = max_rank or max(max(ranks), 1)
+    lora_a = torch.randn(num_slices, max_loras, max_rank, in_dim, generator=gen) / in_dim ** 0.5
+    lora_b = torch.randn(max_loras, total_out, max_rank, generator=gen) / max_rank ** 0.5
+    for s, r in enumerate(ranks):
+        lora_a[:, s, r:] = float("nan")
+        lora_b[s, :, r:] = float("nan")
+    meta = LoRAKernelMeta.allocate(num_tokens + 5, max_loras, device)
+    for s, r in enumerate(ranks):
+        meta.set_rank(s, r)
+    meta.prepare(torch.tensor(slots, dtype=torch.int64))  # CPU int64 in: prepare moves and casts it
+    offsets = torch.tensor([0] + [sum(out_sizes[:i + 1]) for i in range(num_slices)], dtype=torch.int32)
+    return Case(torch.randn(num_tokens, in_dim, generator=gen).to(device, dtype), lora_a.to(device, dtype),
+                lora_b.to(device, dtype), meta, offsets.to(device), list(slots), list(ranks), tuple(out_sizes))
+
+
+def naive_shrink(c: Case, scale: float, fill: float = SENTINEL) -> torch.Tensor:
+    """[num_slices, num_tokens, max_rank] float64; rows of tokens without an adapter hold ``fill``."""
+    num_slices, _, max_rank, _ = c.lora_a.shape
+    out = torch.full((num_slices, len(c.slots), max_rank), fill, dtype=torch.float64)
+    for t, slot in enumerate(c.slots):
+        if slot < 0:
+            continue
+        r = c.ranks[slot]
+        out[:, t] = 0.0
+        for s in range(num_slices):
+            out[s, t, :r] = scale * (c.lora_a[s, slot, :r].double().cpu() @ c.x[t].double().cpu())
+    return out
+
+
+def naive_expand(c: Case, buf: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    out = y.double().cpu().clone()
+    buf = buf.double().cpu()
+    off = c.offsets.tolist()
+    for t, slot in enumerate(c.slots):
+        if slot < 0:
+            continue
+        r = c.ranks[slot]
+        for s in range(len(c.out_sizes)):
+            out[t, off[s]:off[s + 1]] += c.lora_b[slot, off[s]:off[s + 1], :r].double().cpu() @ buf[s, t, :r]
+    return out
+
+
+def assert_close(actual, expected, dtype):
+    actual, expected = actual.double().cpu(), expected.double().cpu()
+    assert not actual.isnan().any(), "NaN leaked from rank padding or skipped rows"
+    scale = max(expected.abs().max().item(), 1.0)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=TOL[dtype] * scale)
+
+
+# (num_tokens, in_dim, out_sizes, ranks per slot, token slots, dtype, max_rank)
+CASES = {
+    # q/k/v with GQA, odd in_dim, no-adapter rows, a slot with rank 0 that tokens still point at
+    "qkv_fp32": (13, 100, (64, 24, 24), [8, 16, 1, 0], [0, 1, -1, 2, 1, 1, 3, 0, -1, 2, 1, 0, 1], torch.float32, 16),
+    # gate/up, rank 33 (not a power of two) next to rank 64 and 5, max_rank > every rank but one
+    "gate_up_bf16": (12, 100, (96, 96), [33, 64, 5], [2, 0, 1, 1, -1, 0, 2, 2, 1, 0, -1, 1], torch.bfloat16, 64),
+    # single slice, fp16, one adapter for every row; slot 1 empty (no tokens)
+    "single_fp16": (9, 64, (48,), [16, 16], [0] * 9, torch.float16, 16),
+    # 16 adapters of ranks 1..16, many slots with one token, some with none
+    "many_bf16": (20, 48, (40, 8), list(range(1, 17)), [i % 13 for i in range(19)] + [-1], torch.bfloat16, 16),
+    "rank1_fp32": (7, 33, (16,), [1], [0, -1, 0, 0, -1, 0, 0], torch.float32, 1),
+    "no_adapter_rows": (6, 32, (24, 8), [8, 4], [-1] * 6, torch.bfloat16, 8),
+}
+
+
+def _case(name, seed=0) -> Case:
+    n, k, sizes, ranks, slots, dtype, max_rank = CASES[name]
+    return make_case(n, k, sizes, ranks, slots, dtype, max_rank=max_rank, seed=seed)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(CASES))
+def test_shrink(backend, name):
+    c = _case(name)
+    shrink, _ = _impls(backend)
+    out = torch.full((c.lora_a.shape[0], c.x.shape[0], c.lora_a.shape[2]), SENTINEL, device=DEVICE)
+    shrink(c.x, c.lora_a, out, c.meta, 0.5)
+    assert_close(out, naive_shrink(c, 0.5), CASES[name][5])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(CASES))
+def test_expand(backend, name):
+    c = _case(name)
+    dtype = CASES[name][5]
+    _, expand = _impls(backend)
+    # Activations as shrink leaves them: NaN rows for tokens without an adapter must never be read.
+    buf = naive_shrink(c, 1.0, fill=float("nan")).float().to(DEVICE)
+    y = torch.randn(c.x.shape[0], sum(c.out_sizes), generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
+    expected = naive_expand(c, buf.nan_to_num(0.0), y)
+    expand(buf, c.lora_b, y, c.meta, c.offsets)
+    assert_close(y, expected, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["qkv_fp32", "gate_up_bf16", "many_bf16", "no_adapter_rows"])
+def test_add_lora_public(backend, name):
+    c = _case(name, seed=2)
+    dtype = CASES[name][5]
+    y = torch.randn(c.x.shape[0], sum(c.out_sizes), generator=torch.Generator().manual_seed(3)).to(DEVICE, dtype)
+    expected = naive_expand(c, naive_shrink(c, 2.0, fill=0.0), y)
+    # A static scratch larger than this step, as a runtime would keep one per max_num_tokens.
+    buffer = torch.full((len(c.out_sizes), c.x.shape[0] + 3, c.lora_a.shape[2]), float("nan"), device=DEVICE)
+    add_lora(y, c.x, c.lora_a, c.lora_b, c.meta, c.offsets, buffer=buffer, scale=2.0, backend=backend)
+    assert_close(y, expected, dtype)
+
+
+@needs_triton
+def test_triton_many_blocks(monkeypatch):
+    """Tiny blocks on CPU-sized shapes: several m/n/k blocks, n-blocks past a slot's rank, an expand n-block
+    straddling two slices, uneven K tails."""
+    from loraplex.kernels import _triton_utils as tu
+
+    monkeypatch.setattr(tu, "shrink_config", lambda *a: tu.LoRAConfig(16, 16, 16, 1, 1))
+    monkeypatch.setattr(tu, "expand_config", lambda *a: tu.LoRAConfig(16, 16, 16, 1, 1))
+    slots = [0] * 18 + [1] * 3 + [-1, 2, 2]
+    c = make_case(24, 40, (24, 20, 20), [33, 7, 18], slots, torch.float32, max_rank=40, seed=4)
+    shrink, expand = _impls("triton")
+    out = torch.full((3, 24, 40), SENTINEL, device=DEVICE)
+    shrink(c.x, c.lora_a, out, c.meta, 1.0)
+    assert_close(out, naive_shrink(c, 1.0), torch.float32)
+    y = torch.zeros(24, 64, device=DEVICE)
+    expand(out, c.lora_b, y, c.meta, c.offsets)
+    assert_close(y, naive_expand(c, naive_shrink(c, 1.0, fill=0.0), torch.zeros(24, 64)), torch.float32)
+
+
+def test_meta_prepare_grouping():
+    meta = LoRAKernelMeta.allocate(12, 4, DEVICE)
+    slots = [2, -1, 0, 2, 7, 1, 0, -3, 2]  # 7 and -3 are outside the slots: no adapter
+    meta.prepare(torch.tensor(slots, dtype=torch.int16))
+    assert meta.token_lora_indices.tolist() == [2, -1, 0, 2, -1, 1, 0, -1, 2, -1, -1, -1]
+    assert meta.num_tokens_per_lora.tolist() == [2, 1, 3, 0]
+    assert meta.lora_token_start.tolist() == [0, 2, 3, 6, 6]
+    # Stable within a slot; rows without an adapter (and unused rows) follow in index order.
+    assert meta.sorted_token_ids.tolist() == [2, 6, 5, 0, 3, 8, 1, 4, 7, 9, 10, 11]
+    for t in (meta.token_lora_indices, meta.sorted_token_ids, meta.num_tokens_per_lora, meta.lora_token_start):
+        assert t.dtype == torch.int32 and t.device.type == DEVICE
+    # A smaller batch afterwards leaves no stale rows behind.
+    meta.prepare(torch.tensor([3, 3], dtype=torch.int32, device=DEVICE))
+    assert meta.token_lora_indices.tolist() == [3, 3] + [-1] * 10
+    assert meta.num_tokens_per_lora.tolist() == [0, 0, 0, 2]
+    assert meta.lora_token_start.tolist() == [0, 0, 0, 0, 2]
+    assert meta.sorted_token_ids.tolist() == list(range(12))
+    meta.prepare(torch.empty(0, dtype=torch.int64))
+    assert meta.num_tokens_per_lora.tolist() == [0, 0, 0, 0]
+
+
+def test_meta_errors():
+    meta = LoRAKernelMeta.allocate(4, 2, "cpu")
+    with pytest.raises(ValueError, match="max_num_tokens"):
+        meta.prepare(torch.zeros(5, dtype=torch.int32))
+    with pytest.raises(ValueError, match="int"):
+        meta.prepare(torch.zeros(3))
+    with pytest.raises(ValueError, match="slot"):
+        meta.set_rank(2, 8)
+    meta.set_rank(1, 8)
+    assert meta.lora_ranks.tolist() == [0, 8]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_argument_checks(backend):
+    c = _case("qkv_fp32")
+    shrink, expand = _impls(backend)
+    out = torch.zeros(3, 13, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="float32"):
+        shrink(c.x, c.lora_a, out.half(), c.meta)
+    with pytest.raises(ValueError, match="lora_a is"):
+        shrink(c.x, c.lora_a.double(), out, c.meta)
+    with pytest.raises(ValueError, match="in_dim"):
+        shrink(c.x[:, :50], c.lora_a, out, c.meta)
+    with pytest.raises(ValueError, match="slots"):
+        shrink(c.x, c.lora_a[:, :3], out, c.meta)
+    y = torch.zeros(13, 112, device=DEVICE)
+    with pytest.raises(ValueError, match="slice_offsets"):
+        expand(out, c.lora_b, y, c.meta, c.offsets[:-1])
+    with pytest.raises(ValueError, match="out must be"):
+        expand(out, c.lora_b, y[:, :100], c.meta, c.offsets)
+
+
+def test_backend_dispatch(monkeypatch):
+    c = _case("rank1_fp32")
+    out = torch.zeros(1, 7, 1, device=DEVICE)
+    with pytest.raises(ValueError, match="backend must be"):
+        lora_shrink(c.x, c.lora_a, out, c.meta, backend="cuda")
+    if DEVICE == "cpu":
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        with pytest.raises(ValueError, match="CUDA"):
+            lora_shrink(c.x, c.lora_a, out, c.meta, backend="triton")
+    lora_shrink(c.x, c.lora_a, out, c.meta, backend="auto")  # torch on CPU, Triton on CUDA
+    assert_close(out, naive_shrink(c, 1.0, fill=0.0), torch.float32)
+
+
+def test_custom_ops_trace():
+    """Registered ops: schema/fake checks pass and torch.compile traces add_lora without a graph break."""
+    c = _case("qkv_fp32")
+    m = [c.meta.sorted_token_ids, c.meta.num_tokens_per_lora, c.meta.lora_token_start, c.meta.lora_ranks]
+    buf = torch.zeros(3, 13, 16, device=DEVICE)
+    torch.library.opcheck(torch.ops.loraplex.lora_shrink.default, (c.x, c.lora_a, buf, *m, 0.5, "torch"),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.loraplex.lora_expand.default,
+                          (buf, c.lora_b, torch.zeros(13, 112, device=DEVICE), c.offsets, *m, "torch"),
+                          test_utils=("test_schema", "test_faketensor"))
+
+    def f(y, x):
+        add_lora(y, x, c.lora_a, c.lora_b, c.meta, c.offsets, backend="torch")
+        return y * 1
+
+    y1, y2 = torch.zeros(13, 112, device=DEVICE), torch.zeros(13, 112, device=DEVICE)
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(y1, c.x)
+    torch.testing.assert_close(got, f(y2, c.x))
+
+
+def test_imports_without_triton():
+    code = (
+        "import sys, torch\n"
+        "sys.modules['triton'] = None\n"  # import triton -> ImportError
+        "import loraplex.kernels.lora_ops as ops\n"
+        "from loraplex.kernels.lora_meta import LoRAKernelMeta\n"
+        "meta = LoRAKernelMeta.allocate(4, 2, 'cpu'); meta.set_rank(1, 2); meta.prepare(torch.tensor([1, -1, 1]))\n"
+        "y = torch.zeros(3, 4)\n"
+        "ops.add_lora(y, torch.ones(3, 5), torch.ones(1, 2, 2, 5), torch.ones(2, 4, 2), meta,\n"
+        "             torch.tensor([0, 4], dtype=torch.int32))\n"
+        "assert not ops.HAS_TRITON\n"
+        "assert y.tolist() == [[10.0] * 4, [0.0] * 4, [10.0] * 4], y\n"
+        "try:\n    ops.lora_shrink_triton\nexcept ImportError:\n    print('ok')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "LORAPLEX_KERNELS"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
+
+
+# ----------------------------------------------------------------------------------------------- GPU
+def _gpu_case(num_tokens, hidden, out_sizes, ranks, dtype, seed=0, no_adapter_every=5):
+    gen = torch.Generator().manual_seed(seed)
+    slots = torch.randint(0, len(ranks), (num_tokens,), generator=gen)
+    slots[::no_adapter_every] = -1
+    return make_case(num_tokens, hidden, out_sizes, ranks, slots.tolist(), dtype, max_rank=max(ranks), seed=seed)
+
+
+def _gathered_oracle(c: Case, y: torch.Tensor, scale: float) -> torch.Tensor:
+    """Vectorised fp32 oracle: every token's own A/B gathered, padding masked to zero."""
+    slots = torch.tensor(c.slots, device=DEVICE)
+    has = slots >= 0
+    idx = slots.clamp(min=0)
+    a = c.lora_a.float().nan_to_num(0.0)[:, idx]  # [num_slices, num_tokens, max_rank, in_dim]
+    b = c.lora_b.float().nan_to_num(0.0)[idx]  # [num_tokens, total_out, max_rank]
+    low = scale * torch.einsum("tk,strk->str", c.x.float(), a)  # [num_slices, num_tokens, max_rank]
+    out = y.float().clone()
+    off = c.offsets.tolist()
+    for s in range(len(c.out_sizes)):
+        delta = torch.einsum("tr,tnr->tn", low[s], b[:, off[s]:off[s + 1]])
+        out[has, off[s]:off[s + 1]] += delta[has]
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("num_tokens,out_sizes", [(256, (3072, 1024, 1024)), (2048, (8192, 8192)), (7, (3072,))])
+def test_gpu_large(dtype, num_tokens, out_sizes):
+    ranks = [16] * 32 if num_tokens != 2048 else [8, 16, 64, 33] * 8
+    c = _gpu_case(num_tokens, 3072, out_sizes, ranks, dtype)
+    y0 = torch.randn(num_tokens, sum(out_sizes), device=DEVICE).to(dtype)
+    expected = _gathered_oracle(c, y0, 0.25)
+    for backend in ("triton", "torch"):
+        y = y0.clone()
+        add_lora(y, c.x, c.lora_a, c.lora_b, c.meta, c.offsets, scale=0.25, backend=backend)
+        assert_close(y, expected, dtype)
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_replay():
+    """prepare + add_lora captured once, replayed with new inputs and a new adapter mix."""
+    ranks = [16] * 32
+    c = _gpu_case(256, 3072, (3072, 1024, 1024), ranks, torch.bfloat16)
+    static_x, static_idx = c.x.clone(), torch.tensor(c.slots, dtype=torch.int32, device=DEVICE)
+    static_y = torch.zeros(256, 5120, dtype=torch.bfloat16, device=DEVICE)
+    buffer = torch.empty(3, 256, 16, device=DEVICE)
+
+    def step():
+        c.meta.prepare(static_idx)
+        static_y.zero_()
+        add_lora(static_y, static_x, c.lora_a, c.lora_b, c.meta, c.offsets, buffer=buffer, backend="triton")
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # compile outside capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for seed in (1, 2, 3):
+        fresh = _gpu_case(256, 3072, (3072, 1024, 1024), ranks, torch.bfloat16, seed=seed,
+                          no_adapter_every=2 + seed)
+        fresh.lora_a, fresh.lora_b = c.lora_a, c.lora_b  # same weights as captured, new tokens and slots
+        static_x.copy_(fresh.x)
+        static_idx.copy_(torch.tensor(fresh.slots, dtype=torch.int32))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_close(static_y, _gathered_oracle(fresh, torch.zeros_like(static_y), 1.0), torch.bfloat16)
