@@ -184,7 +184,7 @@ def _launch_config(group_p: int, head_dim_p: int, max_query_len: int, num_progra
         if num_programs < 256:
             return max(16, group_p), min(256, 32768 // head_dim_p), 8, 2
         return max(16, group_p), 64, 4, 2
-    return max(64, group_p), (64 if head_dim_p <= 128 else 32), 4, 3
+    return max(64, group_p), (64 if head_dim_p <= 128 else 32), 4, 2
 
 
 def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,

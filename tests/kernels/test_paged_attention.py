@@ -271,10 +271,6 @@ def test_gpu_realistic_mixed(dtype, sliding_window):
     out = _triton_impl()(*case.args(), 128 ** -0.5, sliding_window=sliding_window)
     ref = paged_attention_ref(*case.args(), 128 ** -0.5, sliding_window=sliding_window)
     torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
-    # The fp32 reference is a fine oracle here; spot-check it against the naive one on a few sequences.
-    small = make_case(specs[:3] + specs[-3:], 32, 8, 128, 16, dtype, device="cuda")
-    check(_triton_impl()(*small.args(), 128 ** -0.5, sliding_window=sliding_window),
-          oracle(small, 128 ** -0.5, sliding_window), dtype)
 
 
 @pytest.mark.gpu
