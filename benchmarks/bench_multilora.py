@@ -6,6 +6,7 @@ Random weights in Llama-3.2-3B's shape (bf16), no download. Prints a table and w
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import tempfile
@@ -86,18 +87,25 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = write_config(Path(tmp) / "llama-3.2-3b-shape")
-        engine = build_engine(model_dir, max_adapters, args.rank, max(batches), adapters)
-        run_engine(engine, 4, min(2, max_adapters), 16, 4, seed=0)  # warm-up: Triton compiles, caches settle
-        mgr = engine.lora_manager
-        if mgr is not None:  # adapter CPU->GPU swap time: upload into slot 0 from pinned memory
-            m = mgr.adapters["a0"]
-            mgr._materialize(m)
-            with Timer() as swap:
-                for _ in range(10):
-                    mgr._upload(0, m)
-            result["adapter_swap_ms"] = swap.seconds / 10 * 1e3
-            mgr.slots[0] = None
+        engine = None
         for n in counts:
+            if engine is None or (n > 0) != (engine.lora_manager is not None):
+                # The base rows run on an engine without LoRA, as a base-model deployment would.
+                engine = None
+                gc.collect()  # the runner and its CUDA graphs reference each other
+                torch.cuda.empty_cache()
+                engine = build_engine(model_dir, max_adapters if n else 0, args.rank, max(batches),
+                                      adapters if n else {})
+                run_engine(engine, 4, min(2, n), 16, 4, seed=0)  # warm-up: Triton compiles, caches settle
+                mgr = engine.lora_manager
+                if mgr is not None and "adapter_swap_ms" not in result:
+                    m = mgr.adapters["a0"]  # CPU->GPU swap of one adapter into slot 0, from pinned memory
+                    mgr._materialize(m)
+                    with Timer() as swap:
+                        for _ in range(10):
+                            mgr._upload(0, m)
+                    result["adapter_swap_ms"] = swap.seconds / 10 * 1e3
+                    mgr.slots[0] = None
             for b in batches:
                 prefill_s, decode_s, steps = run_engine(engine, b, n, args.prompt_len, args.gen_len, seed=b + n)
                 active = min(n, b)
@@ -108,11 +116,13 @@ def main() -> None:
                 flops = 2 * (weight_bytes(cfg) / 2) * b * args.prompt_len
                 rows.append({"adapters": n, "batch": b, "decode_ms_per_step": step_ms,
                              "tokens_per_s": b * args.gen_len / (prefill_s + decode_s),
-                             "roofline_ms": roof_bytes / bw * 1e3, "ratio_to_roofline": step_ms / (roof_bytes / bw * 1e3),
+                             "roofline_ms": roof_bytes / bw * 1e3,
+                             "ratio_to_roofline": step_ms / (roof_bytes / bw * 1e3),
                              "prefill_tokens_per_s": b * args.prompt_len / prefill_s,
                              "prefill_frac_of_peak": flops / prefill_s / peak})
                 print(json.dumps(rows[-1]), flush=True)
-        del engine
+        engine = None
+        gc.collect()
         torch.cuda.empty_cache()
         if not args.skip_hf:
             hf_rows(rows, batches, counts, adapters, args)

@@ -14,7 +14,16 @@ import torch.nn.functional as F
 
 __all__ = ["paged_attention", "paged_attention_ref", "paged_attention_triton", "HAS_TRITON"]
 
-HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+def _has_triton() -> bool:
+    # find_spec, not import: CPU processes never pay for importing triton.
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+HAS_TRITON = _has_triton()
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

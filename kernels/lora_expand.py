@@ -4,8 +4,9 @@ One program owns BLOCK_M tokens of one slot (grouped by LoRAKernelMeta) and BLOC
 The slices' column ranges come from the device tensor slice_offsets, so the n-blocks tile total_out and a block
 that straddles a slice boundary takes one partial product per slice it touches, each with its own rows of buf
 and its own columns of lora_b. Every output element is owned by exactly one program: a plain read-add-write,
-no atomics. The grid comes from tensor shapes only (no host sync, CUDA-graph safe); programs past their slot's
-token count exit at once, and the rank loop stops at the slot's rank.
+no atomics. The grid comes from tensor shapes only (no host sync, CUDA-graph safe): enough m-programs for any
+spread of tokens over slots, each mapped onto a (slot, m-block) pair on device, the spare ones exiting at once.
+The rank loop stops at the slot's rank.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import triton
 import triton.language as tl
 
 from loraplex.kernels import _triton_utils as tu
+from loraplex.kernels._triton_utils import slot_block
 from loraplex.kernels.lora_ops import check_expand_args
 
 __all__ = ["lora_expand_triton"]
@@ -27,6 +29,8 @@ def _lora_expand_kernel(
     stride_bl, stride_bn, stride_br,
     stride_ot, stride_on,
     MAX_RANK: tl.constexpr,  # constexpr: the interpreter (numpy >= 2.4) cannot take a runtime scalar in range()
+    MAX_LORAS: tl.constexpr,
+    MAX_LORAS_P: tl.constexpr,  # MAX_LORAS rounded up to a power of two
     NUM_SLICES: tl.constexpr,
     NUM_N_BLOCKS: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -35,14 +39,12 @@ def _lora_expand_kernel(
     UPCAST: tl.constexpr,  # fp32 math (fp32 lora_b, or the interpreter, whose bf16 arithmetic is wrong)
 ):
     pid_mn = tl.program_id(0)
-    slot = tl.program_id(1)
-    pid_m = pid_mn // NUM_N_BLOCKS
     pid_n = pid_mn % NUM_N_BLOCKS
-
-    count = tl.load(counts_ptr + slot)
+    slot, pid_m, count = slot_block(pid_mn // NUM_N_BLOCKS, counts_ptr, MAX_LORAS, MAX_LORAS_P, BLOCK_M)
+    if slot >= MAX_LORAS:
+        return
     rank = tl.minimum(tl.load(ranks_ptr + slot), MAX_RANK)
-    # The grid is sized as if every token used this slot; an empty slot (rank 0) adds nothing either.
-    if (pid_m * BLOCK_M >= count) | (rank == 0):
+    if rank == 0:  # an empty slot adds nothing
         return
     start = tl.load(starts_ptr + slot)
 
@@ -100,13 +102,15 @@ def lora_expand_triton(buf: torch.Tensor, lora_b: torch.Tensor, out: torch.Tenso
         raise ValueError(f"lora_expand_triton: needs CUDA tensors (or TRITON_INTERPRET=1), got {buf.device}")
     cfg = tu.expand_config(num_tokens, total_out, max_rank, interpret)
     num_n_blocks = triton.cdiv(total_out, cfg.BLOCK_N)
-    grid = (triton.cdiv(num_tokens, cfg.BLOCK_M) * num_n_blocks, max_loras)
+    grid = (tu.num_m_programs(num_tokens, max_loras, cfg.BLOCK_M) * num_n_blocks,)
     _lora_expand_kernel[grid](
         buf, lora_b, out, slice_offsets, meta.sorted_token_ids, meta.num_tokens_per_lora, meta.lora_token_start,
         meta.lora_ranks,
         num_tokens, total_out,
         *buf.stride(), *lora_b.stride(), *out.stride(),
-        MAX_RANK=max_rank, NUM_SLICES=num_slices, NUM_N_BLOCKS=num_n_blocks, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
-        BLOCK_K=cfg.BLOCK_K, UPCAST=interpret or lora_b.dtype == torch.float32,
+        MAX_RANK=max_rank, MAX_LORAS=max_loras, MAX_LORAS_P=max(2, triton.next_power_of_2(max_loras)),
+        NUM_SLICES=num_slices, NUM_N_BLOCKS=num_n_blocks,
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
+        UPCAST=interpret or lora_b.dtype == torch.float32,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

@@ -83,7 +83,8 @@ class LoRAKernelMeta:
         self._counts.zero_()
         self._counts.scatter_add_(0, key.long(), self._ones)
         self.num_tokens_per_lora.copy_(self._counts[:-1])
-        self.lora_token_start[0] = 0
+        # lora_token_start[0] stays 0 from allocate (a scalar store would be a host-to-device copy, which
+        # CUDA-graph capture refuses).
         torch.cumsum(self._counts[:-1], 0, dtype=torch.int32, out=self.lora_token_start[1:])
         # Rows past n all carry the largest key, so a stable sort of [:n] plus the identity for the rest
         # equals a stable sort of the whole buffer, at the cost of the live rows only.

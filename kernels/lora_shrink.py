@@ -2,9 +2,10 @@
 
 Tokens come grouped by adapter slot (LoRAKernelMeta.sorted_token_ids), so one program multiplies BLOCK_M rows
 that share one adapter by one BLOCK_N-wide block of that adapter's rank rows. The grid is
-(m-blocks * n-blocks, slices, slots) from tensor shapes only; a program whose m-block lies past its slot's token
-count exits at once, which keeps the launch free of host syncs and CUDA-graph safe. Rank rows past the slot's
-rank are neither loaded nor multiplied, and are stored as zeros.
+(m-programs * n-blocks, slices) from tensor shapes only, with enough m-programs for any spread of tokens over
+slots; each maps its id onto a (slot, m-block) pair from the per-slot counts on device, and the spare ones exit
+at once. No host sync, so the launch is CUDA-graph safe. Rank rows past the slot's rank are neither loaded nor
+multiplied, and are stored as zeros.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import triton
 import triton.language as tl
 
 from loraplex.kernels import _triton_utils as tu
+from loraplex.kernels._triton_utils import slot_block
 from loraplex.kernels.lora_ops import check_shrink_args
 
 __all__ = ["lora_shrink_triton"]
@@ -29,6 +31,8 @@ def _lora_shrink_kernel(
     # a runtime scalar in range().
     IN_DIM: tl.constexpr,
     MAX_RANK: tl.constexpr,
+    MAX_LORAS: tl.constexpr,
+    MAX_LORAS_P: tl.constexpr,  # MAX_LORAS rounded up to a power of two
     NUM_N_BLOCKS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -37,13 +41,9 @@ def _lora_shrink_kernel(
 ):
     pid_mn = tl.program_id(0)
     slice_id = tl.program_id(1)
-    slot = tl.program_id(2)
-    pid_m = pid_mn // NUM_N_BLOCKS
     pid_n = pid_mn % NUM_N_BLOCKS
-
-    count = tl.load(counts_ptr + slot)
-    # The grid is sized as if every token used this slot; most programs of a mixed batch stop here.
-    if pid_m * BLOCK_M >= count:
+    slot, pid_m, count = slot_block(pid_mn // NUM_N_BLOCKS, counts_ptr, MAX_LORAS, MAX_LORAS_P, BLOCK_M)
+    if slot >= MAX_LORAS:
         return
     start = tl.load(starts_ptr + slot)
     rank = tl.minimum(tl.load(ranks_ptr + slot), MAX_RANK)
@@ -93,14 +93,15 @@ def lora_shrink_triton(x: torch.Tensor, lora_a: torch.Tensor, out: torch.Tensor,
     interpret = tu.interpreting()
     if not x.is_cuda and not interpret:
         raise ValueError(f"lora_shrink_triton: needs CUDA tensors (or TRITON_INTERPRET=1), got {x.device}")
-    cfg = tu.shrink_config(num_tokens, in_dim, max_rank, interpret)
+    cfg = tu.shrink_config(num_tokens, in_dim, max_rank, interpret, x.element_size())
     num_n_blocks = triton.cdiv(max_rank, cfg.BLOCK_N)
-    grid = (triton.cdiv(num_tokens, cfg.BLOCK_M) * num_n_blocks, num_slices, max_loras)
+    grid = (tu.num_m_programs(num_tokens, max_loras, cfg.BLOCK_M) * num_n_blocks, num_slices)
     _lora_shrink_kernel[grid](
         x, lora_a, out, meta.sorted_token_ids, meta.num_tokens_per_lora, meta.lora_token_start, meta.lora_ranks,
         num_tokens, float(scale),
         *x.stride(), *lora_a.stride(), *out.stride(),
-        IN_DIM=in_dim, MAX_RANK=max_rank, NUM_N_BLOCKS=num_n_blocks,
+        IN_DIM=in_dim, MAX_RANK=max_rank, MAX_LORAS=max_loras, MAX_LORAS_P=max(2, triton.next_power_of_2(max_loras)),
+        NUM_N_BLOCKS=num_n_blocks,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, UPCAST=interpret or x.dtype == torch.float32,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

@@ -202,6 +202,9 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     _, block_size, num_kv_heads, _ = k_cache.shape
     if head_dim > 256:
         raise ValueError(f"paged_attention_triton: head_dim must be <= 256, got {head_dim}")
+    interpret = envs.triton_interpret()
+    if not q.is_cuda and not interpret:
+        raise ValueError(f"paged_attention_triton: needs CUDA tensors (or TRITON_INTERPRET=1), got {q.device}")
     if out is None:
         out = torch.empty_like(q)  # [num_tokens, num_heads, head_dim]
     num_seqs = block_tables.shape[0]
@@ -212,7 +215,6 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if max_query_len <= 0:
         return out
 
-    interpret = envs.triton_interpret()
     group = num_heads // num_kv_heads
     group_p = triton.next_power_of_2(group)
     head_dim_p = max(16, triton.next_power_of_2(head_dim))

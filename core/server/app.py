@@ -116,10 +116,11 @@ def create_app(engine_or_args, *, served_model_name: str | list[str] | None = No
     models = ModelRegistry(aengine, names, engine.args.model, allow_runtime_updates=runtime,
                            allowed_lora_paths=allowed_lora_paths if allowed_lora_paths is not None
                            else envs.allowed_lora_paths(), lora_resolution=lora_resolution)
-    if lora_modules and not aengine.is_running:
-        for spec in lora_modules:
-            models.preload(engine, spec)
-        aengine._publish(adapters=True)
+    if lora_modules and aengine.is_running:
+        raise ValueError("lora_modules are preloaded before serving; this AsyncEngine is already running")
+    for spec in lora_modules or []:
+        models.preload(engine, spec)
+    aengine.publish(adapters=True)
     state = ServerState(aengine, models, ServerMetrics(aengine),
                         max_request_body_bytes or envs.max_request_body_bytes() or DEFAULT_MAX_BODY_BYTES,
                         engine.args.max_logprobs)

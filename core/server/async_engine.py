@@ -92,10 +92,9 @@ class AsyncEngine:
         self._step_failures = 0
         self._prefix = uuid.uuid4().hex[:8]
         self._counter = itertools.count()
-        self.heartbeat = time.monotonic()
         self.state: dict = {}
         self.adapters: dict[str, object] = {}  # name -> LoRARequest of the current version
-        self._publish(adapters=True)
+        self.publish(adapters=True)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -178,7 +177,6 @@ class AsyncEngine:
             with self._cv:
                 while not self._commands and not self._stopping and not engine.has_unfinished_requests():
                     self._cv.wait(timeout=1.0)
-                    self.heartbeat = time.monotonic()
                 commands, self._commands = self._commands, []
                 stopping = self._stopping
             if commands:
@@ -187,7 +185,6 @@ class AsyncEngine:
                 break
             if engine.has_unfinished_requests():
                 self._step()
-            self.heartbeat = time.monotonic()
         self._shutdown()
 
     def _run_commands(self, commands) -> None:
@@ -195,16 +192,18 @@ class AsyncEngine:
             if fut is not None and not fut.set_running_or_notify_cancel():
                 continue
             try:
-                result = fn(self.engine)
+                result, error = fn(self.engine), None
             except BaseException as e:  # the caller's error, not the loop's
-                if fut is not None:
-                    fut.set_exception(e)
-                else:
-                    logger.warning("engine command failed: %s: %s", type(e).__name__, e)
+                result, error = None, e
+            # Before the caller wakes: its next request must see the adapters this command changed.
+            self.publish(adapters=True)
+            if fut is None:
+                if error is not None:
+                    logger.warning("engine command failed: %s: %s", type(error).__name__, error)
+            elif error is not None:
+                fut.set_exception(error)
             else:
-                if fut is not None:
-                    fut.set_result(result)
-        self._publish(adapters=True)
+                fut.set_result(result)
 
     def _step(self) -> None:
         try:
@@ -223,7 +222,7 @@ class AsyncEngine:
             batches[group.loop].append((group, out))
         for loop, items in batches.items():
             _deliver(loop, items)
-        self._publish()
+        self.publish()
 
     def _step_failed(self, error: Exception) -> None:
         """A failed step fails every request in flight (they get a 500) and keeps the loop alive."""
@@ -262,7 +261,8 @@ class AsyncEngine:
             if fut is not None and fut.set_running_or_notify_cancel():
                 fut.set_exception(error)
 
-    def _publish(self, adapters: bool = False) -> None:
+    def publish(self, adapters: bool = False) -> None:
+        """Refresh the snapshots; only from the engine thread, or before it starts."""
         engine = self.engine
         mgr = getattr(engine, "lora_manager", None)
         if adapters:

@@ -91,6 +91,7 @@ class Choices:
         self.logprobs, self.k = logprobs, top_logprobs
         self.sent_text: dict[int, int] = {}
         self.sent_tokens: dict[int, int] = {}
+        self.finished: set[int] = set()
 
     def _logprobs(self, o, start: int, text_offset: int):
         if not self.logprobs or o.logprobs is None:
@@ -132,10 +133,14 @@ class Choices:
         events = []
         for o in out.outputs:
             index = self.prompt_index[out.request_id] * self.n + o.index
+            if index in self.finished:
+                continue  # with n > 1, a finished sample reappears while its siblings run
             text_start, tok_start = self.sent_text.get(index, 0), self.sent_tokens.get(index, 0)
             delta = o.text[text_start:]
-            if not delta and len(o.token_ids) == tok_start and o.finish_reason is None:
+            if not delta and o.finish_reason is None and (not self.logprobs or len(o.token_ids) == tok_start):
                 continue
+            if o.finish_reason is not None:
+                self.finished.add(index)
             # Text can lag tokens (held back while it might be a stop string's start); logprobs follow tokens.
             logprobs = self._logprobs(o, tok_start, text_start)
             self.sent_text[index], self.sent_tokens[index] = len(o.text), len(o.token_ids)

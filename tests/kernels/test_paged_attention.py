@@ -118,8 +118,7 @@ HEADS = [(4, 4), (4, 2), (8, 2), (4, 1)]  # MHA, GQA 2, GQA 4, MQA
 def test_mixed_batch_fp32(backend, block_size, num_heads, num_kv_heads, head_dim):
     case = make_case(MIXED, num_heads, num_kv_heads, head_dim, block_size, torch.float32)
     scale = head_dim ** -0.5
-    out = run(backend, case, scale, max_query_len=17, max_seq_len=64)
-    check(out, oracle(case, scale), torch.float32)
+    check(run(backend, case, scale, max_query_len=17, max_seq_len=64), oracle(case, scale), torch.float32)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -127,16 +126,15 @@ def test_mixed_batch_fp32(backend, block_size, num_heads, num_kv_heads, head_dim
 @pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 2), (4, 1)])
 def test_half_dtypes(backend, dtype, num_heads, num_kv_heads):
     case = make_case(MIXED, num_heads, num_kv_heads, 64, 16, dtype, seed=1)
-    out = run(backend, case, 0.125)
-    check(out, oracle(case, 0.125), dtype)
+    check(run(backend, case, 0.125), oracle(case, 0.125), dtype)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("sliding_window", [1, 5, 16, 100])
 def test_sliding_window(backend, sliding_window):
     case = make_case(MIXED, 4, 2, 64, 16, torch.float32, seed=2)
-    out = run(backend, case, 0.125, sliding_window=sliding_window)
-    check(out, oracle(case, 0.125, sliding_window), torch.float32)
+    check(run(backend, case, 0.125, sliding_window=sliding_window), oracle(case, 0.125, sliding_window),
+          torch.float32)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -153,8 +151,7 @@ def test_decode_only_with_padding_into_out(backend):
     specs = [(1, 5), (1, 33), (1, 16), (1, 0), (1, 0)]
     case = make_case(specs, 4, 2, 64, 16, torch.float32, seed=4)
     out = torch.full_like(case.q, float("nan"))
-    res = run(backend, case, 0.125, out=out, max_query_len=1, max_seq_len=64)
-    assert res is out
+    assert run(backend, case, 0.125, out=out, max_query_len=1, max_seq_len=64) is out
     check(out, oracle(case, 0.125), torch.float32)
     assert (out[3:] == 0).all()  # padding rows are zeros, never stale values
 
@@ -213,6 +210,15 @@ def test_argument_errors():
         paged_attention_ref(q, kc, vc, bt, sl, qsl, 1.0, sliding_window=0)
     with pytest.raises(ValueError, match="out"):
         paged_attention_ref(q, kc, vc, bt, sl, qsl, 1.0, out=torch.empty(3, 4, 32))
+    cache, k = torch.zeros(4, 16, 2, 32), torch.randn(3, 2, 32)
+    with pytest.raises(ValueError, match="dtype"):
+        write_kv_cache(k.half(), k.half(), cache, cache.clone(), torch.arange(3))
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        write_kv_cache(k[:, :1], k[:, :1], cache, cache.clone(), torch.arange(3))
+    with pytest.raises(ValueError, match="slot_mapping"):
+        write_kv_cache(k, k, cache, cache.clone(), torch.arange(4))
+    with pytest.raises(ValueError, match="not allocated"):
+        write_kv_cache(k, k, None, None, torch.arange(3))
 
 
 @pytest.mark.parametrize("slot_dtype", [torch.int32, torch.int64])
@@ -230,25 +236,11 @@ def test_write_kv_cache(slot_dtype, dense):
     slots = torch.randperm(num_blocks * block_size)[:20]
     k, v = torch.randn(20, num_kv_heads, head_dim), torch.randn(20, num_kv_heads, head_dim)
     write_kv_cache(k, v, k_cache, v_cache, slots.to(slot_dtype))
-    flat_k = k_cache.reshape(-1, num_kv_heads, head_dim)
-    flat_v = v_cache.reshape(-1, num_kv_heads, head_dim)
+    flat_k, flat_v = (c.reshape(-1, num_kv_heads, head_dim) for c in (k_cache, v_cache))
     assert torch.equal(flat_k[slots], k) and torch.equal(flat_v[slots], v)
     untouched = torch.ones(num_blocks * block_size, dtype=torch.bool)
     untouched[slots] = False
     assert (flat_k[untouched] == 0).all() and (flat_v[untouched] == 0).all()
-
-
-def test_write_kv_cache_errors():
-    cache = torch.zeros(4, 16, 2, 32)
-    k = torch.randn(3, 2, 32)
-    with pytest.raises(ValueError, match="dtype"):
-        write_kv_cache(k.half(), k.half(), cache, cache.clone(), torch.arange(3))
-    with pytest.raises(ValueError, match="num_kv_heads"):
-        write_kv_cache(k[:, :1], k[:, :1], cache, cache.clone(), torch.arange(3))
-    with pytest.raises(ValueError, match="slot_mapping"):
-        write_kv_cache(k, k, cache, cache.clone(), torch.arange(4))
-    with pytest.raises(ValueError, match="not allocated"):
-        write_kv_cache(k, k, None, None, torch.arange(3))
 
 
 # ---------------------------------------------------------------------------------------------- GPU
@@ -262,74 +254,63 @@ def _gpu_specs(gen, num_decode, num_prefill, max_len):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("sliding_window", [None, 512])
-def test_gpu_realistic_mixed(dtype, sliding_window):
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,dtype,sliding_window,num_prefill", [
+    (32, 8, 128, torch.bfloat16, None, 8), (32, 8, 128, torch.float16, 512, 8),  # realistic mixed steps
+    (32, 8, 128, torch.bfloat16, None, 0), (32, 32, 64, torch.bfloat16, None, 0),  # batch-64 decode
+    (16, 1, 128, torch.bfloat16, None, 0), (28, 4, 96, torch.bfloat16, 1024, 0)])
+def test_gpu_realistic(num_heads, num_kv_heads, head_dim, dtype, sliding_window, num_prefill):
     gen = torch.Generator().manual_seed(0)
-    specs = _gpu_specs(gen, 48, 8, 2048) + [(1, 0), (1, 0)]
-    case = make_case(specs, 32, 8, 128, 16, dtype, device="cuda")
-    out = _triton_impl()(*case.args(), 128 ** -0.5, sliding_window=sliding_window)
-    ref = paged_attention_ref(*case.args(), 128 ** -0.5, sliding_window=sliding_window)
-    torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(32, 8, 128), (32, 32, 64), (16, 1, 128), (28, 4, 96)])
-def test_gpu_decode_batch_64(num_heads, num_kv_heads, head_dim):
-    gen = torch.Generator().manual_seed(1)
-    case = make_case(_gpu_specs(gen, 64, 0, 2048), num_heads, num_kv_heads, head_dim, 16, torch.bfloat16, "cuda")
-    out = _triton_impl()(*case.args(), head_dim ** -0.5, max_query_len=1)
-    ref = paged_attention_ref(*case.args(), head_dim ** -0.5)
+    specs = _gpu_specs(gen, 64 - num_prefill, num_prefill, 2048) + [(1, 0), (1, 0)]
+    case = make_case(specs, num_heads, num_kv_heads, head_dim, 16, dtype, device="cuda")
+    kw = dict(sliding_window=sliding_window, max_query_len=max(q for q, _ in specs))
+    out = _triton_impl()(*case.args(), head_dim ** -0.5, **kw)
+    ref = paged_attention_ref(*case.args(), head_dim ** -0.5, **kw)
     torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.gpu
 def test_gpu_decode_cuda_graph_replay():
-    num_heads, num_kv_heads, head_dim, block_size, batch = 32, 8, 128, 16, 64
+    """write_kv_cache + decode attention captured once, replayed with new lengths, tables, padding and queries."""
+    num_heads, num_kv_heads, head_dim, block_size, batch, per_seq = 32, 8, 128, 16, 64, 40
     gen = torch.Generator().manual_seed(2)
-    first = make_case(_gpu_specs(gen, batch, 0, 1024), num_heads, num_kv_heads, head_dim, block_size,
-                      torch.bfloat16, "cuda")
-    # Static buffers: what the engine's CUDAGraphRunner keeps and refills between replays.
-    q = first.q.clone()
-    k_new = torch.randn(batch, num_kv_heads, head_dim, device="cuda", dtype=torch.bfloat16)
-    v_new = torch.randn_like(k_new)
+    cache_shape = (1 + batch * per_seq, block_size, num_kv_heads, head_dim)
+    k_cache = torch.randn(cache_shape, generator=gen).to("cuda", torch.bfloat16)
+    v_cache = torch.randn(cache_shape, generator=gen).to("cuda", torch.bfloat16)
+    # Static buffers, as the engine's CUDAGraphRunner keeps them.
+    q = torch.zeros(batch, num_heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    k_new, v_new = torch.zeros_like(q[:, :num_kv_heads]), torch.zeros_like(q[:, :num_kv_heads])
     slots = torch.zeros(batch, dtype=torch.int64, device="cuda")
-    tables = torch.zeros(batch, 128, dtype=torch.int32, device="cuda")
-    seq_lens = torch.zeros(batch, dtype=torch.int32, device="cuda")
+    tables = torch.zeros(batch, per_seq + 8, dtype=torch.int32, device="cuda")
+    seq_lens = torch.ones(batch, dtype=torch.int32, device="cuda")
     qsl = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
     out = torch.empty_like(q)
-    k_cache, v_cache = first.k_cache.normal_(), first.v_cache.normal_()  # reshuffled tables reach any slot
-    attend = _triton_impl()
 
     def step():
         write_kv_cache(k_new, v_new, k_cache, v_cache, slots)
-        attend(q, k_cache, v_cache, tables, seq_lens, qsl, head_dim ** -0.5, out=out, max_query_len=1,
-               max_seq_len=2048)
+        _triton_impl()(q, k_cache, v_cache, tables, seq_lens, qsl, head_dim ** -0.5, out=out, max_query_len=1,
+                       max_seq_len=(per_seq + 8) * block_size)
 
-    tables[:, : first.block_tables.shape[1]] = first.block_tables
-    seq_lens.copy_(first.seq_lens)
     step()  # compile outside capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         step()
-    for rep in range(3):
-        # New inputs every replay: different lengths (some padding rows), tables and queries.
-        n_real = batch - 5 * rep
-        lens = torch.randint(1, first.k_cache.shape[0] // batch * block_size, (batch,), generator=gen)
+    rows = torch.arange(batch, device="cuda")
+    for n_real in (batch, batch - 5, 1):
+        lens = torch.randint(1, per_seq * block_size, (batch,), generator=gen).cuda()
         lens[n_real:] = 0
         seq_lens.copy_(lens)
-        q.copy_(torch.randn(q.shape, generator=gen).to(q))
-        k_new.copy_(torch.randn(k_new.shape, generator=gen).to(k_new))
-        perm = torch.randperm(k_cache.shape[0] - 1, generator=gen) + 1
-        per_seq = first.k_cache.shape[0] // batch
+        for buf in (q, k_new, v_new):
+            buf.copy_(torch.randn(buf.shape, generator=gen))
         tables.zero_()
-        tables[:, :per_seq] = perm[: batch * per_seq].view(batch, per_seq).to(tables)
-        pos = (lens - 1).clamp(min=0).cuda()
-        slots.copy_(tables[torch.arange(batch, device="cuda"), pos // block_size].long() * block_size + pos % block_size)
-        slots[n_real:] = torch.arange(batch - n_real, device="cuda") % block_size  # padding -> scratch block 0
+        tables[:, :per_seq] = (torch.randperm(batch * per_seq, generator=gen) + 1).view(batch, per_seq).cuda()
+        pos = (lens - 1).clamp(min=0)
+        slots.copy_(tables[rows, pos // block_size].long() * block_size + pos % block_size)
+        slots[n_real:] = rows[n_real:] % block_size  # padding rows write into scratch block 0
         graph.replay()
         torch.cuda.synchronize()
+        flat_k = k_cache.view(-1, num_kv_heads, head_dim)
+        assert torch.equal(flat_k[slots[:n_real]], k_new[:n_real])
         expected = paged_attention_ref(q, k_cache, v_cache, tables, seq_lens, qsl, head_dim ** -0.5)
         torch.testing.assert_close(out.float(), expected.float(), atol=2e-2, rtol=2e-2)
         assert (out[n_real:] == 0).all()

@@ -22,7 +22,6 @@ def server(engine, adapters):
     app = create_app(engine, served_model_name="tiny", allow_runtime_lora_updating=True, api_key="",
                      admin_api_key="", lora_modules=[f"{n}={adapters[n]}" for n in ("a1", "a2", "a3", "a4")])
     with ServerThread(app) as srv:
-        srv.app = app
         yield srv
 
 

@@ -116,3 +116,20 @@ def test_api_key_is_required(server):
     bad = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad.models.list()
+
+
+def test_streaming_n_samples(client, reference):
+    from collections import Counter, defaultdict
+
+    from loraplex import SamplingParams
+
+    kw = dict(n=2, max_tokens=6, temperature=0.9, seed=3)
+    stream = client.completions.create(model="tiny", prompt=PROMPTS[:2], stream=True, **kw)
+    texts, finishes = defaultdict(str), Counter()
+    for chunk in stream:
+        for c in chunk.choices:
+            texts[c.index] += c.text
+            finishes[c.index] += c.finish_reason is not None
+    want = reference.generate(PROMPTS[:2], SamplingParams(**kw))
+    assert dict(texts) == {p * 2 + o.index: o.text for p, out in enumerate(want) for o in out.outputs}
+    assert dict(finishes) == {0: 1, 1: 1, 2: 1, 3: 1}
