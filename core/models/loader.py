@@ -138,4 +138,4 @@ def build_dummy_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device
             p.zero_()
         else:
             p.normal_(0.0, 0.02, generator=gen)
-    return model.eval()
+    return model.to(device).eval()  # rotary tables are built on the CPU

@@ -101,7 +101,8 @@ def create_app(engine_or_args, *, served_model_name: str | list[str] | None = No
     """A vLLM-compatible OpenAI server over one engine.
 
     ``None`` for ``api_key``, ``admin_api_key``, ``allowed_lora_paths``, ``allow_runtime_lora_updating``
-    and ``max_request_body_bytes`` means: take it from the environment (``loraplex.envs``).
+    and ``max_request_body_bytes`` means: take it from the environment (``loraplex.envs``); an empty
+    key or list means "none", whatever the environment says.
     ``lora_modules`` entries are ``name=path`` strings, JSON strings, dicts or LoRARequests, loaded
     before the server accepts requests.
     """

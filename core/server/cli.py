@@ -8,6 +8,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 
 from loraplex import __version__, envs
 
@@ -146,10 +147,13 @@ def serve(args) -> int:
     except ValueError as e:
         raise SystemExit(f"loraplex: {e}")
     print(f"loraplex: loading {model} ...", file=sys.stderr, flush=True)
+    started = time.monotonic()
     try:
         engine = LLMEngine.from_engine_args(engine_args, progress=True)
     except Exception as e:  # a missing or unsupported model: one clear line, not a traceback
         raise SystemExit(f"loraplex: cannot load model {model}: {type(e).__name__}: {e}")
+    print(f"loraplex: model loaded in {time.monotonic() - started:.1f}s (max_model_len={engine.max_model_len}, "
+          f"device={engine.device})", file=sys.stderr, flush=True)
     api_key = args.api_key or envs.api_key()
     try:
         app = create_app(engine, served_model_name=served, api_key=api_key, admin_api_key=args.admin_api_key,

@@ -33,8 +33,9 @@ def _hf(model_dir, adapters=None, names=None):
     for p, kw in zip(PROMPTS, kwargs_per_row):
         ids = tok(p, return_tensors="pt").input_ids.cuda()
         gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_TOKENS, do_sample=False,
-                             pad_token_id=tok.pad_token_id, **kw)
-        outs.append(gen[0, ids.shape[1]:].tolist())
+                             pad_token_id=tok.pad_token_id, return_dict_in_generate=True, output_scores=True, **kw)
+        top2 = [s[0].float().topk(2).values for s in gen.scores]
+        outs.append((gen.sequences[0, ids.shape[1]:].tolist(), [float(t[0] - t[1]) for t in top2]))
     return outs
 
 
@@ -52,9 +53,17 @@ def _run(engine, loras=None):
     return [done[i] for i in range(len(PROMPTS))]
 
 
-def _agree(ours, ref):
-    """bf16 arithmetic differs between kernels; count prompts whose tokens match exactly."""
-    return sum(a == b for a, b in zip(ours, ref))
+def _agree(ours, ref, margin: float = 0.25):
+    """Count prompts whose tokens match HF's, up to the first step where HF's top two logits are within `margin`.
+
+    Both sides compute in bf16 with different kernels, so a near-tie may legitimately go either way; a
+    divergence where HF was decisive is a bug.
+    """
+    good = 0
+    for a, (b, margins) in zip(ours, ref):
+        first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        good += first is None and len(a) == len(b) or (first is not None and margins[first] < margin)
+    return good
 
 
 @pytest.mark.parametrize("enforce_eager", [True, False])
