@@ -7,11 +7,12 @@ The same (split, n, seed) always gives the same list, on any machine and Python 
 """
 from __future__ import annotations
 
+import functools
 import random
 import re
 import zlib
 
-DATASET_VERSION = "2"
+DATASET_VERSION = "3"
 SQL_INSTRUCTION = "Write a SQL query to answer the question based on the table schema."
 PIRATE_MARKER = "Arr"
 PIRATE_WORDS = ("arr", "matey", "ye ", "aye", "be ", "hearty", "o'", "th'", "savvy", "landlubber", "ahoy", "me ")
@@ -49,6 +50,9 @@ _COUNTRIES = ["France", "Kenya", "Japan", "Peru", "Norway", "Egypt", "Chile", "S
               "Canada", "Ghana", "Italy", "Poland", "Vietnam", "Mexico", "India", "Latvia", "Greece"]
 _GENRES = ["Drama", "Comedy", "Horror", "Jazz", "Rock", "Fantasy", "Mystery", "Romance", "Thriller", "Western",
            "Pop", "Folk", "Poetry", "History", "Science", "Travel"]
+
+_SYLLABLES = ["ka", "ri", "mo", "len", "tu", "sa", "bel", "do", "vin", "ar", "zu", "pe", "lo", "nor", "ith", "ga",
+              "os", "fe", "ul", "tan", "mi", "ro", "el", "sk", "wa"]
 
 # (singular, plural, table names, columns). A column is (name, sql type, values or (lo, hi)).
 _DOMAINS = [
@@ -101,7 +105,19 @@ def _value(rng: random.Random, spec, split: str):
                 v = round(v, -2)  # round numbers read more naturally in questions
             if is_heldout_value(v) == (split == "heldout"):
                 return v
+    if split == "train" and rng.random() < 0.3:
+        # Made-up names teach the adapter to copy the value from the question; with only the
+        # pools it would learn to recall the few names it saw, and miss held-out ones.
+        while True:
+            v = "".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(2, 3))).capitalize()
+            if not is_heldout_value(v) and v not in _heldout_names():
+                return v
     return rng.choice(_pool(spec, split))
+
+
+@functools.lru_cache(maxsize=None)
+def _heldout_names() -> frozenset:
+    return frozenset(v for *_, cols in _DOMAINS for _, _, spec in cols if isinstance(spec, list) for v in _pool(spec, "heldout"))
 
 
 def _lit(v) -> str:

@@ -190,8 +190,13 @@ def train(base_dir: str | Path, examples: list[dict], out_dir: str | Path, cfg: 
     train_s = time.monotonic() - started
 
     out_dir = Path(out_dir)
-    model.peft_config["default"].base_model_name_or_path = base_model_name or str(base_dir)
     model.save_pretrained(out_dir, safe_serialization=True)
+    # Written after saving: PEFT reads the base config from this field while saving, and a bare
+    # served-model name would not be a readable path.
+    config_path = out_dir / "adapter_config.json"
+    adapter_config = json.loads(config_path.read_text())
+    adapter_config["base_model_name_or_path"] = base_model_name or str(base_dir)
+    config_path.write_text(json.dumps(adapter_config, indent=2, sort_keys=True))
     stats = {"train_seconds": round(train_s, 1), "steps": cfg.steps, "examples": len(examples),
              "first_loss": round(losses[0], 4), "final_loss": round(sum(losses[-5:]) / len(losses[-5:]), 4),
              "bf16_autocast": bf16, "device": device.type, "config": asdict(cfg), **(extra_meta or {})}
