@@ -106,7 +106,7 @@ def build_engine_parts(args: EngineArgs, progress: bool = False) -> dict:
         raise ValueError(f"max_num_batched_tokens={args.max_num_batched_tokens} must be >= max_model_len="
                          f"{max_model_len}, since a whole prompt is prefilled in one step")
     tokenizer = None if args.skip_tokenizer_init else load_tokenizer(args, path)
-    model = build_model(path, hf_config, dtype, device, load_format=args.load_format)
+    model = build_model(path, hf_config, dtype, device, load_format=args.load_format, progress=progress)
     plugin_manager = _plugin_manager()
     lora_manager = None
     if args.enable_lora:

@@ -37,6 +37,10 @@ class LLMEngine:
         return self.tokenizer
 
     # ------------------------------------------------------------------ requests
+    def tokenize(self, prompt) -> list[int]:
+        """Token ids of a prompt exactly as add_request would see them."""
+        return self._tokenize(prompt)[1]
+
     def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
@@ -112,7 +116,16 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         finished: list[Sequence] = []
         if not sched.is_empty:
-            result = self.runner.execute(sched.seqs, sched.num_scheduled_tokens)
+            try:
+                result = self.runner.execute(sched.seqs, sched.num_scheduled_tokens)
+            except Exception:
+                # Leave the engine consistent: the batch's requests end (freeing blocks and adapter slots),
+                # everything else keeps running; the caller sees the error.
+                for seq in sched.seqs:
+                    self.scheduler.finish(seq)
+                    seq.finish("abort")
+                    self._aborted.add(seq.request_id)
+                raise
             finished = self._postprocess(sched, result)
         self.stats["num_steps"] += 1
         return self._make_outputs(sched.seqs, finished)

@@ -67,10 +67,15 @@ def _iter_checkpoint(path: Path):
         yield from torch.load(file, map_location="cpu", weights_only=True).items()
 
 
-def load_weights(model: LlamaForCausalLM, path: Path) -> None:
+def load_weights(model: LlamaForCausalLM, path: Path, progress: bool = False) -> None:
     loaded: set[str] = set()
     params = dict(model.named_parameters())
-    for name, tensor in _iter_checkpoint(path):
+    items = _iter_checkpoint(path)
+    if progress:
+        from tqdm import tqdm
+
+        items = tqdm(items, desc="Loading weights", unit=" tensors", leave=False)
+    for name, tensor in items:
         if name.endswith("rotary_emb.inv_freq"):
             continue
         if name == "lm_head.weight":
@@ -105,13 +110,13 @@ def load_weights(model: LlamaForCausalLM, path: Path) -> None:
 
 
 def build_model(path: Path, hf_config, dtype: torch.dtype, device: torch.device,
-                attn_backend: str = "auto", load_format: str = "auto") -> LlamaForCausalLM:
+                attn_backend: str = "auto", load_format: str = "auto", progress: bool = False) -> LlamaForCausalLM:
     cfg = ModelConfig.from_hf(hf_config)
     if load_format == "dummy":
         return build_dummy_model(cfg, dtype, device, attn_backend)
     with torch.device("cpu"):
         model = LlamaForCausalLM(cfg, attn_backend=attn_backend, dtype=dtype, device="cpu")
-    load_weights(model, path)
+    load_weights(model, path, progress)
     return model.to(device).eval()
 
 

@@ -14,8 +14,7 @@ import pytest
 import torch
 
 from loraplex.kernels.lora_meta import LoRAKernelMeta
-from loraplex.kernels.lora_ops import (HAS_TRITON, add_lora, lora_expand, lora_expand_ref, lora_shrink,
-                                       lora_shrink_ref)
+from loraplex.kernels.lora_ops import HAS_TRITON, add_lora, lora_expand_ref, lora_shrink, lora_shrink_ref
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -67,27 +66,22 @@ def make_case(num_tokens, in_dim, out_sizes, ranks, slots, dtype, max_rank=None,
 def naive_shrink(c: Case, scale: float, fill: float = SENTINEL) -> torch.Tensor:
     """[num_slices, num_tokens, max_rank] float64; rows of tokens without an adapter hold ``fill``."""
     num_slices, _, max_rank, _ = c.lora_a.shape
+    a, x = c.lora_a.double().cpu(), c.x.double().cpu()
     out = torch.full((num_slices, len(c.slots), max_rank), fill, dtype=torch.float64)
     for t, slot in enumerate(c.slots):
-        if slot < 0:
-            continue
-        r = c.ranks[slot]
-        out[:, t] = 0.0
-        for s in range(num_slices):
-            out[s, t, :r] = scale * (c.lora_a[s, slot, :r].double().cpu() @ c.x[t].double().cpu())
+        if slot >= 0:
+            out[:, t] = 0.0
+            out[:, t, :c.ranks[slot]] = scale * (a[:, slot, :c.ranks[slot]] @ x[t])
     return out
 
 
 def naive_expand(c: Case, buf: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    out = y.double().cpu().clone()
-    buf = buf.double().cpu()
+    out, buf, b = y.double().cpu().clone(), buf.double().cpu(), c.lora_b.double().cpu()
     off = c.offsets.tolist()
     for t, slot in enumerate(c.slots):
-        if slot < 0:
-            continue
-        r = c.ranks[slot]
-        for s in range(len(c.out_sizes)):
-            out[t, off[s]:off[s + 1]] += c.lora_b[slot, off[s]:off[s + 1], :r].double().cpu() @ buf[s, t, :r]
+        for s in range(len(c.out_sizes) if slot >= 0 else 0):
+            r = c.ranks[slot]
+            out[t, off[s]:off[s + 1]] += b[slot, off[s]:off[s + 1], :r] @ buf[s, t, :r]
     return out
 
 
@@ -287,30 +281,18 @@ def _gpu_case(num_tokens, hidden, out_sizes, ranks, dtype, seed=0, no_adapter_ev
     return make_case(num_tokens, hidden, out_sizes, ranks, slots.tolist(), dtype, max_rank=max(ranks), seed=seed)
 
 
-def _gathered_oracle(c: Case, y: torch.Tensor, scale: float) -> torch.Tensor:
-    """Vectorised fp32 oracle: every token's own A/B gathered, padding masked to zero."""
-    slots = torch.tensor(c.slots, device=DEVICE)
-    has = slots >= 0
-    idx = slots.clamp(min=0)
-    a = c.lora_a.float().nan_to_num(0.0)[:, idx]  # [num_slices, num_tokens, max_rank, in_dim]
-    b = c.lora_b.float().nan_to_num(0.0)[idx]  # [num_tokens, total_out, max_rank]
-    low = scale * torch.einsum("tk,strk->str", c.x.float(), a)  # [num_slices, num_tokens, max_rank]
-    out = y.float().clone()
-    off = c.offsets.tolist()
-    for s in range(len(c.out_sizes)):
-        delta = torch.einsum("tr,tnr->tn", low[s], b[:, off[s]:off[s + 1]])
-        out[has, off[s]:off[s + 1]] += delta[has]
-    return out
+def _oracle(c: Case, y: torch.Tensor, scale: float) -> torch.Tensor:
+    return naive_expand(c, naive_shrink(c, scale, fill=0.0), y)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("num_tokens,out_sizes", [(256, (3072, 1024, 1024)), (2048, (8192, 8192)), (7, (3072,))])
+@pytest.mark.parametrize("num_tokens,out_sizes", [(256, (3072, 1024, 1024)), (512, (8192, 8192)), (7, (3072,))])
 def test_gpu_large(dtype, num_tokens, out_sizes):
-    ranks = [16] * 32 if num_tokens != 2048 else [8, 16, 64, 33] * 8
+    ranks = [16] * 32 if num_tokens != 512 else [8, 16, 64, 33] * 8
     c = _gpu_case(num_tokens, 3072, out_sizes, ranks, dtype)
     y0 = torch.randn(num_tokens, sum(out_sizes), device=DEVICE).to(dtype)
-    expected = _gathered_oracle(c, y0, 0.25)
+    expected = _oracle(c, y0, 0.25)
     for backend in ("triton", "torch"):
         y = y0.clone()
         add_lora(y, c.x, c.lora_a, c.lora_b, c.meta, c.offsets, scale=0.25, backend=backend)
@@ -331,11 +313,8 @@ def test_gpu_cuda_graph_replay():
         static_y.zero_()
         add_lora(static_y, static_x, c.lora_a, c.lora_b, c.meta, c.offsets, buffer=buffer, backend="triton")
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()  # compile outside capture
-    torch.cuda.current_stream().wait_stream(stream)
+    step()  # Triton compiles outside capture
+    torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         step()
@@ -347,4 +326,4 @@ def test_gpu_cuda_graph_replay():
         static_idx.copy_(torch.tensor(fresh.slots, dtype=torch.int32))
         graph.replay()
         torch.cuda.synchronize()
-        assert_close(static_y, _gathered_oracle(fresh, torch.zeros_like(static_y), 1.0), torch.bfloat16)
+        assert_close(static_y, _oracle(fresh, torch.zeros_like(static_y), 1.0), torch.bfloat16)
