@@ -72,6 +72,7 @@ def main() -> None:
     ap.add_argument("--gen-len", type=int, default=128)
     ap.add_argument("--hf-gen-len", type=int, default=32, help="HF/PEFT are slow: time fewer tokens, report tok/s")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--hf-batch-sizes", default=None, help="batch sizes to run HF/PEFT at (default: all)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     batches = [int(b) for b in args.batch_sizes.split(",")]
@@ -154,7 +155,8 @@ def hf_rows(rows, batches, counts, adapters, args) -> None:
             for i in range(1, max(counts)):
                 peft_model.add_adapter(f"a{i}", lcfg)
             peft_model.eval()
-        for b in batches:
+        hf_batches = [int(b) for b in args.hf_batch_sizes.split(",")] if args.hf_batch_sizes else batches
+        for b in [b for b in batches if b in hf_batches]:
             if n == 0:
                 seconds = hf_generate(model if peft_model is None else peft_model.base_model.model, b,
                                       args.prompt_len, args.hf_gen_len)

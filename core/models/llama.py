@@ -48,7 +48,7 @@ class LlamaAttention(nn.Module):
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
-        out = self.attn(q, k.contiguous(), v.contiguous(), meta)  # [num_tokens, num_heads, head_dim]
+        out = self.attn(q, k, v, meta)  # [num_tokens, num_heads, head_dim]
         return self.o_proj(out.reshape(-1, cfg.q_size))
 
 
