@@ -144,3 +144,8 @@ def triton_interpret() -> bool:
 def use_triton_kernels() -> str:
     """``LORAPLEX_KERNELS``: ``auto`` (Triton on CUDA, torch on CPU), ``triton`` or ``torch``."""
     return (get("KERNELS") or "auto").lower()
+
+
+def fused_ops() -> bool:
+    """``LORAPLEX_FUSED_OPS``: fused Triton RMSNorm/rotary/SiLU·mul on CUDA (experimental, default off)."""
+    return get_bool("FUSED_OPS")

@@ -43,7 +43,7 @@ def silu_and_mul_triton(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    if x.is_cuda and HAS_TRITON:
+def silu_and_mul(x: torch.Tensor, use_triton: bool = False) -> torch.Tensor:
+    if use_triton and x.is_cuda and HAS_TRITON:
         return silu_and_mul_triton(x)
     return silu_and_mul_ref(x)

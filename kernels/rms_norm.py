@@ -63,7 +63,8 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, residual:
     return out.view(shape), (res_out.view(shape) if residual is not None else None)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
-    if x.is_cuda and HAS_TRITON:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+             use_triton: bool = False):
+    if use_triton and x.is_cuda and HAS_TRITON:
         return rms_norm_triton(x, weight, eps, residual)
     return rms_norm_ref(x, weight, eps, residual)

@@ -64,8 +64,8 @@ def rotary_triton(positions, q, k, cos, sin):
     return q_out, k_out
 
 
-def rotary(positions, q, k, cos, sin):
+def rotary(positions, q, k, cos, sin, use_triton: bool = False):
     half = q.shape[-1] // 2
-    if q.is_cuda and HAS_TRITON and q.shape[-1] % 2 == 0 and half & (half - 1) == 0:
+    if use_triton and q.is_cuda and HAS_TRITON and q.shape[-1] % 2 == 0 and half & (half - 1) == 0:
         return rotary_triton(positions, q, k, cos, sin)
     return rotary_ref(positions, q, k, cos, sin)

@@ -32,8 +32,10 @@ def _inv_freq(head_dim: int, theta: float, scaling: dict) -> tuple[torch.Tensor,
 
 
 class RotaryEmbedding(nn.Module):
-    def __init__(self, head_dim: int, max_position: int, theta: float, scaling: dict | None = None):
+    def __init__(self, head_dim: int, max_position: int, theta: float, scaling: dict | None = None,
+                 fused: bool = False):
         super().__init__()
+        self.fused = fused
         inv_freq, attn_scale = _inv_freq(head_dim, theta, scaling or {})
         inv_freq = inv_freq.float()
         t = torch.arange(max_position, dtype=torch.float32)
@@ -45,4 +47,4 @@ class RotaryEmbedding(nn.Module):
         # q: [num_tokens, num_heads, head_dim], k: [num_tokens, num_kv_heads, head_dim]
         from loraplex.kernels.rotary import rotary
 
-        return rotary(positions, q, k, self.cos, self.sin)
+        return rotary(positions, q, k, self.cos, self.sin, use_triton=self.fused)

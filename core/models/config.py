@@ -34,6 +34,8 @@ class ModelConfig:
     sliding_window: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     hidden_act: str = "silu"
+    # Fused Triton RMSNorm / rotary / SiLU·mul on CUDA (LORAPLEX_FUSED_OPS=1). Off by default: experimental.
+    fused_ops: bool = False
 
     @property
     def q_size(self) -> int:

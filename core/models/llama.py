@@ -13,14 +13,15 @@ from loraplex.models.config import ModelConfig
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, size: int, eps: float, dtype=None, device=None):
+    def __init__(self, size: int, eps: float, dtype=None, device=None, fused: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size, dtype=dtype, device=device), requires_grad=False)
         self.eps = eps
+        self.fused = fused
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """Without residual: the normed x. With residual: (norm(x + residual), x + residual), fused on CUDA."""
-        out, new_residual = rms_norm(x, self.weight, self.eps, residual)
+        out, new_residual = rms_norm(x, self.weight, self.eps, residual, use_triton=self.fused)
         return out if residual is None else (out, new_residual)
 
 
@@ -32,9 +33,10 @@ class LlamaAttention(nn.Module):
                                names=["q_proj", "k_proj", "v_proj"], dtype=dtype, device=device)
         self.o_proj = Linear(cfg.q_size, [cfg.hidden_size], names=["o_proj"], dtype=dtype, device=device)
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype, device)
-            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype, device)
-        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype, device, cfg.fused_ops)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype, device, cfg.fused_ops)
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling,
+                                      fused=cfg.fused_ops)
         self.attn = Attention(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
                               cfg.sliding_window, attn_backend)
 
@@ -59,18 +61,18 @@ class LlamaMLP(nn.Module):
                                    dtype=dtype, device=device)
         self.down_proj = Linear(cfg.intermediate_size, [cfg.hidden_size], names=["down_proj"], dtype=dtype,
                                 device=device)
-        self.intermediate_size = cfg.intermediate_size
+        self.fused = cfg.fused_ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x), use_triton=self.fused))
 
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, attn_backend: str, dtype, device):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device, cfg.fused_ops)
         self.self_attn = LlamaAttention(cfg, attn_backend, dtype, device)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device, cfg.fused_ops)
         self.mlp = LlamaMLP(cfg, dtype, device)
 
     def forward(self, positions, x, residual, meta):
@@ -99,7 +101,7 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens.weight.requires_grad_(False)
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(cfg, attn_backend, dtype, device) for _ in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device, cfg.fused_ops)
         if cfg.tie_word_embeddings:
             self.lm_head_weight = self.embed_tokens.weight
         else:

@@ -111,7 +111,10 @@ def load_weights(model: LlamaForCausalLM, path: Path, progress: bool = False) ->
 
 def build_model(path: Path, hf_config, dtype: torch.dtype, device: torch.device,
                 attn_backend: str = "auto", load_format: str = "auto", progress: bool = False) -> LlamaForCausalLM:
+    from loraplex import envs
+
     cfg = ModelConfig.from_hf(hf_config)
+    cfg.fused_ops = envs.fused_ops()
     if load_format == "dummy":
         return build_dummy_model(cfg, dtype, device, attn_backend)
     with torch.device("cpu"):
