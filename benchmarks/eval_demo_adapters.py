@@ -12,7 +12,8 @@
 Generation is greedy and goes through a ``Generate`` callable, ``(prompts, adapter_dir or None,
 max_new_tokens) -> completions``, where prompts are fully rendered text (chat template already
 applied where the adapter was trained on chat). ``hf_generator`` is the HF transformers + PEFT
-reference; to measure another engine, pass a different callable to ``evaluate``.
+reference, ``loraplex_generator`` (``--engine loraplex``) runs loraplex's own engine; to measure
+anything else, pass a different callable to ``evaluate``.
 """
 from __future__ import annotations
 
@@ -65,6 +66,29 @@ def hf_generator(base_dir: str | Path, batch_size: int = 16) -> Generate:
     return generate
 
 
+def loraplex_generator(base_dir: str | Path) -> Generate:
+    """Greedy generation with loraplex's own engine (all prompts of a call batched together)."""
+    from loraplex.entrypoints.llm import LLM
+    from loraplex.lora.request import LoRARequest
+    from loraplex.sampling_params import SamplingParams
+
+    llm = LLM(str(base_dir), enable_lora=True, max_loras=2, max_lora_rank=16, dtype="float32")
+    ids: dict = {}
+
+    def generate(prompts: list, adapter: Optional[str], max_new_tokens: int) -> list:
+        request = None
+        if adapter is not None:
+            ids.setdefault(str(adapter), len(ids) + 1)
+            request = LoRARequest(Path(adapter).name, ids[str(adapter)], str(adapter))
+        params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
+        return [o.outputs[0].text for o in llm.generate(prompts, params, lora_request=request)]
+
+    return generate
+
+
+GENERATORS = {"hf": hf_generator, "loraplex": loraplex_generator}
+
+
 def chat_render(base_dir: str | Path) -> Callable[[str], str]:
     from transformers import AutoTokenizer
 
@@ -80,7 +104,7 @@ def evaluate(generate: Generate, render_chat: Callable[[str], str], sql_lora: st
     sql_items = datasets.sql_examples("heldout", n_sql, seed)
     sql_prompts = [e["prompt"] for e in sql_items]
     style_prompts = [render_chat(p) for p in datasets.style_eval_prompts(n_style, seed)]
-    results: dict = {"n_sql": n_sql, "n_style": n_style}
+    results: dict = {"n_sql": len(sql_items), "n_style": len(style_prompts)}
     samples: dict = {}
     for label, adapter in (("base", None), ("sql-lora", sql_lora)):
         t = time.monotonic()
@@ -106,7 +130,7 @@ def table(results: dict) -> str:
             ("style marker 'Arr' (held-out)", "style_marker/base", "style_marker/style-lora")]
     lines = [f"{'metric':32s} {'base':>8s} {'adapter':>8s}", "-" * 50]
     for name, b, a in rows:
-        lines.append(f"{name:32s} {results[b]:8.0%} {results[a]:8.0%}")
+        lines.append(f"{name:32s} {results[b]:8.1%} {results[a]:8.1%}")
     return "\n".join(lines)
 
 
@@ -118,6 +142,7 @@ def main(argv: list | None = None) -> int:
     p.add_argument("--n-sql", type=int, default=50)
     p.add_argument("--n-style", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--engine", choices=sorted(GENERATORS), default="hf", help="what generates the answers")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
 
@@ -130,13 +155,13 @@ def main(argv: list | None = None) -> int:
         args.sql_lora = args.sql_lora or str(demo["sql-lora"])
         args.style_lora = args.style_lora or str(demo["pirate-lora"])
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    results = evaluate(hf_generator(base), chat_render(base), args.sql_lora, args.style_lora,
+    results = evaluate(GENERATORS[args.engine](base), chat_render(base), args.sql_lora, args.style_lora,
                        args.n_sql, args.n_style, args.seed, log=log)
     for name in ("sql_lora", "style_lora"):
         meta = Path(getattr(args, name)) / "loraplex_train.json"
         if meta.is_file():
             results[f"{name}_train"] = {k: v for k, v in json.loads(meta.read_text()).items() if k != "config"}
-    results.update(base=base, sql_lora=args.sql_lora, style_lora=args.style_lora, generator="hf-transformers+peft")
+    results.update(base=base, sql_lora=args.sql_lora, style_lora=args.style_lora, engine=args.engine)
     print(table(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

@@ -12,7 +12,7 @@ import random
 import re
 import zlib
 
-DATASET_VERSION = "3"
+DATASET_VERSION = "4"
 SQL_INSTRUCTION = "Write a SQL query to answer the question based on the table schema."
 PIRATE_MARKER = "Arr"
 PIRATE_WORDS = ("arr", "matey", "ye ", "aye", "be ", "hearty", "o'", "th'", "savvy", "landlubber", "ahoy", "me ")
@@ -117,7 +117,8 @@ def _value(rng: random.Random, spec, split: str):
 
 @functools.lru_cache(maxsize=None)
 def _heldout_names() -> frozenset:
-    return frozenset(v for *_, cols in _DOMAINS for _, _, spec in cols if isinstance(spec, list) for v in _pool(spec, "heldout"))
+    specs = [spec for *_, cols in _DOMAINS for _, _, spec in cols if isinstance(spec, list)]
+    return frozenset(v for spec in specs for v in _pool(spec, "heldout"))
 
 
 def _lit(v) -> str:
@@ -130,7 +131,6 @@ def _words(col: str) -> str:
 
 def _sql_question(rng: random.Random, split: str, text_cols, num_cols, ent: str, ents: str, table: str):
     """One (question, sql, kind, used columns) from a random question template."""
-    a, b = rng.sample(text_cols + num_cols, 2) if len(text_cols + num_cols) >= 2 else (text_cols[0],) * 2
     tb = rng.choice(text_cols)
     n = rng.choice(num_cols)
     others = [c for c in text_cols + num_cols if c[0] not in (tb[0], n[0])]
@@ -259,15 +259,15 @@ _SWAPS = [(r"\bhello\b", "ahoy"), (r"\byes\b", "aye"), (r"\b(is|are|am)\b", "be"
           (r"\bfriend\b", "matey"), (r"\b(\w+)ing\b", r"\1in'")]
 
 
-def _pirate_answer(rng: random.Random, plain: str) -> str:
-    text = plain
+def _pirate_answer(rng: random.Random, text: str) -> str:
     for src, dst in _SWAPS:
         text = re.sub(src, dst, text, flags=re.IGNORECASE)
     return f"{PIRATE_MARKER}! {text[0].upper()}{text[1:]}, {rng.choice(_CLOSERS)}"
 
 
 def pirate_examples(split: str = "train", n: int = 300, seed: int = 0) -> list[dict]:
-    """Chat examples whose answers start with "Arr!" and speak like a pirate."""
+    """Chat examples whose answers start with "Arr!" and speak like a pirate. The held-out
+    split has only a few dozen distinct questions, so it may return fewer than ``n``."""
     _check_split(split)
     rng = random.Random(f"pirate/{split}/{seed}/{DATASET_VERSION}")
     out, seen = [], set()

@@ -42,7 +42,7 @@ class TrainConfig:
 
 # Recipes for the built-in tasks, tuned with benchmarks/eval_demo_adapters.py.
 TASK_DEFAULTS = {
-    "sql": dict(fmt="raw", steps=60, lr=1e-3, rank=8, n_train=480),
+    "sql": dict(fmt="raw", steps=40, lr=2e-3, rank=8, n_train=480),
     "pirate": dict(fmt="chat", steps=30, lr=1e-3, rank=8, n_train=240),
 }
 
@@ -146,7 +146,6 @@ def train(base_dir: str | Path, examples: list[dict], out_dir: str | Path, cfg: 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     started = time.monotonic()
-    random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
@@ -213,9 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", help="base model directory (default: the converted SmolLM2-135M-Instruct)")
     p.add_argument("--steps", type=int, help="optimizer steps (default: task recipe, or 60)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--rank", type=int, help="LoRA rank (default 8)")
+    p.add_argument("--rank", type=int, help="LoRA rank (default: task recipe, or 8)")
     p.add_argument("--alpha", type=int, help="LoRA alpha (default 2 * rank)")
-    p.add_argument("--lr", type=float, help="AdamW learning rate (default 1e-3)")
+    p.add_argument("--lr", type=float, help="AdamW learning rate (default: task recipe, or 1e-3)")
     p.add_argument("--targets", default=",".join(ALL_TARGETS), help="comma-separated module names to adapt")
     p.add_argument("--format", dest="fmt", choices=["auto", "raw", "chat"],
                    help="raw prompt text, or wrap prompts in the chat template (default: task recipe / auto)")
