@@ -15,9 +15,13 @@ from loraplex.layers.attention import AttentionMetadata
 logger = logging.getLogger("loraplex.engine")
 
 
+_MAX_GRAPH_BATCH = 512  # larger decode batches run eagerly
+
+
 def _graph_batch_sizes(max_num_seqs: int) -> list[int]:
-    sizes = [1, 2, 4, 8] + list(range(16, 513, 16))
-    return [s for s in sizes if s < max_num_seqs] + [max_num_seqs] if max_num_seqs <= 512 else sizes
+    top = min(max_num_seqs, _MAX_GRAPH_BATCH)
+    sizes = [1, 2, 4, 8] + list(range(16, _MAX_GRAPH_BATCH + 1, 16))
+    return [s for s in sizes if s < top] + [top]
 
 
 class CUDAGraphRunner:

@@ -61,9 +61,7 @@ class OutputProcessor:
         prompt, prompt_ids, lora_request = self.meta[request_id]
         outs = []
         for s in seqs:
-            ids = list(s.output_token_ids)
-            if s.finish_reason == "stop" and s.stop_reason is None and not s.params.ignore_eos:
-                pass  # vLLM keeps the EOS token id in token_ids but not in the text
+            ids = list(s.output_token_ids)  # like vLLM, a final EOS stays in token_ids (never in the text)
             text = s.detokenizer.visible_text(s.is_finished) if s.detokenizer is not None else ""
             outs.append(CompletionOutput(
                 index=s.index, text=text, token_ids=ids,

@@ -6,6 +6,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from loraplex.kernels.attention_ops import paged_attention
+from loraplex.kernels.kv_cache import write_kv_cache
+
 
 @dataclass
 class AttentionMetadata:
@@ -35,9 +38,6 @@ class Attention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         # q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim]
-        from loraplex.kernels.attention_ops import paged_attention
-        from loraplex.kernels.kv_cache import write_kv_cache
-
         write_kv_cache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         return paged_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens,
                                meta.query_start_loc, self.scale, max_query_len=meta.max_query_len,

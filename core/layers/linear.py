@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from loraplex.kernels.lora_ops import add_lora
+
 
 class LoRAState:
     """Shared by every LoRA-enabled layer of one model: the per-step kernel metadata and scratch buffer."""
@@ -73,7 +75,5 @@ class Linear(nn.Module):
         y = nn.functional.linear(x, self.weight, self.bias)
         state = self.lora_state
         if state is not None and state.is_active:
-            from loraplex.kernels.lora_ops import add_lora
-
             add_lora(y, x, self.lora_a, self.lora_b, state.meta, self.lora_slice_offsets, backend=state.backend)
         return y

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from loraplex.errors import UnsupportedModelError
+from loraplex.kernels.rotary import rotary
 
 
 def _inv_freq(head_dim: int, theta: float, scaling: dict) -> tuple[torch.Tensor, float]:
@@ -45,6 +46,4 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         # q: [num_tokens, num_heads, head_dim], k: [num_tokens, num_kv_heads, head_dim]
-        from loraplex.kernels.rotary import rotary
-
         return rotary(positions, q, k, self.cos, self.sin, use_triton=self.fused)

@@ -138,7 +138,8 @@ class LoRAManager:
     def _materialize(self, m: LoRAModel) -> None:
         if m.is_materialized:
             self.stats["cpu_hits"] += 1
-            self.cpu_cache.move_to_end(id(m), last=True) if id(m) in self.cpu_cache else None
+            if id(m) in self.cpu_cache:
+                self.cpu_cache.move_to_end(id(m))
             return
         self.stats["cpu_misses"] += 1
         fresh = self._load(m.request, m.version)
