@@ -146,6 +146,12 @@ def use_triton_kernels() -> str:
     return (get("KERNELS") or "auto").lower()
 
 
+def lora_shrink_k_per_split() -> int:
+    """``LORAPLEX_LORA_K_PER_SPLIT``: in_dim elements per split-K program of the decode LoRA shrink (tuning knob)."""
+    return max(16, int(get("LORA_K_PER_SPLIT") or 1024))
+
+
 def fused_ops() -> bool:
-    """``LORAPLEX_FUSED_OPS``: fused Triton RMSNorm/rotary/SiLU·mul on CUDA (experimental, default off)."""
-    return get_bool("FUSED_OPS")
+    """``LORAPLEX_FUSED_OPS``: fused Triton RMSNorm+residual, rotary+KV-cache write and SiLU·mul on CUDA
+    (default on; ``0`` falls back to the eager torch ops). CPU always runs the torch ops."""
+    return get_bool("FUSED_OPS", default=True)

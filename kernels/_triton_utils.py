@@ -79,6 +79,14 @@ def shrink_config(num_tokens: int, in_dim: int, max_rank: int, interpret: bool, 
     return LoRAConfig(block_m, block_n, min(block_k, _p2(in_dim)), 4, 3)
 
 
+def shrink_splits(num_tokens: int, in_dim: int) -> int:
+    """Split-K factor of the shrink: decode batches split in_dim into ~K_PER_SPLIT chunks; prefill has enough
+    m-blocks already."""
+    if num_tokens > 256:
+        return 1
+    return max(1, in_dim // envs.lora_shrink_k_per_split())
+
+
 def expand_config(num_tokens: int, total_out: int, max_rank: int, interpret: bool) -> LoRAConfig:
     block_m = _block_m(num_tokens, interpret)
     block_k = _p2(max_rank, hi=64)

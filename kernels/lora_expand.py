@@ -6,7 +6,8 @@ that straddles a slice boundary takes one partial product per slice it touches, 
 and its own columns of lora_b. Every output element is owned by exactly one program: a plain read-add-write,
 no atomics. The grid comes from tensor shapes only (no host sync, CUDA-graph safe): enough m-programs for any
 spread of tokens over slots, each mapped onto a (slot, m-block) pair on device, the spare ones exiting at once.
-The rank loop stops at the slot's rank.
+The rank loop stops at the slot's rank. A 4-D buf [num_splits, ...] holds split-K partial sums of the shrink;
+they are added as they are loaded.
 """
 from __future__ import annotations
 
@@ -25,13 +26,14 @@ __all__ = ["lora_expand_triton"]
 def _lora_expand_kernel(
     buf_ptr, b_ptr, out_ptr, offsets_ptr, sorted_ids_ptr, counts_ptr, starts_ptr, ranks_ptr,
     num_tokens, total_out,
-    stride_us, stride_ut, stride_ur,
+    stride_up, stride_us, stride_ut, stride_ur,
     stride_bl, stride_bn, stride_br,
     stride_ot, stride_on,
     MAX_RANK: tl.constexpr,  # constexpr: the interpreter (numpy >= 2.4) cannot take a runtime scalar in range()
     MAX_LORAS: tl.constexpr,
     MAX_LORAS_P: tl.constexpr,  # MAX_LORAS rounded up to a power of two
     NUM_SLICES: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
     NUM_N_BLOCKS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -71,8 +73,10 @@ def _lora_expand_kernel(
                 if k0 < rank:
                     k = k0 + offs_k
                     k_ok = k < rank
-                    u = tl.load(u_rows + k[None, :] * stride_ur, mask=m_ok[:, None] & k_ok[None, :],
-                                other=0.0)  # [BLOCK_M, BLOCK_K] fp32
+                    u_mask = m_ok[:, None] & k_ok[None, :]
+                    u = tl.load(u_rows + k[None, :] * stride_ur, mask=u_mask, other=0.0)  # [BLOCK_M, BLOCK_K] fp32
+                    for p in tl.static_range(1, NUM_SPLITS):
+                        u += tl.load(u_rows + p * stride_up + k[None, :] * stride_ur, mask=u_mask, other=0.0)
                     b = tl.load(b_cols + k[:, None] * stride_br, mask=k_ok[:, None] & col_ok[None, :],
                                 other=0.0)  # [BLOCK_K, BLOCK_N]
                     if UPCAST:
@@ -93,7 +97,8 @@ def lora_expand_triton(buf: torch.Tensor, lora_b: torch.Tensor, out: torch.Tenso
     """Triton expand; same contract as ``loraplex.kernels.lora_ops.lora_expand``. Never syncs with the host,
     so slice_offsets values are trusted: they must rise from 0 to total_out."""
     check_expand_args(buf, lora_b, out, meta, slice_offsets)
-    num_slices, num_tokens, max_rank = buf.shape
+    split_buf = buf if buf.dim() == 4 else buf.unsqueeze(0)  # [num_splits, num_slices, num_tokens, max_rank]
+    num_splits, num_slices, num_tokens, max_rank = split_buf.shape
     max_loras, total_out, _ = lora_b.shape
     if num_tokens == 0 or num_slices == 0 or max_rank == 0 or total_out == 0:
         return
@@ -104,12 +109,12 @@ def lora_expand_triton(buf: torch.Tensor, lora_b: torch.Tensor, out: torch.Tenso
     num_n_blocks = triton.cdiv(total_out, cfg.BLOCK_N)
     grid = (tu.num_m_programs(num_tokens, max_loras, cfg.BLOCK_M) * num_n_blocks,)
     _lora_expand_kernel[grid](
-        buf, lora_b, out, slice_offsets, meta.sorted_token_ids, meta.num_tokens_per_lora, meta.lora_token_start,
+        split_buf, lora_b, out, slice_offsets, meta.sorted_token_ids, meta.num_tokens_per_lora, meta.lora_token_start,
         meta.lora_ranks,
         num_tokens, total_out,
-        *buf.stride(), *lora_b.stride(), *out.stride(),
+        *split_buf.stride(), *lora_b.stride(), *out.stride(),
         MAX_RANK=max_rank, MAX_LORAS=max_loras, MAX_LORAS_P=max(2, triton.next_power_of_2(max_loras)),
-        NUM_SLICES=num_slices, NUM_N_BLOCKS=num_n_blocks,
+        NUM_SLICES=num_slices, NUM_SPLITS=num_splits, NUM_N_BLOCKS=num_n_blocks,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
         UPCAST=interpret or lora_b.dtype == torch.float32,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,

@@ -63,9 +63,9 @@ def check_shrink_args(x: torch.Tensor, lora_a: torch.Tensor, out: torch.Tensor, 
         raise ValueError(f"lora_shrink: lora_a is {lora_a.dtype} but x is {x.dtype}")
     num_slices, max_loras, max_rank, _ = lora_a.shape
     expected = (num_slices, x.shape[0], max_rank)
-    if tuple(out.shape) != expected or out.dtype != torch.float32:
+    if tuple(out.shape[-3:]) != expected or out.dim() not in (3, 4) or out.dtype != torch.float32:
         raise ValueError(f"lora_shrink: out must be {list(expected)} (num_slices, num_tokens, max_rank) float32, "
-                         f"got {tuple(out.shape)} {out.dtype}")
+                         f"optionally with a leading split dim, got {tuple(out.shape)} {out.dtype}")
     for name, t in (("lora_a", lora_a), ("out", out)):
         if t.device != x.device:
             raise ValueError(f"lora_shrink: {name} is on {t.device} but x is on {x.device}")
@@ -75,10 +75,10 @@ def check_shrink_args(x: torch.Tensor, lora_a: torch.Tensor, out: torch.Tensor, 
 def check_expand_args(buf: torch.Tensor, lora_b: torch.Tensor, out: torch.Tensor, meta,
                       slice_offsets: torch.Tensor) -> None:
     """Shape/dtype/device checks shared by both backends; never syncs (offset values are not checked here)."""
-    if buf.dim() != 3 or buf.dtype != torch.float32:
-        raise ValueError(f"lora_expand: buf must be [num_slices, num_tokens, max_rank] float32, got "
-                         f"{tuple(buf.shape)} {buf.dtype}")
-    num_slices, num_tokens, max_rank = buf.shape
+    if buf.dim() not in (3, 4) or buf.dtype != torch.float32:
+        raise ValueError(f"lora_expand: buf must be [num_slices, num_tokens, max_rank] float32 (optionally with a "
+                         f"leading split dim), got {tuple(buf.shape)} {buf.dtype}")
+    num_slices, num_tokens, max_rank = buf.shape[-3:]
     if lora_b.dim() != 3 or lora_b.shape[2] != max_rank or lora_b.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"lora_expand: lora_b must be [max_loras, total_out, max_rank={max_rank}] fp16/bf16/fp32, "
                          f"got {tuple(lora_b.shape)} {lora_b.dtype}")
@@ -108,6 +108,11 @@ def lora_shrink_ref(x: torch.Tensor, lora_a: torch.Tensor, out: torch.Tensor, me
     """Torch shrink (fp32 math); same contract as :func:`lora_shrink`."""
     check_shrink_args(x, lora_a, out, meta)
     num_slices, _, max_rank, _ = lora_a.shape
+    if out.dim() == 4:
+        # Split-K layout: the whole sum goes to split 0, the other partials of adapter rows are zero.
+        for _, start, count, _ in _active_slots(meta, max_rank):
+            out[1:].index_fill_(2, meta.sorted_token_ids[start:start + count].long(), 0.0)
+        out = out[0]
     for slot, start, count, rank in _active_slots(meta, max_rank):
         ids = meta.sorted_token_ids[start:start + count].long()  # [count]
         xs = x.index_select(0, ids).float()  # [count, in_dim]
@@ -123,6 +128,8 @@ def lora_expand_ref(buf: torch.Tensor, lora_b: torch.Tensor, out: torch.Tensor, 
                     slice_offsets: torch.Tensor) -> None:
     """Torch expand (fp32 accumulate, one rounding into out's dtype); same contract as :func:`lora_expand`."""
     check_expand_args(buf, lora_b, out, meta, slice_offsets)
+    if buf.dim() == 4:
+        buf = buf.sum(0)  # split-K partials
     num_slices, _, max_rank = buf.shape
     offsets = slice_offsets.tolist()
     if offsets[0] != 0 or offsets[-1] != out.shape[1] or any(b < a for a, b in zip(offsets, offsets[1:])):
@@ -213,7 +220,8 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, out: torch.Tensor, meta, 
     x:      [num_tokens, in_dim] fp32/bf16/fp16
     lora_a: [num_slices, max_loras, max_rank, in_dim], x's dtype
     out:    [num_slices, num_tokens, max_rank] float32; rank columns >= lora_ranks[slot] are written as zeros;
-            rows of tokens without an adapter (slot -1) are left untouched.
+            rows of tokens without an adapter (slot -1) are left untouched. A 4-D out [num_splits, ...] receives
+            split-K partial sums (the result is out.sum(0)), which lora_expand adds up as it reads them.
     meta:   a LoRAKernelMeta prepared for these tokens. ``backend="auto"`` honours LORAPLEX_KERNELS.
     """
     backend = _resolve_backend("lora_shrink", backend, x)
@@ -227,7 +235,7 @@ def lora_expand(buf: torch.Tensor, lora_b: torch.Tensor, out: torch.Tensor, meta
                 backend: str = "auto") -> None:
     """out[t, off[s]:off[s+1]] += buf[s, t, :] @ lora_b[slot(t), off[s]:off[s+1], :].T, fp32 accumulate.
 
-    buf:           [num_slices, num_tokens, max_rank] float32 (shrink's output)
+    buf:           [num_slices, num_tokens, max_rank] float32 (shrink's output), or [num_splits, ...] partials
     lora_b:        [max_loras, total_out, max_rank], all slices packed along dim 1
     out:           [num_tokens, total_out]; rows of tokens without an adapter are left untouched
     slice_offsets: [num_slices + 1] int32 on out's device, 0 = off[0] <= ... <= off[-1] = total_out
@@ -240,13 +248,22 @@ def lora_expand(buf: torch.Tensor, lora_b: torch.Tensor, out: torch.Tensor, meta
         torch.ops.loraplex.lora_expand(buf, lora_b, out, slice_offsets, *_meta_args(meta), backend)
 
 
+def _num_splits(x: torch.Tensor, backend: str) -> int:
+    if not x.is_cuda or _resolve_backend("add_lora", backend, x) != "triton":
+        return 1
+    from loraplex.kernels._triton_utils import shrink_splits
+
+    return shrink_splits(x.shape[0], x.shape[1])
+
+
 def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, meta,
              slice_offsets: torch.Tensor, buffer: torch.Tensor | None = None, scale: float = 1.0,
              backend: str = "auto") -> None:
     """y += scale * (x @ A[slot].T) @ B[slot].T per token, for all slices of a packed projection.
 
     y: [num_tokens, total_out]; buffer: optional float32 scratch [num_slices, >= num_tokens, max_rank]
-    (allocated per call when None). One shrink and one expand launch whatever the number of slices.
+    (allocated per call when None, with split-K partials on CUDA). One shrink and one expand launch whatever the
+    number of slices.
     """
     if lora_a.dim() != 4 or x.dim() != 2:
         raise ValueError(f"add_lora: x must be 2-D and lora_a 4-D, got {tuple(x.shape)} and {tuple(lora_a.shape)}")
@@ -254,7 +271,8 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: tor
     num_tokens = x.shape[0]
     if buffer is None:
         # Rows of tokens without an adapter are never read, so the scratch needs no zeroing.
-        buffer = torch.empty((num_slices, num_tokens, max_rank), dtype=torch.float32, device=x.device)
+        num_splits = _num_splits(x, backend)
+        buffer = torch.empty((num_splits, num_slices, num_tokens, max_rank), dtype=torch.float32, device=x.device)
     elif buffer.dim() != 3 or buffer.shape[0] != num_slices or buffer.shape[1] < num_tokens \
             or buffer.shape[2] != max_rank:
         raise ValueError(f"add_lora: buffer must be [num_slices={num_slices}, >= {num_tokens}, "

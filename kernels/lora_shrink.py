@@ -6,6 +6,11 @@ that share one adapter by one BLOCK_N-wide block of that adapter's rank rows. Th
 slots; each maps its id onto a (slot, m-block) pair from the per-slot counts on device, and the spare ones exit
 at once. No host sync, so the launch is CUDA-graph safe. Rank rows past the slot's rank are neither loaded nor
 multiplied, and are stored as zeros.
+
+Split-K: ``out`` may carry a leading split dimension [num_splits, ...]. Split p then reduces only its share of
+in_dim and stores a partial sum in out[p]; the expand kernel adds the partials as it loads them. Decode batches
+give each (slot, slice) one long reduction over in_dim, too little parallel work for the chip: splits turn a few
+dozen latency-bound programs into hundreds of short ones, without atomics or a zeroing pass.
 """
 from __future__ import annotations
 
@@ -26,10 +31,13 @@ def _lora_shrink_kernel(
     num_tokens, scale,
     stride_xt, stride_xk,
     stride_as, stride_al, stride_ar, stride_ak,
-    stride_os, stride_ot, stride_or,
+    stride_op, stride_os, stride_ot, stride_or,
+    num_slices,
     # Loop bounds are constexpr: few distinct values per model, and the interpreter (numpy >= 2.4) cannot take
     # a runtime scalar in range().
     IN_DIM: tl.constexpr,
+    K_SPLIT: tl.constexpr,  # in_dim elements per split, a multiple of BLOCK_K
+    EVEN_K: tl.constexpr,  # the splits tile in_dim exactly: no k masks (a split past in_dim stores zeros)
     MAX_RANK: tl.constexpr,
     MAX_LORAS: tl.constexpr,
     MAX_LORAS_P: tl.constexpr,  # MAX_LORAS rounded up to a power of two
@@ -40,7 +48,8 @@ def _lora_shrink_kernel(
     UPCAST: tl.constexpr,  # fp32 math (fp32 inputs, or the interpreter, whose bf16 arithmetic is wrong)
 ):
     pid_mn = tl.program_id(0)
-    slice_id = tl.program_id(1)
+    slice_id = tl.program_id(1) % num_slices
+    split = tl.program_id(1) // num_slices
     pid_n = pid_mn % NUM_N_BLOCKS
     slot, pid_m, count = slot_block(pid_mn // NUM_N_BLOCKS, counts_ptr, MAX_LORAS, MAX_LORAS_P, BLOCK_M)
     if slot >= MAX_LORAS:
@@ -63,9 +72,9 @@ def _lora_shrink_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     # An n-block wholly past the rank only stores zeros: small ranks skip the whole reduction.
     if pid_n * BLOCK_N < rank:
-        for k0 in range(0, IN_DIM, BLOCK_K):
-            k = k0 + offs_k
-            if IN_DIM % BLOCK_K == 0:
+        for k0 in range(0, K_SPLIT, BLOCK_K):
+            k = split * K_SPLIT + k0 + offs_k
+            if EVEN_K:
                 xt = tl.load(x_rows + k[None, :] * stride_xk, mask=m_ok[:, None], other=0.0)  # [BLOCK_M, BLOCK_K]
                 at = tl.load(a_rows + k[:, None] * stride_ak, mask=n_ok[None, :], other=0.0)  # [BLOCK_K, BLOCK_N]
             else:
@@ -78,7 +87,7 @@ def _lora_shrink_kernel(
             # "ieee" keeps fp32 inputs off TF32; for fp16/bf16 inputs it is ignored.
             acc += tl.dot(xt, at, input_precision="ieee")
 
-    out_ptrs = (out_ptr + slice_id.to(tl.int64) * stride_os + tok[:, None] * stride_ot
+    out_ptrs = (out_ptr + split.to(tl.int64) * stride_op + slice_id.to(tl.int64) * stride_os + tok[:, None] * stride_ot
                 + offs_n[None, :] * stride_or)
     tl.store(out_ptrs, acc * scale, mask=m_ok[:, None] & (offs_n < MAX_RANK)[None, :])
 
@@ -93,15 +102,20 @@ def lora_shrink_triton(x: torch.Tensor, lora_a: torch.Tensor, out: torch.Tensor,
     interpret = tu.interpreting()
     if not x.is_cuda and not interpret:
         raise ValueError(f"lora_shrink_triton: needs CUDA tensors (or TRITON_INTERPRET=1), got {x.device}")
+    split_out = out if out.dim() == 4 else out.unsqueeze(0)  # [num_splits, num_slices, num_tokens, max_rank]
+    num_splits = split_out.shape[0]
     cfg = tu.shrink_config(num_tokens, in_dim, max_rank, interpret, x.element_size())
+    per_split = triton.cdiv(in_dim, num_splits)
+    block_k = min(cfg.BLOCK_K, max(16, triton.next_power_of_2(per_split)))  # a short split takes one K step
+    k_split = triton.cdiv(per_split, block_k) * block_k
     num_n_blocks = triton.cdiv(max_rank, cfg.BLOCK_N)
-    grid = (tu.num_m_programs(num_tokens, max_loras, cfg.BLOCK_M) * num_n_blocks, num_slices)
+    grid = (tu.num_m_programs(num_tokens, max_loras, cfg.BLOCK_M) * num_n_blocks, num_slices * num_splits)
     _lora_shrink_kernel[grid](
-        x, lora_a, out, meta.sorted_token_ids, meta.num_tokens_per_lora, meta.lora_token_start, meta.lora_ranks,
-        num_tokens, float(scale),
-        *x.stride(), *lora_a.stride(), *out.stride(),
-        IN_DIM=in_dim, MAX_RANK=max_rank, MAX_LORAS=max_loras, MAX_LORAS_P=max(2, triton.next_power_of_2(max_loras)),
-        NUM_N_BLOCKS=num_n_blocks,
-        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, UPCAST=interpret or x.dtype == torch.float32,
+        x, lora_a, split_out, meta.sorted_token_ids, meta.num_tokens_per_lora, meta.lora_token_start,
+        meta.lora_ranks, num_tokens, float(scale),
+        *x.stride(), *lora_a.stride(), *split_out.stride(), num_slices,
+        IN_DIM=in_dim, K_SPLIT=k_split, EVEN_K=k_split * num_splits == in_dim, MAX_RANK=max_rank,
+        MAX_LORAS=max_loras, MAX_LORAS_P=max(2, triton.next_power_of_2(max_loras)), NUM_N_BLOCKS=num_n_blocks,
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=block_k, UPCAST=interpret or x.dtype == torch.float32,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

@@ -39,6 +39,10 @@ class Attention(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         # q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim]
         write_kv_cache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        return self.attend(q, meta)
+
+    def attend(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Attention over the cache alone, for callers that already wrote this step's k/v into it."""
         return paged_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens,
                                meta.query_start_loc, self.scale, max_query_len=meta.max_query_len,
                                max_seq_len=meta.max_seq_len, sliding_window=self.sliding_window,

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from loraplex.errors import UnsupportedModelError
-from loraplex.kernels.rotary import rotary
+from loraplex.kernels.rotary import rotary, rotary_and_cache
 
 
 def _inv_freq(head_dim: int, theta: float, scaling: dict) -> tuple[torch.Tensor, float]:
@@ -47,3 +47,9 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         # q: [num_tokens, num_heads, head_dim], k: [num_tokens, num_kv_heads, head_dim]
         return rotary(positions, q, k, self.cos, self.sin, use_triton=self.fused)
+
+    def forward_to_cache(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
+        """Rotate q and k and write k and v into the paged cache (one kernel when fused); returns the rotated q."""
+        return rotary_and_cache(positions, q, k, v, self.cos, self.sin, k_cache, v_cache, slot_mapping,
+                                use_triton=self.fused)

@@ -49,8 +49,9 @@ class LlamaAttention(nn.Module):
         v = v.reshape(-1, cfg.num_key_value_heads, cfg.head_dim)
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
-        out = self.attn(q, k, v, meta)  # [num_tokens, num_heads, head_dim]
+        attn = self.attn
+        q = self.rotary.forward_to_cache(positions, q, k, v, attn.k_cache, attn.v_cache, meta.slot_mapping)
+        out = attn.attend(q, meta)  # [num_tokens, num_heads, head_dim]
         return self.o_proj(out.reshape(-1, cfg.q_size))
 
 

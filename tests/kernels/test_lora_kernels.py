@@ -137,6 +137,31 @@ def test_expand(backend, name):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["qkv_fp32", "gate_up_bf16", "many_bf16", "rank1_fp32"])
+@pytest.mark.parametrize("num_splits", [2, 3, 5])
+def test_split_k(backend, name, num_splits, monkeypatch):
+    """Shrink into [num_splits, ...] partials (uneven and even K tails, splits wholly past in_dim for 5 x 16 > 48),
+    then expand adding them up: same as the unsplit result; adapter rows of every split are written."""
+    from loraplex.kernels import _triton_utils as tu
+
+    monkeypatch.setattr(tu, "shrink_config", lambda *a: tu.LoRAConfig(16, 16, 16, 1, 1))
+    c = _case(name, seed=4)
+    dtype = CASES[name][5]
+    shrink, expand = _impls(backend)
+    parts = torch.full((num_splits, c.lora_a.shape[0], c.x.shape[0], c.lora_a.shape[2]), float("nan"),
+                       device=DEVICE)
+    shrink(c.x, c.lora_a, parts, c.meta, 0.5)
+    expected = naive_shrink(c, 0.5, fill=float("nan"))
+    assert_close(parts.sum(0).nan_to_num(0.0), expected.nan_to_num(0.0), dtype)
+    has_adapter = torch.tensor([slot >= 0 for slot in c.slots])
+    assert not parts[:, :, has_adapter.to(DEVICE)].isnan().any(), "a split left adapter rows unwritten"
+    y = torch.randn(c.x.shape[0], sum(c.out_sizes), generator=torch.Generator().manual_seed(5)).to(DEVICE, dtype)
+    want = naive_expand(c, expected.nan_to_num(0.0), y)
+    expand(parts, c.lora_b, y, c.meta, c.offsets)
+    assert_close(y, want, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", ["qkv_fp32", "gate_up_bf16", "many_bf16", "no_adapter_rows"])
 def test_add_lora_public(backend, name):
     c = _case(name, seed=2)
