@@ -25,6 +25,9 @@ class EngineArgs:
     cpu_kv_cache_space: float = 1.0
     num_gpu_blocks_override: int | None = None
     enforce_eager: bool = False
+    # Launch decode step N+1 from step N's device-side tokens before reading them back, so host work overlaps
+    # the GPU. None = on exactly when decode runs as CUDA graphs (on the CPU it would only add wasted rows).
+    async_scheduling: bool | None = None
     max_seq_len_to_capture: int = 8192
     max_logprobs: int = 20
     trust_remote_code: bool = False

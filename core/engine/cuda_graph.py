@@ -74,20 +74,23 @@ class CUDAGraphRunner:
         torch.cuda.synchronize()
         logger.info("captured CUDA graphs for decode batch sizes %s", self.batch_sizes)
 
-    def run(self, seqs) -> torch.Tensor:
+    def run(self, seqs, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Replay for seqs; input_ids (device, [len(seqs)]) for a look-ahead step whose newest tokens the host
+        has not seen yet: positions and lengths are then one further on (see ModelRunner._prepare)."""
         r = self.runner
+        ahead = int(input_ids is not None)
         n = len(seqs)
         bs = next(b for b in self.batch_sizes if b >= n)
         block = r.block_size
         width = self.block_tables.shape[1]
         pad = bs - n
         # Built as Python lists and sent in two copies: per-element tensor writes cost more than the GPU step.
-        positions = [s.num_tokens - 1 for s in seqs]
+        positions = [s.num_tokens - 1 + ahead for s in seqs]
         rows = [
-            [s.last_token_id for s in seqs] + [0] * pad,
+            ([0] * n if ahead else [s.last_token_id for s in seqs]) + [0] * pad,
             positions + [0] * pad,
             [s.block_table[p // block] * block + p % block for s, p in zip(seqs, positions)] + [0] * pad,
-            [s.num_tokens for s in seqs] + [0] * pad,
+            [p + 1 for p in positions] + [0] * pad,
             [r.lora_manager.slot_of(s.lora_model) if s.lora_model is not None else -1 for s in seqs] + [-1] * pad
             if r.lora_manager is not None else [-1] * bs,
         ]
@@ -100,5 +103,7 @@ class CUDAGraphRunner:
         self.seq_lens[:bs].copy_(host[3])
         self.lora_idx[:bs].copy_(host[4])
         self.block_tables[:bs].copy_(host_tables)
+        if ahead:
+            self.input_ids[:n].copy_(input_ids)
         self.graphs[bs].replay()
         return self.logits[bs][:n]

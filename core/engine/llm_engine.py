@@ -5,6 +5,8 @@ import logging
 import time
 from typing import Any
 
+import torch
+
 from loraplex.engine.engine_core import build_engine_parts
 from loraplex.engine.output_processor import OutputProcessor
 from loraplex.engine_args import EngineArgs
@@ -25,7 +27,11 @@ class LLMEngine:
         self.outputs = OutputProcessor(self.tokenizer)
         self.requests: dict[str, list[Sequence]] = {}
         self._aborted: set[str] = set()  # aborted requests whose final output is not yet returned
-        self.stats = {"num_requests": 0, "num_prompt_tokens": 0, "num_generation_tokens": 0, "num_steps": 0}
+        self._pending = None  # a launched step whose tokens are not read back yet
+        self.is_async_scheduling = (args.async_scheduling if args.async_scheduling is not None
+                                    else self.runner.graph_runner is not None)
+        self.stats = {"num_requests": 0, "num_prompt_tokens": 0, "num_generation_tokens": 0, "num_steps": 0,
+                      "num_async_steps": 0}
         if self.plugin_manager is not None:
             self.plugin_manager.hook.loraplex_engine_started(engine=self)
 
@@ -106,33 +112,88 @@ class LLMEngine:
                     self._aborted.add(str(rid))
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._aborted)
+        return self.scheduler.has_unfinished() or bool(self._aborted) or self._pending is not None
 
     def get_num_unfinished_requests(self) -> int:
         return sum(1 for seqs in self.requests.values() if not all(s.is_finished for s in seqs))
 
     # ------------------------------------------------------------------ step
     def step(self) -> list[RequestOutput]:
-        sched = self.scheduler.schedule()
-        finished: list[Sequence] = []
-        if not sched.is_empty:
-            try:
-                result = self.runner.execute(sched.seqs, sched.num_scheduled_tokens)
-            except Exception:
-                # Leave the engine consistent: the batch's requests end (freeing blocks and adapter slots),
-                # everything else keeps running; the caller sees the error.
-                for seq in sched.seqs:
-                    self.scheduler.finish(seq)
-                    seq.finish("abort")
-                    self._aborted.add(seq.request_id)
-                raise
-            finished = self._postprocess(sched, result)
+        """Schedule, run, postprocess one step and return its outputs. With async scheduling the next decode
+        step is launched from this one's device-side tokens before they are read back (see _launch_ahead)."""
+        if self._pending is None:
+            sched = self.scheduler.schedule()
+            if sched.is_empty:
+                self.stats["num_steps"] += 1
+                return self._make_outputs(set())
+            self._pending = self._launch(sched.seqs, sched.num_scheduled_tokens)
+        pending, self._pending = self._pending, None
+        if self.is_async_scheduling:
+            self._pending = self._launch_ahead(pending)
+        try:
+            result = pending.result()
+        except Exception:
+            self._abort_batch(pending.seqs + (self._pending.seqs if self._pending is not None else []))
+            self._pending = None
+            raise
+        touched = self._postprocess(pending, result)
         self.stats["num_steps"] += 1
-        return self._make_outputs(sched.seqs, finished)
+        return self._make_outputs(touched)
 
-    def _postprocess(self, sched, result) -> list[Sequence]:
-        finished = []
-        for i, (seq, n) in enumerate(zip(sched.seqs, sched.num_scheduled_tokens)):
+    def _launch(self, seqs: list[Sequence], num_new: list[int], input_ids=None):
+        try:
+            return self.runner.launch(seqs, num_new, input_ids)
+        except Exception:
+            self._abort_batch(seqs)
+            raise
+
+    def _abort_batch(self, seqs: list[Sequence]) -> None:
+        # Leave the engine consistent: the batch's requests end (freeing blocks and adapter slots), everything
+        # else keeps running; the caller sees the error.
+        for seq in seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq)
+                seq.finish("abort")
+                self._aborted.add(seq.request_id)
+
+    def _launch_ahead(self, pending):
+        """Launch the decode step after ``pending`` with its sampled tokens as inputs, still on the device.
+
+        Only when nothing but those sequences could run next (no admissible waiting request) and the host needs
+        no sampled token to set up the step (no penalties, min_tokens met). Sequences sure to stop at ``pending``
+        (max_tokens, max_model_len) are left out; one that stops on EOS or a stop string wastes its row, whose
+        token is dropped. Its KV write may land in a block freed meanwhile: harmless, since the block's next
+        owner writes it later on the same stream before reading it."""
+        sched = self.scheduler
+        if sched.waiting and sched.num_running < sched.max_num_seqs:
+            return None
+        rows, seqs = [], []
+        for i, seq in enumerate(pending.seqs):
+            if seq.is_finished:
+                continue
+            p, num_out = seq.params, len(seq.output_token_ids) + 1
+            if p.has_penalties or len(seq.output_token_ids) < p.min_tokens:
+                return None
+            if (p.max_tokens is not None and num_out >= p.max_tokens) or seq.num_tokens + 1 >= self.max_model_len:
+                continue
+            rows.append(i)
+            seqs.append(seq)
+        bm = sched.block_manager
+        if not seqs or sum(bm.blocks_needed(s, s.num_tokens + 1) for s in seqs) > bm.num_free_blocks:
+            return None
+        for seq in seqs:
+            bm.allocate(seq, seq.num_tokens + 1)
+        self.stats["num_async_steps"] += 1
+        tokens = pending.tokens
+        if len(rows) < len(pending.seqs):
+            tokens = tokens[torch.tensor(rows).to(tokens.device, non_blocking=True)]
+        return self._launch(seqs, [1] * len(seqs), tokens)
+
+    def _postprocess(self, pending, result) -> set[str]:
+        touched = set()
+        for i, (seq, n) in enumerate(zip(pending.seqs, pending.num_new)):
+            if seq.is_finished:
+                continue  # a look-ahead row of a sequence that stopped (or was aborted) after launch
             seq.num_computed_tokens += n
             lp = result.logprobs[i] if result.logprobs is not None else None
             self.outputs.append_token(seq, result.token_ids[i], lp)
@@ -140,11 +201,10 @@ class LLMEngine:
             self.outputs.check_stop(seq, self.eos_token_ids, self.max_model_len)
             if seq.is_finished:
                 self.scheduler.finish(seq)
-                finished.append(seq)
-        return finished
+            touched.add(seq.request_id)
+        return touched
 
-    def _make_outputs(self, stepped: list[Sequence], finished: list[Sequence]) -> list[RequestOutput]:
-        touched = {s.request_id for s in stepped}
+    def _make_outputs(self, touched: set[str]) -> list[RequestOutput]:
         touched.update(self._aborted)
         self._aborted.clear()
         outputs = []

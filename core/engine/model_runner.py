@@ -22,6 +22,44 @@ class StepResult:
         self.logprobs = logprobs  # per seq: None or (chosen_lp, rank, top_ids, top_lps)
 
 
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    if not t.is_cuda:
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    return host
+
+
+class PendingStep:
+    """A launched step. Its sampled tokens travel to pinned host memory behind one CUDA event, so reading them
+    waits for this step only, not for a step launched after it (see LLMEngine's async scheduling)."""
+
+    __slots__ = ("seqs", "num_new", "tokens", "_host", "_event")
+
+    def __init__(self, seqs: list[Sequence], num_new: list[int], tokens: torch.Tensor, logprobs: tuple = ()):
+        self.seqs = seqs
+        self.num_new = num_new
+        self.tokens = tokens  # [num_seqs] int64 on the device: a look-ahead step's input ids
+        self._host = [_to_host(t) for t in (tokens, *logprobs)]
+        self._event = None
+        if tokens.is_cuda:
+            self._event = torch.cuda.Event()
+            self._event.record()
+
+    def result(self) -> StepResult:
+        if self._event is not None:
+            self._event.synchronize()
+        token_ids = self._host[0].tolist()
+        logprobs = None
+        if len(self._host) > 1:
+            chosen, ranks, top_ids, top_lps = (t.tolist() for t in self._host[1:])
+            logprobs = []
+            for i, s in enumerate(self.seqs):
+                k = s.params.logprobs
+                logprobs.append(None if k is None else (chosen[i], ranks[i], top_ids[i][:k], top_lps[i][:k]))
+        return StepResult(token_ids, logprobs)
+
+
 class ModelRunner:
     def __init__(self, model, device: torch.device, dtype: torch.dtype, block_size: int, num_blocks: int,
                  max_model_len: int, max_num_seqs: int, eos_token_ids: tuple[int, ...], lora_manager=None,
@@ -59,8 +97,11 @@ class ModelRunner:
         return 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * elem
 
     # ------------------------------------------------------------------ inputs
-    def _prepare(self, seqs: list[Sequence], num_new: list[int]):
+    def _prepare(self, seqs: list[Sequence], num_new: list[int], input_ids_dev: torch.Tensor | None = None):
+        """Flat batch inputs. With input_ids_dev (a look-ahead decode step), each seq's newest token is still on
+        the device and not yet appended on the host, so it sits at position seq.num_tokens."""
         bs = self.block_size
+        ahead = input_ids_dev is not None
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -68,12 +109,10 @@ class ModelRunner:
         qsl = [0]
         lora_idx: list[int] = []
         for seq, n in zip(seqs, num_new):
-            start = seq.num_computed_tokens
+            start = seq.num_tokens if ahead else seq.num_computed_tokens
             end = start + n
-            if n == 1:
-                input_ids.append(seq.last_token_id)
-            else:
-                input_ids.extend(seq.token_ids[start:end])
+            if not ahead:
+                input_ids.extend([seq.last_token_id] if n == 1 else seq.token_ids[start:end])
             table = seq.block_table
             for p in range(start, end):
                 positions.append(p)
@@ -95,7 +134,7 @@ class ModelRunner:
             max_query_len=max(num_new),
             max_seq_len=max(seq_lens),
         )
-        ids = torch.tensor(input_ids, dtype=torch.int64).to(dev, non_blocking=True)
+        ids = input_ids_dev if ahead else torch.tensor(input_ids, dtype=torch.int64).to(dev, non_blocking=True)
         pos = torch.tensor(positions, dtype=torch.int64).to(dev, non_blocking=True)
         return ids, pos, meta, qsl, lora_idx
 
@@ -108,28 +147,30 @@ class ModelRunner:
             state.meta.prepare(torch.tensor(lora_idx, dtype=torch.int32).to(self.device, non_blocking=True))
 
     # ------------------------------------------------------------------ step
-    @torch.inference_mode()
     def execute(self, seqs: list[Sequence], num_new: list[int]) -> StepResult:
+        return self.launch(seqs, num_new).result()
+
+    @torch.inference_mode()
+    def launch(self, seqs: list[Sequence], num_new: list[int], input_ids: torch.Tensor | None = None) -> PendingStep:
+        """Queue the step on the device and return at once; input_ids: see _prepare."""
         is_decode = max(num_new) == 1
         if is_decode and self.graph_runner is not None and self.graph_runner.can_run(len(seqs)):
-            logits = self.graph_runner.run(seqs)
+            logits = self.graph_runner.run(seqs, input_ids)
         else:
-            ids, pos, meta, qsl, lora_idx = self._prepare(seqs, num_new)
+            ids, pos, meta, qsl, lora_idx = self._prepare(seqs, num_new, input_ids)
             self._set_lora(lora_idx)
             hidden = self.model(ids, pos, meta)  # [num_tokens, hidden]
-            last = torch.tensor(qsl[1:], dtype=torch.int64, device=self.device) - 1
-            logits = self.model.compute_logits(hidden[last])  # [num_seqs, vocab]
-        return self.sample(logits, seqs)
+            if meta.max_query_len > 1:
+                last = torch.tensor(qsl[1:], dtype=torch.int64).to(self.device, non_blocking=True) - 1
+                hidden = hidden[last]
+            logits = self.model.compute_logits(hidden)  # [num_seqs, vocab]
+        return self.sample(logits, seqs, num_new)
 
-    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> StepResult:
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence], num_new: list[int]) -> PendingStep:
         batch = build_sampling_batch(seqs, logits.shape[1], self.device)
         min_tokens_mask(logits, seqs, self.eos_token_ids)
         tokens, raw_logprobs = sample(logits, batch, self.generator)
-        logprobs = None
+        logprobs = ()
         if raw_logprobs is not None:
-            chosen, ranks, top_ids, top_lps = gather_logprobs(raw_logprobs, tokens, max(batch.max_num_logprobs, 0))
-            logprobs = []
-            for i, s in enumerate(seqs):
-                k = s.params.logprobs
-                logprobs.append(None if k is None else (chosen[i], ranks[i], top_ids[i][:k], top_lps[i][:k]))
-        return StepResult(tokens.tolist(), logprobs)
+            logprobs = gather_logprobs(raw_logprobs, tokens, max(batch.max_num_logprobs, 0))
+        return PendingStep(seqs, num_new, tokens, logprobs)

@@ -69,11 +69,11 @@ def min_tokens_mask(logits: torch.Tensor, seqs: list[Sequence], eos_ids: tuple[i
 
 
 def gather_logprobs(raw_logprobs: torch.Tensor, tokens: torch.Tensor, k: int):
-    """Per row: (logprob of sampled token, its rank, top-k ids, top-k logprobs), all on the host."""
+    """Per row: (logprob of sampled token, its rank, top-k ids, top-k logprobs), as device tensors."""
     chosen = raw_logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
     ranks = (raw_logprobs > chosen.unsqueeze(1)).sum(dim=1) + 1
     if k > 0:
         top_lp, top_ids = raw_logprobs.topk(k, dim=-1)
     else:
         top_lp = top_ids = torch.empty(raw_logprobs.shape[0], 0, device=raw_logprobs.device)
-    return chosen.tolist(), ranks.tolist(), top_ids.tolist(), top_lp.tolist()
+    return chosen, ranks, top_ids, top_lp

@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     s.add_argument("--cpu-kv-cache-space", type=float, default=1.0, help="CPU KV cache in GiB")
     s.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    s.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="overlap host work with the GPU step (default: on with CUDA graphs)")
     s.add_argument("--trust-remote-code", action="store_true")
     lora = s.add_argument_group("LoRA")
     lora.add_argument("--enable-lora", action="store_true")
@@ -141,7 +143,7 @@ def serve(args) -> int:
             device=args.device, seed=args.seed, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
             gpu_memory_utilization=args.gpu_memory_utilization, cpu_kv_cache_space=args.cpu_kv_cache_space,
-            enforce_eager=args.enforce_eager, max_logprobs=args.max_logprobs, trust_remote_code=args.trust_remote_code,
+            enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling, max_logprobs=args.max_logprobs, trust_remote_code=args.trust_remote_code,
             enable_lora=args.enable_lora, max_loras=args.max_loras, max_lora_rank=max_rank,
             max_cpu_loras=args.max_cpu_loras, lora_dtype=args.lora_dtype)
     except ValueError as e:

@@ -172,16 +172,16 @@ def test_engine_failure_is_500_and_server_recovers(tiny_llama):
     from loraplex.server import create_app
 
     engine = make_engine(tiny_llama, enable_lora=False)
-    execute = engine.runner.execute
+    launch = engine.runner.launch
     calls = {"n": 0}
 
     def failing_once(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 3:
             raise RuntimeError("device fell off the bus")
-        return execute(*args, **kwargs)
+        return launch(*args, **kwargs)
 
-    engine.runner.execute = failing_once
+    engine.runner.launch = failing_once
     with ServerThread(create_app(engine, api_key="", served_model_name="tiny")) as srv:
         r = httpx.post(srv.url + "/v1/completions", json={**OK, "max_tokens": 8, "ignore_eos": True})
         err = error_of(r, 500)
