@@ -3,9 +3,8 @@
     python benchmarks/bench_lora_kernels.py [--json out.json]
 
 For each (tokens, distinct adapters) mix it times one decoder layer's four LoRA projections (qkv, o, gate_up,
-down; rank 16) over 8 layers of distinct weights (more than the L2 holds): the default path, the two-launch path
-(shrink + expand) for every split-K size and expand tile in its sweep, and the fused one-launch kernel for every
-tile in its sweep; it prints microseconds per layer next to the bytes-over-bandwidth floor.
+down; rank 16) over 8 layers of distinct weights (more than the L2 holds), for every split-K size and expand
+tile in the sweep, and prints microseconds per layer next to the bytes-over-bandwidth floor.
 """
 from __future__ import annotations
 
@@ -84,14 +83,10 @@ def main() -> None:
     ap.add_argument("--k-per-split", default="0,2048,1024,512,256", help="0 = no split")
     ap.add_argument("--expand-n", default="64,128,256")
     ap.add_argument("--expand-warps", default="4,8")
-    ap.add_argument("--fused-sweep", default="256,512,1024/128/128,256/4,8",
-                    help="BLOCK_N list/SUB_N list/BLOCK_K list/warps list of the fused kernel ('' = skip)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     bw = measure_hbm_bandwidth()
-    orig_splits, orig_expand, orig_fused, orig_use = tu.shrink_splits, tu.expand_config, tu.fused_config, tu.use_fused
-    fused_grid = list(itertools.product(*[[int(v) for v in part.split(",")] for part in args.fused_sweep.split("/")]))\
-        if args.fused_sweep else []
+    orig_splits, orig_expand = tu.shrink_splits, tu.expand_config
     rows = []
     for mix in args.mixes.split(","):
         num_tokens, num_adapters = (int(v) for v in mix.split(":"))
@@ -108,19 +103,9 @@ def main() -> None:
                      "floor_us": floor_us})
         print(f"tokens={num_tokens} adapters={num_adapters} default: {us:.1f} us/layer (floor {floor_us:.1f})",
               flush=True)
-        for bn, sn, bk, nw in fused_grid:
-            tu.fused_config = (lambda *a, cfg=tu.FusedConfig(16, bn, sn, bk, nw, 3): cfg)
-            tu.use_fused = lambda n: True
-            try:
-                us = time_graph(run) / NUM_LAYERS
-            finally:
-                tu.fused_config, tu.use_fused = orig_fused, orig_use
-            rows.append({"tokens": num_tokens, "adapters": num_adapters, "config": f"fused N{bn}/{sn} K{bk} w{nw}",
-                         "us_per_layer": us, "floor_us": floor_us})
-        for kps, bn, nw in itertools.product([int(v) for v in args.k_per_split.split(",") if v],
+        for kps, bn, nw in itertools.product([int(v) for v in args.k_per_split.split(",")],
                                              [int(v) for v in args.expand_n.split(",")],
                                              [int(v) for v in args.expand_warps.split(",")]):
-            tu.use_fused = lambda n: False
             tu.shrink_splits = (lambda n, k, kps=kps: 1 if kps == 0 or n > 256 else max(1, k // kps))
 
             def expand_config(n, total_out, max_rank, interpret, bn=bn, nw=nw):
@@ -131,14 +116,14 @@ def main() -> None:
             try:
                 us = time_graph(run) / NUM_LAYERS
             finally:
-                tu.shrink_splits, tu.expand_config, tu.use_fused = orig_splits, orig_expand, orig_use
-            rows.append({"tokens": num_tokens, "adapters": num_adapters,
-                         "config": f"two-launch k/split {kps} expand N{bn} w{nw}", "us_per_layer": us,
-                         "floor_us": floor_us})
+                tu.shrink_splits, tu.expand_config = orig_splits, orig_expand
+            rows.append({"tokens": num_tokens, "adapters": num_adapters, "k_per_split": kps, "expand_n": bn,
+                         "expand_warps": nw, "us_per_layer": us, "floor_us": floor_us})
         best = sorted((r for r in rows if r["tokens"] == num_tokens and r["adapters"] == num_adapters
-                       and r["config"] != "default"), key=lambda r: r["us_per_layer"])[:8]
+                       and "k_per_split" in r), key=lambda r: r["us_per_layer"])[:6]
         for r in best:
-            print(f"   {r['config']:<40} {r['us_per_layer']:.1f} us/layer", flush=True)
+            print(f"   k/split {r['k_per_split']:>5}  expand N {r['expand_n']:>3} warps {r['expand_warps']}: "
+                  f"{r['us_per_layer']:.1f} us/layer", flush=True)
         del layers, meta
         torch.cuda.empty_cache()
     if args.json:

@@ -151,12 +151,6 @@ def lora_shrink_k_per_split() -> int:
     return max(16, int(get("LORA_K_PER_SPLIT") or 1024))
 
 
-def lora_fused_max_tokens() -> int:
-    """``LORAPLEX_LORA_FUSED_MAX_TOKENS``: batches of at most this many tokens run each LoRA projection as one
-    fused shrink+expand launch on CUDA (decode); larger ones (prefill) as two. ``0`` turns the fused kernel off."""
-    return max(0, int(get("LORA_FUSED_MAX_TOKENS") or 128))
-
-
 def fused_ops() -> bool:
     """``LORAPLEX_FUSED_OPS``: fused Triton RMSNorm+residual, rotary+KV-cache write and SiLU·mul on CUDA
     (default on; ``0`` falls back to the eager torch ops). CPU always runs the torch ops."""

@@ -23,16 +23,6 @@ class LoRAConfig:
     num_stages: int = 2
 
 
-@dataclass(frozen=True)
-class FusedConfig:
-    BLOCK_M: int  # tokens of one slot per program
-    BLOCK_N: int  # output columns per program
-    SUB_N: int  # output columns per inner tile
-    BLOCK_K: int  # in_dim step of the shrink
-    num_warps: int = 4
-    num_stages: int = 2
-
-
 @triton.jit
 def slot_block(pid_m, counts_ptr, MAX_LORAS: tl.constexpr, MAX_LORAS_P: tl.constexpr, BLOCK_M: tl.constexpr):
     """(slot, m-block within the slot, slot's token count) of flat m-block ``pid_m``.
@@ -105,14 +95,3 @@ def expand_config(num_tokens: int, total_out: int, max_rank: int, interpret: boo
     # Measured on H200 (bf16, rank 16): 128 columns beat 64 for decode, 256 only for very wide outputs.
     block_n = 128
     return LoRAConfig(block_m, min(block_n, _p2(total_out)), block_k, 4, 2)
-
-
-def use_fused(num_tokens: int) -> bool:
-    return 0 < num_tokens <= envs.lora_fused_max_tokens()
-
-
-def fused_config(num_tokens: int, in_dim: int, total_out: int, max_rank: int, interpret: bool) -> FusedConfig:
-    if interpret:
-        return FusedConfig(_p2(num_tokens, hi=64), _p2(total_out, hi=128), _p2(total_out, hi=128),
-                           _p2(in_dim, hi=128), 1, 1)
-    return FusedConfig(16, 512, 128, 256, 4, 3)

@@ -52,7 +52,8 @@ def _check_meta(op: str, meta, device: torch.device, max_loras: int, num_tokens:
                          f"{meta.sorted_token_ids.shape[0]}")
 
 
-def _check_shrink_inputs(x: torch.Tensor, lora_a: torch.Tensor) -> None:
+def check_shrink_args(x: torch.Tensor, lora_a: torch.Tensor, out: torch.Tensor, meta) -> None:
+    """Shape/dtype/device checks shared by both backends; never syncs with the device."""
     if x.dim() != 2 or x.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"lora_shrink: x must be [num_tokens, in_dim] fp16/bf16/fp32, got {tuple(x.shape)} {x.dtype}")
     if lora_a.dim() != 4 or lora_a.shape[3] != x.shape[1]:
@@ -60,39 +61,15 @@ def _check_shrink_inputs(x: torch.Tensor, lora_a: torch.Tensor) -> None:
                          f"got {tuple(lora_a.shape)}")
     if lora_a.dtype != x.dtype:
         raise ValueError(f"lora_shrink: lora_a is {lora_a.dtype} but x is {x.dtype}")
-    if lora_a.device != x.device:
-        raise ValueError(f"lora_shrink: lora_a is on {lora_a.device} but x is on {x.device}")
-
-
-def check_shrink_args(x: torch.Tensor, lora_a: torch.Tensor, out: torch.Tensor, meta) -> None:
-    """Shape/dtype/device checks shared by both backends; never syncs with the device."""
-    _check_shrink_inputs(x, lora_a)
     num_slices, max_loras, max_rank, _ = lora_a.shape
     expected = (num_slices, x.shape[0], max_rank)
     if tuple(out.shape[-3:]) != expected or out.dim() not in (3, 4) or out.dtype != torch.float32:
         raise ValueError(f"lora_shrink: out must be {list(expected)} (num_slices, num_tokens, max_rank) float32, "
                          f"optionally with a leading split dim, got {tuple(out.shape)} {out.dtype}")
-    if out.device != x.device:
-        raise ValueError(f"lora_shrink: out is on {out.device} but x is on {x.device}")
+    for name, t in (("lora_a", lora_a), ("out", out)):
+        if t.device != x.device:
+            raise ValueError(f"lora_shrink: {name} is on {t.device} but x is on {x.device}")
     _check_meta("lora_shrink", meta, x.device, max_loras, x.shape[0])
-
-
-def _check_expand_outputs(op: str, num_slices: int, num_tokens: int, max_rank: int, lora_b: torch.Tensor,
-                          out: torch.Tensor, slice_offsets: torch.Tensor, device: torch.device) -> None:
-    if lora_b.dim() != 3 or lora_b.shape[2] != max_rank or lora_b.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"{op}: lora_b must be [max_loras, total_out, max_rank={max_rank}] fp16/bf16/fp32, "
-                         f"got {tuple(lora_b.shape)} {lora_b.dtype}")
-    total_out = lora_b.shape[1]
-    if tuple(out.shape) != (num_tokens, total_out) or out.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"{op}: out must be [num_tokens={num_tokens}, total_out={total_out}] "
-                         f"fp16/bf16/fp32, got {tuple(out.shape)} {out.dtype}")
-    if slice_offsets.dim() != 1 or slice_offsets.shape[0] != num_slices + 1 \
-            or slice_offsets.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"{op}: slice_offsets must be [num_slices + 1 = {num_slices + 1}] int32, got "
-                         f"{tuple(slice_offsets.shape)} {slice_offsets.dtype}")
-    for name, t in (("lora_b", lora_b), ("out", out), ("slice_offsets", slice_offsets)):
-        if t.device != device:
-            raise ValueError(f"{op}: {name} is on {t.device} but the input is on {device}")
 
 
 def check_expand_args(buf: torch.Tensor, lora_b: torch.Tensor, out: torch.Tensor, meta,
@@ -102,19 +79,21 @@ def check_expand_args(buf: torch.Tensor, lora_b: torch.Tensor, out: torch.Tensor
         raise ValueError(f"lora_expand: buf must be [num_slices, num_tokens, max_rank] float32 (optionally with a "
                          f"leading split dim), got {tuple(buf.shape)} {buf.dtype}")
     num_slices, num_tokens, max_rank = buf.shape[-3:]
-    _check_expand_outputs("lora_expand", num_slices, num_tokens, max_rank, lora_b, out, slice_offsets, buf.device)
-    _check_meta("lora_expand", meta, buf.device, lora_b.shape[0], num_tokens)
-
-
-def check_add_lora_args(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, meta,
-                        slice_offsets: torch.Tensor) -> None:
-    """The fused kernel's checks: shrink's inputs and expand's outputs, without the scratch between them."""
-    _check_shrink_inputs(x, lora_a)
-    num_slices, max_loras, max_rank, _ = lora_a.shape
-    _check_expand_outputs("add_lora", num_slices, x.shape[0], max_rank, lora_b, y, slice_offsets, x.device)
-    if lora_b.shape[0] != max_loras:
-        raise ValueError(f"add_lora: lora_a has {max_loras} slots but lora_b {lora_b.shape[0]}")
-    _check_meta("add_lora", meta, x.device, max_loras, x.shape[0])
+    if lora_b.dim() != 3 or lora_b.shape[2] != max_rank or lora_b.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"lora_expand: lora_b must be [max_loras, total_out, max_rank={max_rank}] fp16/bf16/fp32, "
+                         f"got {tuple(lora_b.shape)} {lora_b.dtype}")
+    max_loras, total_out, _ = lora_b.shape
+    if tuple(out.shape) != (num_tokens, total_out) or out.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"lora_expand: out must be [num_tokens={num_tokens}, total_out={total_out}] "
+                         f"fp16/bf16/fp32, got {tuple(out.shape)} {out.dtype}")
+    if slice_offsets.dim() != 1 or slice_offsets.shape[0] != num_slices + 1 \
+            or slice_offsets.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"lora_expand: slice_offsets must be [num_slices + 1 = {num_slices + 1}] int32, got "
+                         f"{tuple(slice_offsets.shape)} {slice_offsets.dtype}")
+    for name, t in (("lora_b", lora_b), ("out", out), ("slice_offsets", slice_offsets)):
+        if t.device != buf.device:
+            raise ValueError(f"lora_expand: {name} is on {t.device} but buf is on {buf.device}")
+    _check_meta("lora_expand", meta, buf.device, max_loras, num_tokens)
 
 
 # ----------------------------------------------------------------------------------------------- reference
@@ -277,15 +256,6 @@ def _num_splits(x: torch.Tensor, backend: str) -> int:
     return shrink_splits(x.shape[0], x.shape[1])
 
 
-def _use_fused(x: torch.Tensor, backend: str) -> bool:
-    # Eager CUDA calls only: traced calls (torch.compile) go through the two registered custom ops.
-    if not x.is_cuda or not _eager(x) or _resolve_backend("add_lora", backend, x) != "triton":
-        return False
-    from loraplex.kernels._triton_utils import use_fused
-
-    return use_fused(x.shape[0])
-
-
 def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, meta,
              slice_offsets: torch.Tensor, buffer: torch.Tensor | None = None, scale: float = 1.0,
              backend: str = "auto") -> None:
@@ -293,17 +263,12 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: tor
 
     y: [num_tokens, total_out]; buffer: optional float32 scratch [num_slices, >= num_tokens, max_rank]
     (allocated per call when None, with split-K partials on CUDA). One shrink and one expand launch whatever the
-    number of slices; on CUDA, decode-sized batches without a given buffer take one fused launch instead.
+    number of slices.
     """
     if lora_a.dim() != 4 or x.dim() != 2:
         raise ValueError(f"add_lora: x must be 2-D and lora_a 4-D, got {tuple(x.shape)} and {tuple(lora_a.shape)}")
     num_slices, _, max_rank, _ = lora_a.shape
     num_tokens = x.shape[0]
-    if buffer is None and _use_fused(x, backend):
-        from loraplex.kernels.lora_fused import lora_fused_triton
-
-        lora_fused_triton(y, x, lora_a, lora_b, meta, slice_offsets, scale)
-        return
     if buffer is None:
         # Rows of tokens without an adapter are never read, so the scratch needs no zeroing.
         num_splits = _num_splits(x, backend)
