@@ -151,6 +151,12 @@ def lora_shrink_k_per_split() -> int:
     return max(16, int(get("LORA_K_PER_SPLIT") or 1024))
 
 
+def lora_side_stream() -> bool:
+    """``LORAPLEX_LORA_SIDE_STREAM``: on CUDA, run each LoRA shrink on a second stream alongside the base
+    projection's matmul, which reads the same input (default on; ``0`` runs it after the matmul)."""
+    return get_bool("LORA_SIDE_STREAM", default=True)
+
+
 def fused_ops() -> bool:
     """``LORAPLEX_FUSED_OPS``: fused Triton RMSNorm+residual, rotary+KV-cache write and SiLU·mul on CUDA
     (default on; ``0`` falls back to the eager torch ops). CPU always runs the torch ops."""

@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["lora_shrink", "lora_expand", "add_lora", "lora_shrink_ref", "lora_expand_ref",
+__all__ = ["lora_shrink", "lora_expand", "add_lora", "lora_buffer", "lora_shrink_ref", "lora_expand_ref",
            "lora_shrink_triton", "lora_expand_triton", "check_shrink_args", "check_expand_args", "HAS_TRITON"]
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -256,6 +256,14 @@ def _num_splits(x: torch.Tensor, backend: str) -> int:
     return shrink_splits(x.shape[0], x.shape[1])
 
 
+def lora_buffer(x: torch.Tensor, lora_a: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """Scratch for one shrink of x through lora_a: float32 [num_splits, num_slices, num_tokens, max_rank], with
+    split-K partials on CUDA. Rows of tokens without an adapter are never read, so it needs no zeroing."""
+    num_slices, _, max_rank, _ = lora_a.shape
+    return torch.empty((_num_splits(x, backend), num_slices, x.shape[0], max_rank), dtype=torch.float32,
+                       device=x.device)
+
+
 def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, meta,
              slice_offsets: torch.Tensor, buffer: torch.Tensor | None = None, scale: float = 1.0,
              backend: str = "auto") -> None:
@@ -270,9 +278,7 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: tor
     num_slices, _, max_rank, _ = lora_a.shape
     num_tokens = x.shape[0]
     if buffer is None:
-        # Rows of tokens without an adapter are never read, so the scratch needs no zeroing.
-        num_splits = _num_splits(x, backend)
-        buffer = torch.empty((num_splits, num_slices, num_tokens, max_rank), dtype=torch.float32, device=x.device)
+        buffer = lora_buffer(x, lora_a, backend)
     elif buffer.dim() != 3 or buffer.shape[0] != num_slices or buffer.shape[1] < num_tokens \
             or buffer.shape[2] != max_rank:
         raise ValueError(f"add_lora: buffer must be [num_slices={num_slices}, >= {num_tokens}, "

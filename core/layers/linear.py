@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from loraplex.kernels.lora_ops import add_lora
+from loraplex import envs
+from loraplex.kernels.lora_ops import add_lora, lora_buffer, lora_expand, lora_shrink
 
 
 class LoRAState:
@@ -21,6 +22,9 @@ class LoRAState:
         self.backend = backend
         # Flipped per step by the model runner: a batch with no adapter rows skips LoRA entirely.
         self.is_active = False
+        # Shrinks run here, overlapping the base matmul: at decode both are latency bound, not bandwidth bound.
+        self.side_stream = torch.cuda.Stream(meta.device) if meta.device.type == "cuda" and envs.lora_side_stream() \
+            else None
 
 
 class Linear(nn.Module):
@@ -72,8 +76,21 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [num_tokens, in_features] -> [num_tokens, out_features]
-        y = nn.functional.linear(x, self.weight, self.bias)
         state = self.lora_state
-        if state is not None and state.is_active:
+        if state is None or not state.is_active:
+            return nn.functional.linear(x, self.weight, self.bias)
+        if state.side_stream is None or not x.is_cuda:
+            y = nn.functional.linear(x, self.weight, self.bias)
             add_lora(y, x, self.lora_a, self.lora_b, state.meta, self.lora_slice_offsets, backend=state.backend)
+            return y
+        # Fork: shrink on the side stream while the matmul runs; join before the expand adds into y. The scratch
+        # is allocated on the main stream, which waits for the side stream before reusing anything.
+        buf = lora_buffer(x, self.lora_a, state.backend)  # [num_splits, num_slices, num_tokens, max_rank]
+        main = torch.cuda.current_stream(x.device)
+        state.side_stream.wait_stream(main)
+        with torch.cuda.stream(state.side_stream):
+            lora_shrink(x, self.lora_a, buf, state.meta, backend=state.backend)
+        y = nn.functional.linear(x, self.weight, self.bias)
+        main.wait_stream(state.side_stream)
+        lora_expand(buf, self.lora_b, y, state.meta, self.lora_slice_offsets, backend=state.backend)
         return y
