@@ -151,16 +151,10 @@ def lora_shrink_k_per_split() -> int:
     return max(16, int(get("LORA_K_PER_SPLIT") or 1024))
 
 
-def lora_side_stream() -> str:
-    """``LORAPLEX_LORA_SIDE_STREAM``: on CUDA, which LoRA work runs on a second stream alongside the base
-    projection's matmul: ``all`` (default: shrink and expand, into a scratch added to the output after the join),
-    ``shrink`` (the expand then adds into the output after the matmul), or ``0``/``off`` (all after the matmul)."""
-    value = (get("LORA_SIDE_STREAM") or "all").strip().lower()
-    value = {"1": "all", "true": "all", "yes": "all", "on": "all", "0": "off", "false": "off", "no": "off"}.get(
-        value, value)
-    if value not in ("all", "shrink", "off"):
-        raise ValueError(f"LORAPLEX_LORA_SIDE_STREAM must be all, shrink or off, got {value!r}")
-    return value
+def lora_side_stream() -> bool:
+    """``LORAPLEX_LORA_SIDE_STREAM``: on CUDA, run each LoRA shrink on a second stream alongside the base
+    projection's matmul, which reads the same input (default on; ``0`` runs it after the matmul)."""
+    return get_bool("LORA_SIDE_STREAM", default=True)
 
 
 def fused_ops() -> bool:

@@ -22,9 +22,9 @@ class LoRAState:
         self.backend = backend
         # Flipped per step by the model runner: a batch with no adapter rows skips LoRA entirely.
         self.is_active = False
-        # LoRA kernels run here, overlapping the base matmul: at decode both are latency bound, not bandwidth bound.
-        self.side_mode = envs.lora_side_stream() if meta.device.type == "cuda" else "off"
-        self.side_stream = torch.cuda.Stream(meta.device) if self.side_mode != "off" else None
+        # Shrinks run here, overlapping the base matmul: at decode both are latency bound, not bandwidth bound.
+        self.side_stream = torch.cuda.Stream(meta.device) if meta.device.type == "cuda" and envs.lora_side_stream() \
+            else None
 
 
 class Linear(nn.Module):
@@ -83,22 +83,14 @@ class Linear(nn.Module):
             y = nn.functional.linear(x, self.weight, self.bias)
             add_lora(y, x, self.lora_a, self.lora_b, state.meta, self.lora_slice_offsets, backend=state.backend)
             return y
-        # Fork: LoRA on the side stream while the matmul runs, join, then add. Scratch is allocated on the main
-        # stream, which waits for the side stream before reusing anything.
-        is_all = state.side_mode == "all"
+        # Fork: shrink on the side stream while the matmul runs; join before the expand adds into y. The scratch
+        # is allocated on the main stream, which waits for the side stream before reusing anything.
         buf = lora_buffer(x, self.lora_a, state.backend)  # [num_splits, num_slices, num_tokens, max_rank]
-        delta = torch.empty(x.shape[0], self.out_features, dtype=torch.float32, device=x.device) if is_all else None
         main = torch.cuda.current_stream(x.device)
         state.side_stream.wait_stream(main)
         with torch.cuda.stream(state.side_stream):
             lora_shrink(x, self.lora_a, buf, state.meta, backend=state.backend)
-            if is_all:
-                delta.zero_()  # rows without an adapter are not written by the expand
-                lora_expand(buf, self.lora_b, delta, state.meta, self.lora_slice_offsets, backend=state.backend)
         y = nn.functional.linear(x, self.weight, self.bias)
         main.wait_stream(state.side_stream)
-        if is_all:
-            y.add_(delta)  # fp32 delta: y is rounded once, as when the expand adds into it
-        else:
-            lora_expand(buf, self.lora_b, y, state.meta, self.lora_slice_offsets, backend=state.backend)
+        lora_expand(buf, self.lora_b, y, state.meta, self.lora_slice_offsets, backend=state.backend)
         return y
