@@ -13,6 +13,9 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer, prompt_token_ids: list[int], skip_special_tokens: bool = True,
                  stop: list[str] | None = None, include_stop_str_in_output: bool = False):
         self.tokenizer = tokenizer
+        # decode() of a list of ints is _decode() after a to_py_obj pass that costs more than the decode itself;
+        # this runs twice per token per sequence, so call _decode directly where the tokenizer has it.
+        self._decode_ids = getattr(tokenizer, "_decode", None) or tokenizer.decode
         self.skip_special_tokens = skip_special_tokens
         self.ids: list[int] = list(prompt_token_ids[-_CONTEXT_TOKENS:])
         self.prefix_offset = 0
@@ -23,7 +26,7 @@ class IncrementalDetokenizer:
         self.max_stop_len = max((len(s) for s in self.stop), default=0)
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+        return self._decode_ids(ids, skip_special_tokens=self.skip_special_tokens)
 
     def add_token(self, token_id: int) -> str | None:
         """Append one token; returns the stop string hit, if any (text is then truncated at it)."""
