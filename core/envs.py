@@ -151,6 +151,13 @@ def lora_shrink_k_per_split() -> int:
     return max(16, int(get("LORA_K_PER_SPLIT") or 1024))
 
 
+def async_scheduling() -> bool | None:
+    """``LORAPLEX_ASYNC_SCHEDULING``: default of EngineArgs.async_scheduling when that is None; unset = on
+    exactly when decode runs as CUDA graphs."""
+    value = get("ASYNC_SCHEDULING")
+    return None if value is None or not value.strip() else value.strip().lower() in _TRUE
+
+
 def lora_side_stream() -> bool:
     """``LORAPLEX_LORA_SIDE_STREAM``: on CUDA, run each LoRA shrink on a second stream alongside the base
     projection's matmul, which reads the same input (default on; ``0`` runs it after the matmul)."""

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from loraplex import envs
 from loraplex.engine.engine_core import build_engine_parts
 from loraplex.engine.output_processor import OutputProcessor
 from loraplex.engine_args import EngineArgs
@@ -28,8 +29,8 @@ class LLMEngine:
         self.requests: dict[str, list[Sequence]] = {}
         self._aborted: set[str] = set()  # aborted requests whose final output is not yet returned
         self._pending = None  # a launched step whose tokens are not read back yet
-        self.is_async_scheduling = (args.async_scheduling if args.async_scheduling is not None
-                                    else self.runner.graph_runner is not None)
+        is_async = args.async_scheduling if args.async_scheduling is not None else envs.async_scheduling()
+        self.is_async_scheduling = is_async if is_async is not None else self.runner.graph_runner is not None
         self.stats = {"num_requests": 0, "num_prompt_tokens": 0, "num_generation_tokens": 0, "num_steps": 0,
                       "num_async_steps": 0}
         if self.plugin_manager is not None:

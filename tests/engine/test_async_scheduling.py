@@ -96,9 +96,14 @@ def test_async_scheduling_changes_no_output_cuda_graphs(tiny_llama, tmp_path):
     _workload(tiny_llama, tmp_path, "cuda")
 
 
-def test_async_scheduling_default_follows_cuda_graphs(tiny_llama):
+def test_async_scheduling_default_follows_cuda_graphs(tiny_llama, monkeypatch):
+    monkeypatch.delenv("LORAPLEX_ASYNC_SCHEDULING", raising=False)
+    monkeypatch.delenv("VLLM_ASYNC_SCHEDULING", raising=False)
     engine = LLMEngine.from_engine_args(EngineArgs(model=str(tiny_llama), device="cpu", max_model_len=64))
     assert engine.is_async_scheduling is False  # CPU: no graphs, nothing to overlap
+    monkeypatch.setenv("VLLM_ASYNC_SCHEDULING", "1")
+    engine = LLMEngine.from_engine_args(EngineArgs(model=str(tiny_llama), device="cpu", max_model_len=64))
+    assert engine.is_async_scheduling is True
     engine = LLMEngine.from_engine_args(EngineArgs(model=str(tiny_llama), device="cpu", max_model_len=64,
                                                    async_scheduling=True))
     assert engine.is_async_scheduling is True
