@@ -84,6 +84,8 @@ class EngineArgs:
             raise bad("tensor_parallel_size", "must be 1: loraplex runs on one device")
         if self.max_logprobs < 0:
             raise bad("max_logprobs", "must be >= 0")
+        if self.async_scheduling not in (None, True, False):
+            raise bad("async_scheduling", "must be True, False or None (on exactly with CUDA graphs)")
         self._verify_lora()
 
     def _verify_lora(self) -> None:

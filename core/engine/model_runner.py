@@ -147,9 +147,6 @@ class ModelRunner:
             state.meta.prepare(torch.tensor(lora_idx, dtype=torch.int32).to(self.device, non_blocking=True))
 
     # ------------------------------------------------------------------ step
-    def execute(self, seqs: list[Sequence], num_new: list[int]) -> StepResult:
-        return self.launch(seqs, num_new).result()
-
     @torch.inference_mode()
     def launch(self, seqs: list[Sequence], num_new: list[int], input_ids: torch.Tensor | None = None) -> PendingStep:
         """Queue the step on the device and return at once; input_ids: see _prepare."""

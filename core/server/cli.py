@@ -143,7 +143,8 @@ def serve(args) -> int:
             device=args.device, seed=args.seed, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
             gpu_memory_utilization=args.gpu_memory_utilization, cpu_kv_cache_space=args.cpu_kv_cache_space,
-            enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling, max_logprobs=args.max_logprobs, trust_remote_code=args.trust_remote_code,
+            enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling,
+            max_logprobs=args.max_logprobs, trust_remote_code=args.trust_remote_code,
             enable_lora=args.enable_lora, max_loras=args.max_loras, max_lora_rank=max_rank,
             max_cpu_loras=args.max_cpu_loras, lora_dtype=args.lora_dtype)
     except ValueError as e:

@@ -107,3 +107,33 @@ def test_async_scheduling_default_follows_cuda_graphs(tiny_llama, monkeypatch):
     engine = LLMEngine.from_engine_args(EngineArgs(model=str(tiny_llama), device="cpu", max_model_len=64,
                                                    async_scheduling=True))
     assert engine.is_async_scheduling is True
+
+
+def test_failed_look_ahead_launch(tiny_llama):
+    """A look-ahead launch that fails ends the requests it carried; a request it left out (sure to stop) has not
+    advanced, so it is recomputed and finishes; the engine then serves new requests."""
+    engine = LLMEngine.from_engine_args(EngineArgs(model=str(tiny_llama), device="cpu", max_model_len=64,
+                                                   async_scheduling=True))
+    launch, calls = engine.runner.launch, {"n": 0}
+
+    def failing_second(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the first look-ahead launch
+            raise RuntimeError("device fell off the bus")
+        return launch(*args, **kwargs)
+
+    engine.runner.launch = failing_second
+    for i, max_tokens in enumerate((1, 4, 5)):
+        engine.add_request(str(i), "hello", SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
+    with pytest.raises(RuntimeError, match="fell off"):
+        engine.step()
+    finals = {}
+    while engine.has_unfinished_requests():
+        finals.update({o.request_id: o.outputs[0].finish_reason for o in engine.step() if o.finished})
+    assert finals == {"0": "length", "1": "abort", "2": "abort"}
+    bm = engine.scheduler.block_manager
+    assert bm.num_free_blocks == bm.num_usable_blocks
+    engine.add_request("again", "hello", SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    while engine.has_unfinished_requests():
+        out = engine.step()
+    assert out[0].finished and len(out[0].outputs[0].token_ids) == 4

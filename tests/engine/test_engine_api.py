@@ -133,6 +133,7 @@ def test_sampling_params_validation(kwargs, field):
                                                                "gpu_memory_utilization"),
     ({"block_size": 7}, "block_size"), ({"max_num_seqs": 0}, "max_num_seqs"), ({"device": "tpu"}, "device"),
     ({"max_model_len": 512, "max_num_batched_tokens": 256}, "max_num_batched_tokens"),
+    ({"async_scheduling": "yes"}, "async_scheduling"),
 ])
 def test_engine_args_validation(kwargs, field):
     with pytest.raises(ValueError, match=field):
