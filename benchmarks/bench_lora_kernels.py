@@ -4,7 +4,8 @@
 
 For each (tokens, distinct adapters) mix it times one decoder layer's four LoRA projections (qkv, o, gate_up,
 down; rank 16) over 8 layers of distinct weights (more than the L2 holds), for every split-K size and expand
-tile in the sweep, and prints microseconds per layer next to the bytes-over-bandwidth floor.
+tile in the sweep, for the grouped kernels and the per-token decode kernels, and prints microseconds per layer
+next to the bytes-over-bandwidth floor.
 """
 from __future__ import annotations
 
@@ -74,19 +75,72 @@ def time_graph(fn, iters: int = 20) -> float:
     return sorted(times)[1] * 1e3  # median of 3, microseconds
 
 
+def sweep_configs(args) -> list[dict]:
+    """Launch configs to time: the grouped kernels over split-K size and expand tile, then the per-token decode
+    kernels (both, or decode shrink + grouped expand and the reverse) over split-K size and tile."""
+    configs = []
+    for kps, bn, nw in itertools.product([int(v) for v in args.k_per_split.split(",")],
+                                         [int(v) for v in args.expand_n.split(",")],
+                                         [int(v) for v in args.expand_warps.split(",")]):
+        configs.append({"shrink": "grouped", "expand": "grouped", "k_per_split": kps, "expand_n": bn,
+                        "expand_warps": nw})
+    splits = [int(v) for v in args.k_per_split.split(",") if int(v)]
+    ks, ns = [int(v) for v in args.decode_k.split(",")], [int(v) for v in args.decode_n.split(",")]
+    for kps, bk, bn in itertools.product(splits, ks, ns):
+        # One family each: only the tile of the decode op varies.
+        families = [("decode", "decode")] + [("decode", "grouped")] * (bn == ns[0]) \
+            + [("grouped", "decode")] * (bk == ks[0])
+        for shrink, expand in families:
+            configs.append({"shrink": shrink, "expand": expand, "k_per_split": kps, "decode_k": bk, "decode_n": bn,
+                            "expand_n": 128, "expand_warps": 4})
+    return configs
+
+
+def apply_config(cfg: dict, tu, lora_ops) -> None:
+    kps = cfg["k_per_split"]
+    tu.shrink_splits = (lambda n, k: 1 if kps == 0 or n > 256 else max(1, k // kps))
+    orig_expand = tu.expand_config.__wrapped__ if hasattr(tu.expand_config, "__wrapped__") else tu.expand_config
+
+    def expand_config(n, total_out, max_rank, interpret):
+        c = orig_expand(n, total_out, max_rank, interpret)
+        return tu.LoRAConfig(c.BLOCK_M, min(cfg["expand_n"], tu._p2(total_out)), c.BLOCK_K, cfg["expand_warps"],
+                             c.num_stages)
+
+    expand_config.__wrapped__ = orig_expand
+    tu.expand_config = expand_config
+    if "decode_k" in cfg:
+        tu.decode_shrink_block_k = lambda per_split, block_r, interpret: min(cfg["decode_k"], tu._p2(per_split))
+        tu.decode_expand_block_n = lambda total_out, block_r, interpret: min(cfg["decode_n"], tu._p2(total_out))
+    # Which family each op takes: lora_ops asks use_decode_kernels once per op, shrink first.
+    families = {"shrink": cfg["shrink"] == "decode", "expand": cfg["expand"] == "decode"}
+    orig_impl = lora_ops._impl.__wrapped__ if hasattr(lora_ops._impl, "__wrapped__") else lora_ops._impl
+
+    def impl(name, backend, num_tokens):
+        tu.use_decode_kernels = lambda n, interpret: families[name]
+        return orig_impl(name, backend, num_tokens)
+
+    impl.__wrapped__ = orig_impl
+    lora_ops._impl = impl
+
+
 def main() -> None:
     from loraplex.kernels import _triton_utils as tu
+    from loraplex.kernels import lora_ops
     from loraplex.kernels.lora_ops import add_lora
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--mixes", default="1:1,32:8,32:32,64:32")
-    ap.add_argument("--k-per-split", default="0,2048,1024,512,256", help="0 = no split")
-    ap.add_argument("--expand-n", default="64,128,256")
-    ap.add_argument("--expand-warps", default="4,8")
+    ap.add_argument("--mixes", default="1:1,8:8,32:8,32:32,64:1,64:32,128:32")
+    ap.add_argument("--k-per-split", default="0,2048,1024,512")
+    ap.add_argument("--expand-n", default="128,256")
+    ap.add_argument("--expand-warps", default="4")
+    ap.add_argument("--decode-k", default="128,256,512", help="per-token shrink K tile")
+    ap.add_argument("--decode-n", default="128,256,512,1024", help="per-token expand column tile")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     bw = measure_hbm_bandwidth()
-    orig_splits, orig_expand = tu.shrink_splits, tu.expand_config
+    saved = {name: getattr(tu, name) for name in ("shrink_splits", "expand_config", "use_decode_kernels",
+                                                 "decode_shrink_block_k", "decode_expand_block_n")}
+    saved_impl = lora_ops._impl
     rows = []
     for mix in args.mixes.split(","):
         num_tokens, num_adapters = (int(v) for v in mix.split(":"))
@@ -103,28 +157,26 @@ def main() -> None:
                      "floor_us": floor_us})
         print(f"tokens={num_tokens} adapters={num_adapters} default: {us:.1f} us/layer (floor {floor_us:.1f})",
               flush=True)
-        for kps, bn, nw in itertools.product([int(v) for v in args.k_per_split.split(",")],
-                                             [int(v) for v in args.expand_n.split(",")],
-                                             [int(v) for v in args.expand_warps.split(",")]):
-            tu.shrink_splits = (lambda n, k, kps=kps: 1 if kps == 0 or n > 256 else max(1, k // kps))
-
-            def expand_config(n, total_out, max_rank, interpret, bn=bn, nw=nw):
-                cfg = orig_expand(n, total_out, max_rank, interpret)
-                return tu.LoRAConfig(cfg.BLOCK_M, min(bn, tu._p2(total_out)), cfg.BLOCK_K, nw, cfg.num_stages)
-
-            tu.expand_config = expand_config
+        for cfg in sweep_configs(args):
+            apply_config(cfg, tu, lora_ops)
             try:
                 us = time_graph(run) / NUM_LAYERS
             finally:
-                tu.shrink_splits, tu.expand_config = orig_splits, orig_expand
-            rows.append({"tokens": num_tokens, "adapters": num_adapters, "k_per_split": kps, "expand_n": bn,
-                         "expand_warps": nw, "us_per_layer": us, "floor_us": floor_us})
+                for name, fn in saved.items():
+                    setattr(tu, name, fn)
+                lora_ops._impl = saved_impl
+            rows.append({"tokens": num_tokens, "adapters": num_adapters, **cfg, "us_per_layer": us,
+                         "floor_us": floor_us})
         best = sorted((r for r in rows if r["tokens"] == num_tokens and r["adapters"] == num_adapters
-                       and "k_per_split" in r), key=lambda r: r["us_per_layer"])[:6]
-        for r in best:
-            print(f"   k/split {r['k_per_split']:>5}  expand N {r['expand_n']:>3} warps {r['expand_warps']}: "
-                  f"{r['us_per_layer']:.1f} us/layer", flush=True)
-        del layers, meta
+                       and "k_per_split" in r), key=lambda r: r["us_per_layer"])
+        for family in (("grouped", "grouped"), ("decode", "decode"), ("decode", "grouped"), ("grouped", "decode")):
+            top = [r for r in best if (r["shrink"], r["expand"]) == family][:2]
+            for r in top:
+                extra = f"k {r['decode_k']:>4} n {r['decode_n']:>4}" if "decode_k" in r else \
+                    f"expand N {r['expand_n']:>3}    "
+                print(f"   shrink {family[0]:>7} expand {family[1]:>7} k/split {r['k_per_split']:>5} {extra}: "
+                      f"{r['us_per_layer']:.1f} us/layer", flush=True)
+        layers = meta = None
         torch.cuda.empty_cache()
     if args.json:
         Path(args.json).write_text(json.dumps({"hbm_bytes_per_s": bw, "rows": rows}, indent=2))

@@ -151,6 +151,12 @@ def lora_shrink_k_per_split() -> int:
     return max(16, int(get("LORA_K_PER_SPLIT") or 1024))
 
 
+def lora_decode_max_tokens() -> int:
+    """``LORAPLEX_LORA_DECODE_MAX_TOKENS``: largest batch the per-token (decode) LoRA kernels take on CUDA; larger
+    batches use the grouped kernels (tuning knob; 0 = always grouped)."""
+    return max(0, int(get("LORA_DECODE_MAX_TOKENS") or 64))
+
+
 def async_scheduling() -> bool | None:
     """``LORAPLEX_ASYNC_SCHEDULING``: default of EngineArgs.async_scheduling when that is None; unset = on
     exactly when decode runs as CUDA graphs."""

@@ -95,3 +95,19 @@ def expand_config(num_tokens: int, total_out: int, max_rank: int, interpret: boo
     # Measured on H200 (bf16, rank 16): 128 columns beat 64 for decode, 256 only for very wide outputs.
     block_n = 128
     return LoRAConfig(block_m, min(block_n, _p2(total_out)), block_k, 4, 2)
+
+
+def use_decode_kernels(num_tokens: int, interpret: bool) -> bool:
+    """Per-token kernels (lora_decode.py) for small batches; the grouped kernels' tensor-core tiles pay off once
+    several tokens share each adapter. The interpreter runs the grouped ones; tests patch this to force either."""
+    return not interpret and num_tokens <= envs.lora_decode_max_tokens()
+
+
+def decode_shrink_block_k(per_split: int, block_r: int, interpret: bool) -> int:
+    hi = 128 if interpret else max(16, 4096 // block_r)  # a [BLOCK_R, BLOCK_K] fp32 tile of ~4K elements
+    return min(hi, max(16, triton.next_power_of_2(per_split)))
+
+
+def decode_expand_block_n(total_out: int, block_r: int, interpret: bool) -> int:
+    hi = 128 if interpret else max(16, 4096 // block_r)  # a [BLOCK_N, BLOCK_R] fp32 tile of ~4K elements
+    return min(hi, max(16, triton.next_power_of_2(total_out)))

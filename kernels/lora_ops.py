@@ -24,11 +24,12 @@ __all__ = ["lora_shrink", "lora_expand", "add_lora", "lora_buffer", "lora_shrink
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_META_FIELDS = ("sorted_token_ids", "num_tokens_per_lora", "lora_token_start", "lora_ranks")
+_META_FIELDS = ("token_lora_indices", "sorted_token_ids", "num_tokens_per_lora", "lora_token_start", "lora_ranks")
 
 
 class _MetaView(NamedTuple):
     """The LoRAKernelMeta buffers the kernels read, rebuilt inside the custom ops (which take only tensors)."""
+    token_lora_indices: torch.Tensor
     sorted_token_ids: torch.Tensor
     num_tokens_per_lora: torch.Tensor
     lora_token_start: torch.Tensor
@@ -47,7 +48,7 @@ def _check_meta(op: str, meta, device: torch.device, max_loras: int, num_tokens:
             or meta.lora_token_start.shape[0] != max_loras + 1:
         raise ValueError(f"{op}: meta was allocated for {meta.num_tokens_per_lora.shape[0]} slots but the LoRA "
                          f"weights have {max_loras}")
-    if meta.sorted_token_ids.shape[0] < num_tokens:
+    if meta.sorted_token_ids.shape[0] < num_tokens or meta.token_lora_indices.shape[0] < num_tokens:
         raise ValueError(f"{op}: {num_tokens} tokens exceed meta's max_num_tokens "
                          f"{meta.sorted_token_ids.shape[0]}")
 
@@ -149,8 +150,14 @@ def lora_expand_ref(buf: torch.Tensor, lora_b: torch.Tensor, out: torch.Tensor, 
 
 
 # ----------------------------------------------------------------------------------------------- custom ops
-def _impl(name: str, backend: str):
+def _impl(name: str, backend: str, num_tokens: int):
     if backend == "triton":
+        from loraplex.kernels import _triton_utils as tu
+
+        if tu.use_decode_kernels(num_tokens, tu.interpreting()):
+            from loraplex.kernels import lora_decode
+
+            return lora_decode.lora_shrink_decode if name == "shrink" else lora_decode.lora_expand_decode
         if name == "shrink":
             from loraplex.kernels.lora_shrink import lora_shrink_triton as fn
         else:
@@ -160,28 +167,31 @@ def _impl(name: str, backend: str):
 
 
 @torch.library.custom_op("loraplex::lora_shrink", mutates_args=("out",))
-def _lora_shrink_op(x: torch.Tensor, lora_a: torch.Tensor, out: torch.Tensor, sorted_token_ids: torch.Tensor,
-                    num_tokens_per_lora: torch.Tensor, lora_token_start: torch.Tensor, lora_ranks: torch.Tensor,
-                    scale: float, backend: str) -> None:
-    meta = _MetaView(sorted_token_ids, num_tokens_per_lora, lora_token_start, lora_ranks)
-    _impl("shrink", backend)(x, lora_a, out, meta, scale)
+def _lora_shrink_op(x: torch.Tensor, lora_a: torch.Tensor, out: torch.Tensor, token_lora_indices: torch.Tensor,
+                    sorted_token_ids: torch.Tensor, num_tokens_per_lora: torch.Tensor, lora_token_start: torch.Tensor,
+                    lora_ranks: torch.Tensor, scale: float, backend: str) -> None:
+    meta = _MetaView(token_lora_indices, sorted_token_ids, num_tokens_per_lora, lora_token_start, lora_ranks)
+    _impl("shrink", backend, x.shape[0])(x, lora_a, out, meta, scale)
 
 
 @_lora_shrink_op.register_fake
-def _(x, lora_a, out, sorted_token_ids, num_tokens_per_lora, lora_token_start, lora_ranks, scale, backend):
+def _(x, lora_a, out, token_lora_indices, sorted_token_ids, num_tokens_per_lora, lora_token_start, lora_ranks, scale,
+      backend):
     return None
 
 
 @torch.library.custom_op("loraplex::lora_expand", mutates_args=("out",))
 def _lora_expand_op(buf: torch.Tensor, lora_b: torch.Tensor, out: torch.Tensor, slice_offsets: torch.Tensor,
-                    sorted_token_ids: torch.Tensor, num_tokens_per_lora: torch.Tensor, lora_token_start: torch.Tensor,
-                    lora_ranks: torch.Tensor, backend: str) -> None:
-    meta = _MetaView(sorted_token_ids, num_tokens_per_lora, lora_token_start, lora_ranks)
-    _impl("expand", backend)(buf, lora_b, out, meta, slice_offsets)
+                    token_lora_indices: torch.Tensor, sorted_token_ids: torch.Tensor,
+                    num_tokens_per_lora: torch.Tensor, lora_token_start: torch.Tensor, lora_ranks: torch.Tensor,
+                    backend: str) -> None:
+    meta = _MetaView(token_lora_indices, sorted_token_ids, num_tokens_per_lora, lora_token_start, lora_ranks)
+    _impl("expand", backend, out.shape[0])(buf, lora_b, out, meta, slice_offsets)
 
 
 @_lora_expand_op.register_fake
-def _(buf, lora_b, out, slice_offsets, sorted_token_ids, num_tokens_per_lora, lora_token_start, lora_ranks, backend):
+def _(buf, lora_b, out, slice_offsets, token_lora_indices, sorted_token_ids, num_tokens_per_lora, lora_token_start,
+      lora_ranks, backend):
     return None
 
 
@@ -226,7 +236,7 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, out: torch.Tensor, meta, 
     """
     backend = _resolve_backend("lora_shrink", backend, x)
     if _eager(x):
-        _impl("shrink", backend)(x, lora_a, out, meta, float(scale))
+        _impl("shrink", backend, x.shape[0])(x, lora_a, out, meta, float(scale))
     else:
         torch.ops.loraplex.lora_shrink(x, lora_a, out, *_meta_args(meta), float(scale), backend)
 
@@ -243,7 +253,7 @@ def lora_expand(buf: torch.Tensor, lora_b: torch.Tensor, out: torch.Tensor, meta
     """
     backend = _resolve_backend("lora_expand", backend, buf)
     if _eager(buf):
-        _impl("expand", backend)(buf, lora_b, out, meta, slice_offsets)
+        _impl("expand", backend, out.shape[0])(buf, lora_b, out, meta, slice_offsets)
     else:
         torch.ops.loraplex.lora_expand(buf, lora_b, out, slice_offsets, *_meta_args(meta), backend)
 

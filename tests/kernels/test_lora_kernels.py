@@ -14,19 +14,35 @@ import pytest
 import torch
 
 from loraplex.kernels.lora_meta import LoRAKernelMeta
-from loraplex.kernels.lora_ops import HAS_TRITON, add_lora, lora_expand_ref, lora_shrink, lora_shrink_ref
+from loraplex.kernels.lora_ops import (HAS_TRITON, add_lora, lora_buffer, lora_expand, lora_expand_ref, lora_shrink,
+                                       lora_shrink_ref)
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-BACKENDS = ["torch", pytest.param("triton", marks=needs_triton)]
+# "triton" = the grouped kernels, "triton-decode" = the per-token decode kernels (lora_decode.py).
+BACKENDS = ["torch", pytest.param("triton", marks=needs_triton), pytest.param("triton-decode", marks=needs_triton)]
 # Relative to the largest magnitude of the expected tensor; bf16/fp16 round the inputs and (expand) the output.
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
 SENTINEL = 7.0  # shrink rows of tokens without an adapter must keep it
 
 
+def _public_backend(backend, monkeypatch) -> str:
+    """The backend name add_lora takes, with the Triton kernel family pinned whatever the batch size."""
+    if backend == "torch":
+        return backend
+    from loraplex.kernels import _triton_utils as tu
+
+    monkeypatch.setattr(tu, "use_decode_kernels", lambda n, interpret: backend == "triton-decode")
+    return "triton"
+
+
 def _impls(backend):
     if backend == "torch":
         return lora_shrink_ref, lora_expand_ref
+    if backend == "triton-decode":
+        from loraplex.kernels.lora_decode import lora_expand_decode, lora_shrink_decode
+
+        return lora_shrink_decode, lora_expand_decode
     from loraplex.kernels.lora_expand import lora_expand_triton
     from loraplex.kernels.lora_shrink import lora_shrink_triton
 
@@ -163,7 +179,8 @@ def test_split_k(backend, name, num_splits, monkeypatch):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", ["qkv_fp32", "gate_up_bf16", "many_bf16", "no_adapter_rows"])
-def test_add_lora_public(backend, name):
+def test_add_lora_public(backend, name, monkeypatch):
+    backend = _public_backend(backend, monkeypatch)
     c = _case(name, seed=2)
     dtype = CASES[name][5]
     y = torch.randn(c.x.shape[0], sum(c.out_sizes), generator=torch.Generator().manual_seed(3)).to(DEVICE, dtype)
@@ -191,6 +208,24 @@ def test_triton_many_blocks(monkeypatch):
     y = torch.zeros(24, 64, device=DEVICE)
     expand(out, c.lora_b, y, c.meta, c.offsets)
     assert_close(y, naive_expand(c, naive_shrink(c, 1.0, fill=0.0), torch.zeros(24, 64)), torch.float32)
+
+
+@needs_triton
+def test_decode_kernels_many_blocks(monkeypatch):
+    """Per-token kernels with tiny tiles: several k steps per split, expand column blocks straddling slices."""
+    from loraplex.kernels import _triton_utils as tu
+
+    monkeypatch.setattr(tu, "decode_shrink_block_k", lambda *a: 16)
+    monkeypatch.setattr(tu, "decode_expand_block_n", lambda *a: 16)
+    slots = [0, 1, -1, 2, 2, 0, 1]
+    c = make_case(7, 70, (24, 20, 20), [33, 7, 0], slots, torch.float32, max_rank=40, seed=6)
+    shrink, expand = _impls("triton-decode")
+    out = torch.full((2, 3, 7, 40), SENTINEL, device=DEVICE)
+    shrink(c.x, c.lora_a, out, c.meta, 1.0)
+    assert_close(out.sum(0), naive_shrink(c, 1.0, fill=2 * SENTINEL), torch.float32)
+    y = torch.zeros(7, 64, device=DEVICE)
+    expand(out, c.lora_b, y, c.meta, c.offsets)
+    assert_close(y, naive_expand(c, naive_shrink(c, 1.0, fill=0.0), torch.zeros(7, 64)), torch.float32)
 
 
 def test_meta_prepare_grouping():
@@ -262,7 +297,7 @@ def test_backend_dispatch(monkeypatch):
 def test_custom_ops_trace():
     """Registered ops: schema/fake checks pass and torch.compile traces add_lora without a graph break."""
     c = _case("qkv_fp32")
-    m = [c.meta.sorted_token_ids, c.meta.num_tokens_per_lora, c.meta.lora_token_start, c.meta.lora_ranks]
+    m = [c.meta.token_lora_indices, c.meta.sorted_token_ids, c.meta.num_tokens_per_lora, c.meta.lora_token_start, c.meta.lora_ranks]
     buf = torch.zeros(3, 13, 16, device=DEVICE)
     torch.library.opcheck(torch.ops.loraplex.lora_shrink.default, (c.x, c.lora_a, buf, *m, 0.5, "torch"),
                           test_utils=("test_schema", "test_faketensor"))
@@ -325,13 +360,33 @@ def test_gpu_large(dtype, num_tokens, out_sizes):
 
 
 @pytest.mark.gpu
-def test_gpu_cuda_graph_replay():
-    """prepare + add_lora captured once, replayed with new inputs and a new adapter mix."""
+@pytest.mark.parametrize("backend", ["triton", "triton-decode"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("num_tokens,num_adapters", [(1, 1), (32, 8), (64, 32), (48, 3)])
+def test_gpu_decode_sizes(backend, dtype, num_tokens, num_adapters, monkeypatch):
+    """Decode batch sizes through both kernel families, with split-K partials as the runtime allocates them."""
+    name = _public_backend(backend, monkeypatch)
+    for in_dim, out_sizes in ((3072, (3072, 1024, 1024)), (8192, (3072,)), (3072, (8192, 8192))):
+        c = _gpu_case(num_tokens, in_dim, out_sizes, [16] * num_adapters, dtype, no_adapter_every=7)
+        y0 = torch.randn(num_tokens, sum(out_sizes), device=DEVICE).to(dtype)
+        expected = _oracle(c, y0, 0.5)
+        buffer = lora_buffer(c.x, c.lora_a, name)
+        assert buffer.shape[0] > 1, "decode batches take split-K partials on CUDA"
+        lora_shrink(c.x, c.lora_a, buffer, c.meta, 0.5, backend=name)
+        lora_expand(buffer, c.lora_b, y0, c.meta, c.offsets, backend=name)
+        assert_close(y0, expected, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_tokens", [256, 32])
+def test_gpu_cuda_graph_replay(num_tokens):
+    """prepare + add_lora captured once, replayed with new inputs and a new adapter mix (256 tokens run the
+    grouped kernels, 32 the per-token decode kernels)."""
     ranks = [16] * 32
-    c = _gpu_case(256, 3072, (3072, 1024, 1024), ranks, torch.bfloat16)
+    c = _gpu_case(num_tokens, 3072, (3072, 1024, 1024), ranks, torch.bfloat16)
     static_x, static_idx = c.x.clone(), torch.tensor(c.slots, dtype=torch.int32, device=DEVICE)
-    static_y = torch.zeros(256, 5120, dtype=torch.bfloat16, device=DEVICE)
-    buffer = torch.empty(3, 256, 16, device=DEVICE)
+    static_y = torch.zeros(num_tokens, 5120, dtype=torch.bfloat16, device=DEVICE)
+    buffer = torch.empty(3, num_tokens, 16, device=DEVICE)
 
     def step():
         c.meta.prepare(static_idx)
@@ -344,7 +399,7 @@ def test_gpu_cuda_graph_replay():
     with torch.cuda.graph(graph):
         step()
     for seed in (1, 2, 3):
-        fresh = _gpu_case(256, 3072, (3072, 1024, 1024), ranks, torch.bfloat16, seed=seed,
+        fresh = _gpu_case(num_tokens, 3072, (3072, 1024, 1024), ranks, torch.bfloat16, seed=seed,
                           no_adapter_every=2 + seed)
         fresh.lora_a, fresh.lora_b = c.lora_a, c.lora_b  # same weights as captured, new tokens and slots
         static_x.copy_(fresh.x)
