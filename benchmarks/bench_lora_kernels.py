@@ -76,56 +76,39 @@ def time_graph(fn, iters: int = 20) -> float:
 
 
 def sweep_configs(args) -> list[dict]:
-    """Launch configs to time: the grouped kernels over split-K size and expand tile, then the per-token decode
-    kernels (both, or decode shrink + grouped expand and the reverse) over split-K size and tile."""
+    """Launch configs to time: the grouped shrink over split-K size, followed by the grouped expand over its tile
+    and warps, or by the per-token decode expand over its column tile."""
     configs = []
     for kps, bn, nw in itertools.product([int(v) for v in args.k_per_split.split(",")],
                                          [int(v) for v in args.expand_n.split(",")],
                                          [int(v) for v in args.expand_warps.split(",")]):
         configs.append({"shrink": "grouped", "expand": "grouped", "k_per_split": kps, "expand_n": bn,
                         "expand_warps": nw})
-    splits = [int(v) for v in args.k_per_split.split(",") if int(v)]
-    ks, ns = [int(v) for v in args.decode_k.split(",")], [int(v) for v in args.decode_n.split(",")]
-    for kps, bk, bn in itertools.product(splits, ks, ns):
-        # One family each: only the tile of the decode op varies.
-        families = [("decode", "decode")] + [("decode", "grouped")] * (bn == ns[0]) \
-            + [("grouped", "decode")] * (bk == ks[0])
-        for shrink, expand in families:
-            configs.append({"shrink": shrink, "expand": expand, "k_per_split": kps, "decode_k": bk, "decode_n": bn,
-                            "expand_n": 128, "expand_warps": 4})
+    for kps, bn in itertools.product([int(v) for v in args.k_per_split.split(",")],
+                                     [int(v) for v in args.decode_n.split(",")]):
+        configs.append({"shrink": "grouped", "expand": "decode", "k_per_split": kps, "decode_n": bn,
+                        "expand_n": 128, "expand_warps": 4})
     return configs
 
 
-def apply_config(cfg: dict, tu, lora_ops) -> None:
+def apply_config(cfg: dict, tu) -> None:
     kps = cfg["k_per_split"]
     tu.shrink_splits = (lambda n, k: 1 if kps == 0 or n > 256 else max(1, k // kps))
-    orig_expand = tu.expand_config.__wrapped__ if hasattr(tu.expand_config, "__wrapped__") else tu.expand_config
+    orig_expand = tu.expand_config
 
     def expand_config(n, total_out, max_rank, interpret):
         c = orig_expand(n, total_out, max_rank, interpret)
         return tu.LoRAConfig(c.BLOCK_M, min(cfg["expand_n"], tu._p2(total_out)), c.BLOCK_K, cfg["expand_warps"],
                              c.num_stages)
 
-    expand_config.__wrapped__ = orig_expand
     tu.expand_config = expand_config
-    if "decode_k" in cfg:
-        tu.decode_shrink_block_k = lambda per_split, block_r, interpret: min(cfg["decode_k"], tu._p2(per_split))
-        tu.decode_expand_block_n = lambda total_out, block_r, interpret: min(cfg["decode_n"], tu._p2(total_out))
-    # Which family each op takes: lora_ops asks use_decode_kernels once per op, shrink first.
-    families = {"shrink": cfg["shrink"] == "decode", "expand": cfg["expand"] == "decode"}
-    orig_impl = lora_ops._impl.__wrapped__ if hasattr(lora_ops._impl, "__wrapped__") else lora_ops._impl
-
-    def impl(name, backend, num_tokens):
-        tu.use_decode_kernels = lambda n, interpret: families[name]
-        return orig_impl(name, backend, num_tokens)
-
-    impl.__wrapped__ = orig_impl
-    lora_ops._impl = impl
+    if "decode_n" in cfg:
+        tu.decode_expand_block_n = lambda n, total_out, block_r, interpret: min(cfg["decode_n"], tu._p2(total_out))
+    tu.use_decode_expand = lambda n, interpret: cfg["expand"] == "decode"
 
 
 def main() -> None:
     from loraplex.kernels import _triton_utils as tu
-    from loraplex.kernels import lora_ops
     from loraplex.kernels.lora_ops import add_lora
 
     ap = argparse.ArgumentParser()
@@ -133,14 +116,12 @@ def main() -> None:
     ap.add_argument("--k-per-split", default="0,2048,1024,512")
     ap.add_argument("--expand-n", default="128,256")
     ap.add_argument("--expand-warps", default="4")
-    ap.add_argument("--decode-k", default="128,256,512", help="per-token shrink K tile")
     ap.add_argument("--decode-n", default="128,256,512,1024", help="per-token expand column tile")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     bw = measure_hbm_bandwidth()
-    saved = {name: getattr(tu, name) for name in ("shrink_splits", "expand_config", "use_decode_kernels",
-                                                 "decode_shrink_block_k", "decode_expand_block_n")}
-    saved_impl = lora_ops._impl
+    saved = {name: getattr(tu, name) for name in ("shrink_splits", "expand_config", "use_decode_expand",
+                                                 "decode_expand_block_n")}
     rows = []
     for mix in args.mixes.split(","):
         num_tokens, num_adapters = (int(v) for v in mix.split(":"))
@@ -158,24 +139,21 @@ def main() -> None:
         print(f"tokens={num_tokens} adapters={num_adapters} default: {us:.1f} us/layer (floor {floor_us:.1f})",
               flush=True)
         for cfg in sweep_configs(args):
-            apply_config(cfg, tu, lora_ops)
+            apply_config(cfg, tu)
             try:
                 us = time_graph(run) / NUM_LAYERS
             finally:
                 for name, fn in saved.items():
                     setattr(tu, name, fn)
-                lora_ops._impl = saved_impl
             rows.append({"tokens": num_tokens, "adapters": num_adapters, **cfg, "us_per_layer": us,
                          "floor_us": floor_us})
         best = sorted((r for r in rows if r["tokens"] == num_tokens and r["adapters"] == num_adapters
                        and "k_per_split" in r), key=lambda r: r["us_per_layer"])
-        for family in (("grouped", "grouped"), ("decode", "decode"), ("decode", "grouped"), ("grouped", "decode")):
-            top = [r for r in best if (r["shrink"], r["expand"]) == family][:2]
-            for r in top:
-                extra = f"k {r['decode_k']:>4} n {r['decode_n']:>4}" if "decode_k" in r else \
-                    f"expand N {r['expand_n']:>3}    "
-                print(f"   shrink {family[0]:>7} expand {family[1]:>7} k/split {r['k_per_split']:>5} {extra}: "
-                      f"{r['us_per_layer']:.1f} us/layer", flush=True)
+        for family in ("grouped", "decode"):
+            for r in [r for r in best if r["expand"] == family][:3]:
+                extra = f"decode N {r['decode_n']:>4}" if "decode_n" in r else f"expand N {r['expand_n']:>4}"
+                print(f"   expand {family:>7} k/split {r['k_per_split']:>5} {extra}: {r['us_per_layer']:.1f} us/layer",
+                      flush=True)
         layers = meta = None
         torch.cuda.empty_cache()
     if args.json:

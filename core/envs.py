@@ -152,9 +152,10 @@ def lora_shrink_k_per_split() -> int:
 
 
 def lora_decode_max_tokens() -> int:
-    """``LORAPLEX_LORA_DECODE_MAX_TOKENS``: largest batch the per-token (decode) LoRA kernels take on CUDA; larger
-    batches use the grouped kernels (tuning knob; 0 = always grouped)."""
-    return max(0, int(get("LORA_DECODE_MAX_TOKENS") or 64))
+    """``LORAPLEX_LORA_DECODE_MAX_TOKENS``: largest batch the per-token (decode) LoRA expand takes on CUDA; larger
+    batches use the grouped expand (tuning knob; 0 = always grouped)."""
+    value = get("LORA_DECODE_MAX_TOKENS")
+    return 32 if value is None or not value.strip() else max(0, int(value))
 
 
 def async_scheduling() -> bool | None:

@@ -97,17 +97,19 @@ def expand_config(num_tokens: int, total_out: int, max_rank: int, interpret: boo
     return LoRAConfig(block_m, min(block_n, _p2(total_out)), block_k, 4, 2)
 
 
-def use_decode_kernels(num_tokens: int, interpret: bool) -> bool:
-    """Per-token kernels (lora_decode.py) for small batches; the grouped kernels' tensor-core tiles pay off once
-    several tokens share each adapter. The interpreter runs the grouped ones; tests patch this to force either."""
+def use_decode_expand(num_tokens: int, interpret: bool) -> bool:
+    """The per-token expand (lora_expand_decode.py) for small batches; the grouped expand's tensor-core tiles pay
+    off once several tokens share each adapter (H200: 64 tokens on one adapter, 39 vs 53 us per layer). The
+    interpreter runs the grouped one; tests patch this to force either."""
     return not interpret and num_tokens <= envs.lora_decode_max_tokens()
 
 
-def decode_shrink_block_k(per_split: int, block_r: int, interpret: bool) -> int:
-    hi = 128 if interpret else max(16, 4096 // block_r)  # a [BLOCK_R, BLOCK_K] fp32 tile of ~4K elements
-    return min(hi, max(16, triton.next_power_of_2(per_split)))
-
-
-def decode_expand_block_n(total_out: int, block_r: int, interpret: bool) -> int:
-    hi = 128 if interpret else max(16, 4096 // block_r)  # a [BLOCK_N, BLOCK_R] fp32 tile of ~4K elements
+def decode_expand_block_n(num_tokens: int, total_out: int, block_r: int, interpret: bool) -> int:
+    # H200, rank 16 (benchmarks/results/*-lora-decode-sweep.log): up to 8 tokens, 128 columns per program keep
+    # enough programs in flight (1 token: 23.8 vs 26.4 us per layer for 512); from 32 tokens 512 columns win
+    # (32 tokens on 32 adapters: 50.6 vs 54.4). The [BLOCK_N, BLOCK_R] fp32 tile stays 2K or 8K elements.
+    if interpret:
+        hi = 128
+    else:
+        hi = max(16, (2048 if num_tokens <= 8 else 8192) // block_r)
     return min(hi, max(16, triton.next_power_of_2(total_out)))

@@ -154,10 +154,10 @@ def _impl(name: str, backend: str, num_tokens: int):
     if backend == "triton":
         from loraplex.kernels import _triton_utils as tu
 
-        if tu.use_decode_kernels(num_tokens, tu.interpreting()):
-            from loraplex.kernels import lora_decode
+        if name == "expand" and tu.use_decode_expand(num_tokens, tu.interpreting()):
+            from loraplex.kernels.lora_expand_decode import lora_expand_decode
 
-            return lora_decode.lora_shrink_decode if name == "shrink" else lora_decode.lora_expand_decode
+            return lora_expand_decode
         if name == "shrink":
             from loraplex.kernels.lora_shrink import lora_shrink_triton as fn
         else:

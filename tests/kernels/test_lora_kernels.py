@@ -19,8 +19,9 @@ from loraplex.kernels.lora_ops import (HAS_TRITON, add_lora, lora_buffer, lora_e
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# "triton" = the grouped kernels, "triton-decode" = the per-token decode kernels (lora_decode.py).
-BACKENDS = ["torch", pytest.param("triton", marks=needs_triton), pytest.param("triton-decode", marks=needs_triton)]
+# "triton" = the grouped kernels; "triton-decode" = grouped shrink + per-token expand (lora_expand_decode.py).
+SHRINK_BACKENDS = ["torch", pytest.param("triton", marks=needs_triton)]
+BACKENDS = SHRINK_BACKENDS + [pytest.param("triton-decode", marks=needs_triton)]
 # Relative to the largest magnitude of the expected tensor; bf16/fp16 round the inputs and (expand) the output.
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
 SENTINEL = 7.0  # shrink rows of tokens without an adapter must keep it
@@ -32,21 +33,18 @@ def _public_backend(backend, monkeypatch) -> str:
         return backend
     from loraplex.kernels import _triton_utils as tu
 
-    monkeypatch.setattr(tu, "use_decode_kernels", lambda n, interpret: backend == "triton-decode")
+    monkeypatch.setattr(tu, "use_decode_expand", lambda n, interpret: backend == "triton-decode")
     return "triton"
 
 
 def _impls(backend):
     if backend == "torch":
         return lora_shrink_ref, lora_expand_ref
-    if backend == "triton-decode":
-        from loraplex.kernels.lora_decode import lora_expand_decode, lora_shrink_decode
-
-        return lora_shrink_decode, lora_expand_decode
     from loraplex.kernels.lora_expand import lora_expand_triton
+    from loraplex.kernels.lora_expand_decode import lora_expand_decode
     from loraplex.kernels.lora_shrink import lora_shrink_triton
 
-    return lora_shrink_triton, lora_expand_triton
+    return lora_shrink_triton, (lora_expand_decode if backend == "triton-decode" else lora_expand_triton)
 
 
 @dataclass
@@ -128,7 +126,7 @@ def _case(name, seed=0) -> Case:
     return make_case(n, k, sizes, ranks, slots, dtype, max_rank=max_rank, seed=seed)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", SHRINK_BACKENDS)
 @pytest.mark.parametrize("name", list(CASES))
 def test_shrink(backend, name):
     c = _case(name)
@@ -211,11 +209,10 @@ def test_triton_many_blocks(monkeypatch):
 
 
 @needs_triton
-def test_decode_kernels_many_blocks(monkeypatch):
-    """Per-token kernels with tiny tiles: several k steps per split, expand column blocks straddling slices."""
+def test_decode_expand_many_blocks(monkeypatch):
+    """Per-token expand with tiny column blocks straddling slices, split-K partials, a rank-0 slot."""
     from loraplex.kernels import _triton_utils as tu
 
-    monkeypatch.setattr(tu, "decode_shrink_block_k", lambda *a: 16)
     monkeypatch.setattr(tu, "decode_expand_block_n", lambda *a: 16)
     slots = [0, 1, -1, 2, 2, 0, 1]
     c = make_case(7, 70, (24, 20, 20), [33, 7, 0], slots, torch.float32, max_rank=40, seed=6)
