@@ -14,6 +14,17 @@ import triton.language as tl
 from loraplex import envs
 
 
+def cdiv(a: int, b: int) -> int:
+    """Host-side ceil division. triton.cdiv and triton.next_power_of_2 are constexpr_functions that cost about ten
+    Python calls each, and an eager prefill step makes a few thousand of these calls."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """Host-side, same values as triton.next_power_of_2 (0 for 0)."""
+    return 0 if n <= 0 else 1 << (n - 1).bit_length()
+
+
 @dataclass(frozen=True)
 class LoRAConfig:
     BLOCK_M: int  # tokens of one slot per program
@@ -44,7 +55,7 @@ def slot_block(pid_m, counts_ptr, MAX_LORAS: tl.constexpr, MAX_LORAS_P: tl.const
 def num_m_programs(num_tokens: int, max_loras: int, block_m: int) -> int:
     # Each slot with tokens wastes at most one partial block, and at most min(max_loras, num_tokens) slots
     # have tokens: an upper bound on sum(cdiv(count, block_m)) known without reading the counts.
-    return triton.cdiv(num_tokens, block_m) + min(max_loras, num_tokens)
+    return cdiv(num_tokens, block_m) + min(max_loras, num_tokens)
 
 
 def interpreting() -> bool:
@@ -53,7 +64,7 @@ def interpreting() -> bool:
 
 def _p2(n: int, lo: int = 16, hi: int | None = None) -> int:
     # tl.dot needs every block dim >= 16
-    p = max(lo, triton.next_power_of_2(max(int(n), 1)))
+    p = max(lo, next_power_of_2(max(int(n), 1)))
     return p if hi is None else min(p, hi)
 
 
@@ -112,4 +123,4 @@ def decode_expand_block_n(num_tokens: int, total_out: int, block_r: int, interpr
         hi = 128
     else:
         hi = max(16, (2048 if num_tokens <= 8 else 8192) // block_r)
-    return min(hi, max(16, triton.next_power_of_2(total_out)))
+    return min(hi, max(16, next_power_of_2(total_out)))

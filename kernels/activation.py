@@ -11,6 +11,8 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from loraplex.kernels._triton_utils import cdiv, next_power_of_2
+
     @triton.jit
     def _silu_and_mul_kernel(x_ptr, out_ptr, n_cols, x_stride, out_stride, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
@@ -38,8 +40,8 @@ def silu_and_mul_triton(x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()
     d = x.shape[-1] // 2
     out = torch.empty(x.shape[0], d, dtype=x.dtype, device=x.device)
-    block = min(1024, triton.next_power_of_2(d))
-    _silu_and_mul_kernel[(x.shape[0], triton.cdiv(d, block))](x, out, d, x.stride(0), out.stride(0), BLOCK=block)
+    block = min(1024, next_power_of_2(d))
+    _silu_and_mul_kernel[(x.shape[0], cdiv(d, block))](x, out, d, x.stride(0), out.stride(0), BLOCK=block)
     return out
 
 

@@ -106,14 +106,14 @@ def lora_expand_triton(buf: torch.Tensor, lora_b: torch.Tensor, out: torch.Tenso
     if not buf.is_cuda and not interpret:
         raise ValueError(f"lora_expand_triton: needs CUDA tensors (or TRITON_INTERPRET=1), got {buf.device}")
     cfg = tu.expand_config(num_tokens, total_out, max_rank, interpret)
-    num_n_blocks = triton.cdiv(total_out, cfg.BLOCK_N)
+    num_n_blocks = tu.cdiv(total_out, cfg.BLOCK_N)
     grid = (tu.num_m_programs(num_tokens, max_loras, cfg.BLOCK_M) * num_n_blocks,)
     _lora_expand_kernel[grid](
         split_buf, lora_b, out, slice_offsets, meta.sorted_token_ids, meta.num_tokens_per_lora, meta.lora_token_start,
         meta.lora_ranks,
         num_tokens, total_out,
         *split_buf.stride(), *lora_b.stride(), *out.stride(),
-        MAX_RANK=max_rank, MAX_LORAS=max_loras, MAX_LORAS_P=max(2, triton.next_power_of_2(max_loras)),
+        MAX_RANK=max_rank, MAX_LORAS=max_loras, MAX_LORAS_P=max(2, tu.next_power_of_2(max_loras)),
         NUM_SLICES=num_slices, NUM_SPLITS=num_splits, NUM_N_BLOCKS=num_n_blocks,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
         UPCAST=interpret or lora_b.dtype == torch.float32,

@@ -80,9 +80,9 @@ def lora_expand_decode(buf: torch.Tensor, lora_b: torch.Tensor, out: torch.Tenso
     interpret = tu.interpreting()
     if not buf.is_cuda and not interpret:
         raise ValueError(f"lora_expand_decode: needs CUDA tensors (or TRITON_INTERPRET=1), got {buf.device}")
-    block_r = max(2, triton.next_power_of_2(max_rank))
+    block_r = max(2, tu.next_power_of_2(max_rank))
     block_n = tu.decode_expand_block_n(num_tokens, total_out, block_r, interpret)
-    _expand_decode_kernel[(num_tokens, triton.cdiv(total_out, block_n))](
+    _expand_decode_kernel[(num_tokens, tu.cdiv(total_out, block_n))](
         split_buf, lora_b, out, slice_offsets, meta.token_lora_indices, meta.lora_ranks, total_out,
         *split_buf.stride(), *lora_b.stride(), *out.stride(),
         NUM_SLICES=num_slices, NUM_SPLITS=num_splits, MAX_RANK=max_rank, MAX_LORAS=max_loras,

@@ -18,8 +18,8 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["lora_shrink", "lora_expand", "add_lora", "lora_buffer", "lora_shrink_ref", "lora_expand_ref",
-           "lora_shrink_triton", "lora_expand_triton", "check_shrink_args", "check_expand_args", "HAS_TRITON"]
+__all__ = ["lora_shrink", "lora_expand", "add_lora", "lora_buffer", "resolve_backend", "lora_shrink_ref",
+           "lora_expand_ref", "lora_shrink_triton", "lora_expand_triton", "check_shrink_args", "check_expand_args", "HAS_TRITON"]
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
@@ -196,7 +196,8 @@ def _(buf, lora_b, out, slice_offsets, token_lora_indices, sorted_token_ids, num
 
 
 # ----------------------------------------------------------------------------------------------- public
-def _resolve_backend(op: str, backend: str, t: torch.Tensor) -> str:
+def resolve_backend(op: str, backend: str, t: torch.Tensor) -> str:
+    """'triton' or 'torch' for tensors like ``t``: 'auto' honours LORAPLEX_KERNELS, else Triton on CUDA."""
     from loraplex import envs
 
     if backend == "auto":
@@ -234,7 +235,7 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, out: torch.Tensor, meta, 
             split-K partial sums (the result is out.sum(0)), which lora_expand adds up as it reads them.
     meta:   a LoRAKernelMeta prepared for these tokens. ``backend="auto"`` honours LORAPLEX_KERNELS.
     """
-    backend = _resolve_backend("lora_shrink", backend, x)
+    backend = resolve_backend("lora_shrink", backend, x)
     if _eager(x):
         _impl("shrink", backend, x.shape[0])(x, lora_a, out, meta, float(scale))
     else:
@@ -251,7 +252,7 @@ def lora_expand(buf: torch.Tensor, lora_b: torch.Tensor, out: torch.Tensor, meta
     slice_offsets: [num_slices + 1] int32 on out's device, 0 = off[0] <= ... <= off[-1] = total_out
     Only rank columns < lora_ranks[slot] are read.
     """
-    backend = _resolve_backend("lora_expand", backend, buf)
+    backend = resolve_backend("lora_expand", backend, buf)
     if _eager(buf):
         _impl("expand", backend, out.shape[0])(buf, lora_b, out, meta, slice_offsets)
     else:
@@ -259,7 +260,7 @@ def lora_expand(buf: torch.Tensor, lora_b: torch.Tensor, out: torch.Tensor, meta
 
 
 def _num_splits(x: torch.Tensor, backend: str) -> int:
-    if not x.is_cuda or _resolve_backend("add_lora", backend, x) != "triton":
+    if not x.is_cuda or resolve_backend("add_lora", backend, x) != "triton":
         return 1
     from loraplex.kernels._triton_utils import shrink_splits
 

@@ -105,17 +105,17 @@ def lora_shrink_triton(x: torch.Tensor, lora_a: torch.Tensor, out: torch.Tensor,
     split_out = out if out.dim() == 4 else out.unsqueeze(0)  # [num_splits, num_slices, num_tokens, max_rank]
     num_splits = split_out.shape[0]
     cfg = tu.shrink_config(num_tokens, in_dim, max_rank, interpret, x.element_size())
-    per_split = triton.cdiv(in_dim, num_splits)
-    block_k = min(cfg.BLOCK_K, max(16, triton.next_power_of_2(per_split)))  # a short split takes one K step
-    k_split = triton.cdiv(per_split, block_k) * block_k
-    num_n_blocks = triton.cdiv(max_rank, cfg.BLOCK_N)
+    per_split = tu.cdiv(in_dim, num_splits)
+    block_k = min(cfg.BLOCK_K, max(16, tu.next_power_of_2(per_split)))  # a short split takes one K step
+    k_split = tu.cdiv(per_split, block_k) * block_k
+    num_n_blocks = tu.cdiv(max_rank, cfg.BLOCK_N)
     grid = (tu.num_m_programs(num_tokens, max_loras, cfg.BLOCK_M) * num_n_blocks, num_slices * num_splits)
     _lora_shrink_kernel[grid](
         x, lora_a, split_out, meta.sorted_token_ids, meta.num_tokens_per_lora, meta.lora_token_start,
         meta.lora_ranks, num_tokens, float(scale),
         *x.stride(), *lora_a.stride(), *split_out.stride(), num_slices,
         IN_DIM=in_dim, K_SPLIT=k_split, EVEN_K=k_split * num_splits == in_dim, MAX_RANK=max_rank,
-        MAX_LORAS=max_loras, MAX_LORAS_P=max(2, triton.next_power_of_2(max_loras)), NUM_N_BLOCKS=num_n_blocks,
+        MAX_LORAS=max_loras, MAX_LORAS_P=max(2, tu.next_power_of_2(max_loras)), NUM_N_BLOCKS=num_n_blocks,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=block_k, UPCAST=interpret or x.dtype == torch.float32,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from loraplex import envs
+from loraplex.kernels._triton_utils import cdiv, next_power_of_2
 from loraplex.kernels.attention_ops import check_paged_attention_args
 
 __all__ = ["paged_attention_triton"]
@@ -176,7 +177,7 @@ def _launch_config(group_p: int, head_dim_p: int, max_query_len: int, num_progra
     """(BLOCK_M, TILE_N, num_warps, num_stages), from H200 sweeps at 32/8 heads, head_dim 128, bf16."""
     if interpret:
         # The interpreter pays per op, not per element: few large tiles, but no more query rows than needed.
-        rows = group_p * min(triton.next_power_of_2(max_query_len), 16)
+        rows = group_p * min(next_power_of_2(max_query_len), 16)
         return max(16, rows), 32, 1, 1
     if max_query_len == 1:
         # Decode is bandwidth bound. With few programs (small batch, few KV heads) each one streams a long
@@ -216,12 +217,12 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         return out
 
     group = num_heads // num_kv_heads
-    group_p = triton.next_power_of_2(group)
-    head_dim_p = max(16, triton.next_power_of_2(head_dim))
+    group_p = next_power_of_2(group)
+    head_dim_p = max(16, next_power_of_2(head_dim))
     block_m, tile_n, num_warps, num_stages = _launch_config(group_p, head_dim_p, max_query_len,
                                                             num_seqs * num_kv_heads, interpret)
     block_q = block_m // group_p
-    grid = (num_seqs, num_kv_heads, triton.cdiv(max_query_len, block_q))
+    grid = (num_seqs, num_kv_heads, cdiv(max_query_len, block_q))
     _paged_attention_kernel[grid](
         q, k_cache, v_cache, out, block_tables, seq_lens, query_start_loc,
         scale * math.log2(math.e), sliding_window or 0,

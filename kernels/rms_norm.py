@@ -15,6 +15,8 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from loraplex.kernels._triton_utils import next_power_of_2
+
     @triton.jit
     def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_cols, x_stride, res_stride, out_stride,
                          eps, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
@@ -56,7 +58,7 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, residual:
     out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
     res2 = residual.reshape(-1, shape[-1]).contiguous() if residual is not None else x2
     res_out = torch.empty_like(out) if residual is not None else out
-    block = triton.next_power_of_2(shape[-1])
+    block = next_power_of_2(shape[-1])
     _rms_norm_kernel[(x2.shape[0],)](x2, res2, weight, out, res_out, shape[-1], x2.stride(0), res2.stride(0),
                                      out.stride(0), eps, HAS_RESIDUAL=residual is not None, BLOCK=block,
                                      num_warps=min(16, max(1, block // 256)))

@@ -18,6 +18,8 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from loraplex.kernels._triton_utils import next_power_of_2
+
     @triton.jit
     def _rotate_heads(src, dst, num_heads, cos, sin, h, d, HALF: tl.constexpr):
         # src/dst: pointers to a token's first head; h: [BLOCK_H, 1] head index; d: [1, HALF]
@@ -90,7 +92,7 @@ def rotary_triton(positions, q, k, cos, sin):
     q, k = _interpretable(q, k)
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # [num_tokens, num_heads, head_dim]
     k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    block_h = triton.next_power_of_2(max(q.shape[1], k.shape[1]))
+    block_h = next_power_of_2(max(q.shape[1], k.shape[1]))
     _rotary_kernel[(q.shape[0],)](q, k, k, positions, cos, sin, q_out, k_out, k_out, positions,
                                   q.shape[1], k.shape[1], q.stride(0), k.stride(0), k.stride(0),
                                   q_out.stride(0), k_out.stride(0), k_out.stride(0),
@@ -111,7 +113,7 @@ def rotary_and_cache_triton(positions, q, k, v, cos, sin, k_cache, v_cache, slot
     q, k, v = _interpretable(q, k, v)
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # [num_tokens, num_heads, head_dim]
     row = k.shape[1] * k.shape[2]  # one flat cache slot: num_kv_heads * head_dim elements
-    block_h = triton.next_power_of_2(max(q.shape[1], k.shape[1]))
+    block_h = next_power_of_2(max(q.shape[1], k.shape[1]))
     _rotary_kernel[(q.shape[0],)](q, k, v, positions, cos, sin, q_out, k_cache, v_cache, slot_mapping,
                                   q.shape[1], k.shape[1], q.stride(0), k.stride(0), v.stride(0),
                                   q_out.stride(0), row, row, HALF=half, BLOCK_H=block_h, TO_CACHE=True, num_warps=4)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from loraplex import envs
-from loraplex.kernels.lora_ops import add_lora, lora_buffer, lora_expand, lora_shrink
+from loraplex.kernels.lora_ops import add_lora, lora_buffer, lora_expand, lora_shrink, resolve_backend
 
 
 class LoRAState:
@@ -19,7 +19,8 @@ class LoRAState:
         self.meta = meta  # loraplex.kernels.lora_meta.LoRAKernelMeta
         self.max_loras = max_loras
         self.max_rank = max_rank
-        self.backend = backend
+        # Resolved once: an eager prefill makes hundreds of LoRA calls, each of which would re-read the env.
+        self.backend = resolve_backend("LoRAState", backend, meta.token_lora_indices)
         # Flipped per step by the model runner: a batch with no adapter rows skips LoRA entirely.
         self.is_active = False
         # Shrinks run here, overlapping the base matmul: at decode both are latency bound, not bandwidth bound.
