@@ -29,7 +29,8 @@ def run_engine(engine, batch: int, num_adapters: int, prompt_len: int, gen_len: 
     for i in range(batch):
         ids = torch.randint(0, LLAMA_3_2_3B["vocab_size"], (prompt_len,), generator=gen).tolist()
         lora = LoRARequest(f"a{i % num_adapters}", 1 + i % num_adapters, "") if num_adapters else None
-        engine.add_request(f"s{seed}-b{batch}-n{num_adapters}-{i}", {"prompt_token_ids": ids}, params, lora_request=lora)
+        engine.add_request(f"s{seed}-b{batch}-n{num_adapters}-{i}", {"prompt_token_ids": ids}, params,
+                           lora_request=lora)
     with Timer() as prefill:
         engine.step()  # every prompt fits the token budget, so step 1 is the whole prefill
     steps = 0

@@ -19,7 +19,8 @@ from typing import NamedTuple
 import torch
 
 __all__ = ["lora_shrink", "lora_expand", "add_lora", "lora_buffer", "resolve_backend", "lora_shrink_ref",
-           "lora_expand_ref", "lora_shrink_triton", "lora_expand_triton", "check_shrink_args", "check_expand_args", "HAS_TRITON"]
+           "lora_expand_ref", "lora_shrink_triton", "lora_expand_triton", "check_shrink_args", "check_expand_args",
+           "HAS_TRITON"]
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 

@@ -294,7 +294,8 @@ def test_backend_dispatch(monkeypatch):
 def test_custom_ops_trace():
     """Registered ops: schema/fake checks pass and torch.compile traces add_lora without a graph break."""
     c = _case("qkv_fp32")
-    m = [c.meta.token_lora_indices, c.meta.sorted_token_ids, c.meta.num_tokens_per_lora, c.meta.lora_token_start, c.meta.lora_ranks]
+    m = [c.meta.token_lora_indices, c.meta.sorted_token_ids, c.meta.num_tokens_per_lora, c.meta.lora_token_start,
+         c.meta.lora_ranks]
     buf = torch.zeros(3, 13, 16, device=DEVICE)
     torch.library.opcheck(torch.ops.loraplex.lora_shrink.default, (c.x, c.lora_a, buf, *m, 0.5, "torch"),
                           test_utils=("test_schema", "test_faketensor"))
