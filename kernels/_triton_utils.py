@@ -58,6 +58,20 @@ def num_m_programs(num_tokens: int, max_loras: int, block_m: int) -> int:
     return cdiv(num_tokens, block_m) + min(max_loras, num_tokens)
 
 
+def expand_operands(op: str, buf, lora_b, out, meta, slice_offsets):
+    """Checks shared by both expand launchers; buf as [num_splits, num_slices, num_tokens, max_rank], or None
+    when there is nothing to add."""
+    from loraplex.kernels.lora_ops import check_expand_args
+
+    check_expand_args(buf, lora_b, out, meta, slice_offsets)
+    split_buf = buf if buf.dim() == 4 else buf.unsqueeze(0)
+    if 0 in split_buf.shape[1:] or lora_b.shape[1] == 0:
+        return None
+    if not buf.is_cuda and not interpreting():
+        raise ValueError(f"{op}: needs CUDA tensors (or TRITON_INTERPRET=1), got {buf.device}")
+    return split_buf
+
+
 def interpreting() -> bool:
     return envs.triton_interpret()
 

@@ -17,7 +17,6 @@ import triton.language as tl
 
 from loraplex.kernels import _triton_utils as tu
 from loraplex.kernels._triton_utils import slot_block
-from loraplex.kernels.lora_ops import check_expand_args
 
 __all__ = ["lora_expand_triton"]
 
@@ -96,15 +95,12 @@ def lora_expand_triton(buf: torch.Tensor, lora_b: torch.Tensor, out: torch.Tenso
                        slice_offsets: torch.Tensor) -> None:
     """Triton expand; same contract as ``loraplex.kernels.lora_ops.lora_expand``. Never syncs with the host,
     so slice_offsets values are trusted: they must rise from 0 to total_out."""
-    check_expand_args(buf, lora_b, out, meta, slice_offsets)
-    split_buf = buf if buf.dim() == 4 else buf.unsqueeze(0)  # [num_splits, num_slices, num_tokens, max_rank]
+    split_buf = tu.expand_operands("lora_expand_triton", buf, lora_b, out, meta, slice_offsets)
+    if split_buf is None:
+        return
     num_splits, num_slices, num_tokens, max_rank = split_buf.shape
     max_loras, total_out, _ = lora_b.shape
-    if num_tokens == 0 or num_slices == 0 or max_rank == 0 or total_out == 0:
-        return
     interpret = tu.interpreting()
-    if not buf.is_cuda and not interpret:
-        raise ValueError(f"lora_expand_triton: needs CUDA tensors (or TRITON_INTERPRET=1), got {buf.device}")
     cfg = tu.expand_config(num_tokens, total_out, max_rank, interpret)
     num_n_blocks = tu.cdiv(total_out, cfg.BLOCK_N)
     grid = (tu.num_m_programs(num_tokens, max_loras, cfg.BLOCK_M) * num_n_blocks,)
