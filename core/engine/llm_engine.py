@@ -160,13 +160,14 @@ class LLMEngine:
     def _launch_ahead(self, pending):
         """Launch the decode step after ``pending`` with its sampled tokens as inputs, still on the device.
 
-        Only when nothing but those sequences could run next (no admissible waiting request) and the host needs
-        no sampled token to set up the step (no penalties, min_tokens met). Sequences sure to stop at ``pending``
-        (max_tokens, max_model_len) are left out; one that stops on EOS or a stop string wastes its row, whose
-        token is dropped. Its KV write may land in a block freed meanwhile: harmless, since the block's next
+        Only when nothing but those sequences could run next (no waiting request the scheduler would take now;
+        one blocked on a LoRA slot or on KV blocks does not count) and the host needs no sampled token to set up
+        the step (no penalties, min_tokens met). Sequences sure to stop at ``pending`` (max_tokens,
+        max_model_len) are left out; one that stops on EOS or a stop string wastes its row, whose token is
+        dropped. Its KV write may land in a block freed meanwhile: harmless, since the block's next
         owner writes it later on the same stream before reading it."""
         sched = self.scheduler
-        if sched.waiting and sched.num_running < sched.max_num_seqs:
+        if sched.waiting and sched.can_admit():
             return None
         rows, seqs = [], []
         for i, seq in enumerate(pending.seqs):

@@ -71,26 +71,38 @@ class Scheduler:
             num_new = seq.num_tokens - seq.num_computed_tokens
             out.seqs.append(seq)
             out.num_scheduled_tokens.append(num_new)
-            budget -= num_new
             self.running.append(seq)
         if not out.preempted:
             self._admit(out, budget)
         return out
 
-    def _admit(self, out: SchedulerOutput, budget: int) -> None:
+    def can_admit(self) -> bool:
+        """Whether the next schedule() would take a waiting request, counting one token for each running
+        sequence; changes nothing. Async scheduling launches ahead only when it would not."""
+        return next(self._admissible(self.max_num_batched_tokens - len(self.running)), None) is not None
+
+    def _admissible(self, budget: int):
+        """(seq, num_new) of the waiting requests that fit, in policy order. Each check runs against the state
+        when that request is reached, so a caller that admits each one before asking for the next sees the
+        effect of its own admissions."""
         lora_blocked = False
         for seq in self.policy.order(self.waiting):
             if len(self.running) >= self.max_num_seqs:
-                break
+                return
             num_new = seq.num_tokens - seq.num_computed_tokens
             if num_new > budget or not self.block_manager.can_allocate(seq):
-                break  # FIFO: later requests must not overtake one that waits for room
-            if seq.lora_model is not None:
+                return  # FIFO: later requests must not overtake one that waits for room
+            if seq.lora_model is not None and (lora_blocked or not self.lora_manager.can_acquire(seq.lora_model)):
                 # Once an adapter request waits for a slot, later adapter requests wait too, so the running
                 # adapters drain and no adapter starves; base-model requests need no slot and may pass.
-                if lora_blocked or not self.lora_manager.can_acquire(seq.lora_model):
-                    lora_blocked = True
-                    continue
+                lora_blocked = True
+                continue
+            yield seq, num_new
+            budget -= num_new
+
+    def _admit(self, out: SchedulerOutput, budget: int) -> None:
+        for seq, num_new in self._admissible(budget):
+            if seq.lora_model is not None:
                 self.lora_manager.acquire(seq.lora_model)
             self.block_manager.allocate(seq)
             self.waiting.remove(seq)
@@ -98,7 +110,6 @@ class Scheduler:
             self.running.append(seq)
             out.seqs.append(seq)
             out.num_scheduled_tokens.append(num_new)
-            budget -= num_new
 
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free(seq)

@@ -137,3 +137,32 @@ def test_failed_look_ahead_launch(tiny_llama):
     while engine.has_unfinished_requests():
         out = engine.step()
     assert out[0].finished and len(out[0].outputs[0].token_ids) == 4
+
+
+def test_look_ahead_while_a_request_waits_for_a_lora_slot(tiny_llama, tmp_path):
+    """A queue blocked on the only LoRA slot does not turn look-ahead off; a waiting request that fits does."""
+    adapters = [make_peft_adapter(tiny_llama, tmp_path / n, rank=8, targets="all-linear", seed=s, scale=0.1)
+                for n, s in (("a", 1), ("b", 2))]
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+
+    def run(is_async: bool):
+        engine = LLMEngine.from_engine_args(EngineArgs(
+            model=str(tiny_llama), device="cpu", dtype="float32", max_model_len=64, max_num_seqs=4,
+            enable_lora=True, max_loras=1, max_lora_rank=8, async_scheduling=is_async, seed=0))
+        engine.add_request("a", "Hello", params, lora_request=LoRARequest("a", 1, str(adapters[0])))
+        engine.add_request("b", "Hi there", params, lora_request=LoRARequest("b", 2, str(adapters[1])))
+        finals, blocked_async, can_admit = {}, 0, []
+        while engine.has_unfinished_requests():
+            before = engine.stats["num_async_steps"]
+            waiting = [s.request_id for s in engine.scheduler.waiting]
+            can_admit.append(engine.scheduler.can_admit())
+            finals.update({o.request_id: o.outputs[0].token_ids for o in engine.step() if o.finished})
+            if waiting == ["b"] and engine.scheduler.num_waiting == 1:
+                blocked_async += engine.stats["num_async_steps"] - before
+        return finals, blocked_async, can_admit
+
+    sync, _, _ = run(False)
+    asyn, blocked_async, can_admit = run(True)
+    assert asyn == sync and len(sync["a"]) == len(sync["b"]) == 10
+    assert blocked_async >= 5, "look-ahead stayed off while 'b' waited for the slot"
+    assert can_admit[0] is True and not any(can_admit[2:8])  # 'a' and 'b' queued; then 'b' blocked on the slot
