@@ -154,7 +154,8 @@ def hf_rows(rows, batches, counts, adapters, args) -> None:
         if n and peft_model is None:
             from peft import LoraConfig, get_peft_model
 
-            lcfg = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=list(adapters[0][0]["target_modules"]))
+            lcfg = LoraConfig(r=args.rank, lora_alpha=2 * args.rank,
+                              target_modules=list(adapters[0][0]["target_modules"]))
             peft_model = get_peft_model(model, lcfg, adapter_name="a0")
             for i in range(1, max(counts)):
                 peft_model.add_adapter(f"a{i}", lcfg)
@@ -180,8 +181,9 @@ def print_table(result) -> None:
            f"{'x HF':>7} {'LoRA ovh':>8} {'prefill %pk':>11}"
     print(head)
     for r in result["rows"]:
+        hf = r.get("hf_tokens_per_s", float("nan"))
         print(f"{r['adapters']:>8} {r['batch']:>5} {r['decode_ms_per_step']:>8.2f} {r['roofline_ms']:>8.2f} "
-              f"{r['ratio_to_roofline']:>7.2f} {r['tokens_per_s']:>9.0f} {r.get('hf_tokens_per_s', float('nan')):>9.1f} "
+              f"{r['ratio_to_roofline']:>7.2f} {r['tokens_per_s']:>9.0f} {hf:>9.1f} "
               f"{r.get('speedup_vs_hf', float('nan')):>7.1f} {r.get('lora_overhead', float('nan')) * 100:>7.1f}% "
               f"{r['prefill_frac_of_peak'] * 100:>10.1f}%")
 
