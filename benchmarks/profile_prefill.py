@@ -10,6 +10,7 @@ import argparse
 import cProfile
 import gc
 import io
+import itertools
 import pstats
 import sys
 import tempfile
@@ -45,19 +46,10 @@ def main() -> None:
             times = [run_engine(engine, batch, num_adapters, 128, 2, seed=100 * r + batch)[0] * 1e3
                      for r in range(args.repeats)]
             print(f"\n=== adapters={num_adapters} batch={batch}: prefill ms " + " ".join(f"{t:.1f}" for t in times))
-            from loraplex import SamplingParams
-            from loraplex.lora.request import LoRARequest
+            seeds = itertools.count(1000)
 
-            def prefill(tag: list[int] = [0]) -> None:
-                tag[0] += 1
-                params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True, detokenize=False)
-                gen = torch.Generator().manual_seed(tag[0])
-                for i in range(batch):
-                    ids = torch.randint(0, LLAMA_3_2_3B["vocab_size"], (128,), generator=gen).tolist()
-                    lora = LoRARequest(f"a{i % num_adapters}", 1 + i % num_adapters, "") if num_adapters else None
-                    engine.add_request(f"pf{tag[0]}-{i}", {"prompt_token_ids": ids}, params, lora_request=lora)
-                while engine.has_unfinished_requests():
-                    engine.step()
+            def prefill() -> None:
+                run_engine(engine, batch, num_adapters, 128, 1, seed=next(seeds))
 
             for k in kernel_table(prefill, 1, args.top):
                 print(f"  {k['us_per_step']:9.1f} us  {k['calls_per_step']:6.1f}x  {k['name']}")

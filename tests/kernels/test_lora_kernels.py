@@ -291,6 +291,33 @@ def test_backend_dispatch(monkeypatch):
     assert_close(out, naive_shrink(c, 1.0, fill=0.0), torch.float32)
 
 
+@needs_triton
+def test_host_launch_math_matches_triton():
+    """The host-side cdiv / next_power_of_2 that launchers use instead of triton's constexpr_functions."""
+    import triton
+
+    from loraplex.kernels import _triton_utils as tu
+
+    assert all(tu.next_power_of_2(n) == triton.next_power_of_2(n) for n in range(0, 5000))
+    assert all(tu.cdiv(a, b) == triton.cdiv(a, b) for a in range(0, 300) for b in range(1, 40))
+
+
+@needs_triton
+def test_decode_expand_knob(monkeypatch):
+    """LORAPLEX_LORA_DECODE_MAX_TOKENS (alias VLLM_*) picks the per-token expand up to that batch; 0 turns it off;
+    the interpreter always runs the grouped one unless a test forces it."""
+    from loraplex.kernels import _triton_utils as tu
+
+    for name in ("LORAPLEX_LORA_DECODE_MAX_TOKENS", "VLLM_LORA_DECODE_MAX_TOKENS"):
+        monkeypatch.delenv(name, raising=False)
+    assert tu.use_decode_expand(32, False) and not tu.use_decode_expand(33, False)
+    assert not tu.use_decode_expand(1, True)
+    monkeypatch.setenv("VLLM_LORA_DECODE_MAX_TOKENS", "64")
+    assert tu.use_decode_expand(64, False)
+    monkeypatch.setenv("LORAPLEX_LORA_DECODE_MAX_TOKENS", "0")
+    assert not tu.use_decode_expand(1, False)
+
+
 def test_custom_ops_trace():
     """Registered ops: schema/fake checks pass and torch.compile traces add_lora without a graph break."""
     c = _case("qkv_fp32")
