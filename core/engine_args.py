@@ -38,9 +38,19 @@ class EngineArgs:
     disable_log_stats: bool = True
     # LoRA
     enable_lora: bool = False
+    # Distinct adapters in one batch (vLLM's meaning). The device pool may hold many more (max_gpu_loras).
     max_loras: int = 1
     max_lora_rank: int = 16
+    # Adapters kept packed in host memory (pinned on CUDA); default max_loras.
     max_cpu_loras: int | None = None
+    # Device pool size, in adapters of max_lora_rank (lower ranks take proportionally less). None: on CUDA,
+    # lora_memory_fraction of the memory left after the weights, at least max_loras; on the CPU, max_loras.
+    max_gpu_loras: int | None = None
+    lora_memory_fraction: float = 0.1
+    # Worker threads that read, validate and pack adapters off the engine thread.
+    num_lora_loader_workers: int = 4
+    # Aging bound of adapter-aware admission: steps in which later adapter requests may pass a held one.
+    max_lora_bypass_steps: int = 16
     lora_dtype: str = "auto"
     fully_sharded_loras: bool = False
     tensor_parallel_size: int = 1
@@ -100,6 +110,14 @@ class EngineArgs:
             self.max_cpu_loras = self.max_loras
         if not isinstance(self.max_cpu_loras, int) or self.max_cpu_loras < self.max_loras:
             raise bad("max_cpu_loras", f"must be an int >= max_loras ({self.max_loras})")
+        if self.max_gpu_loras is not None and (not isinstance(self.max_gpu_loras, int) or self.max_gpu_loras < 1):
+            raise bad("max_gpu_loras", "must be None or an int >= 1")
+        if not isinstance(self.lora_memory_fraction, (int, float)) or not 0.0 <= self.lora_memory_fraction < 1.0:
+            raise bad("lora_memory_fraction", "must be in [0, 1)")
+        if not isinstance(self.num_lora_loader_workers, int) or self.num_lora_loader_workers < 1:
+            raise bad("num_lora_loader_workers", "must be an int >= 1")
+        if not isinstance(self.max_lora_bypass_steps, int) or self.max_lora_bypass_steps < 0:
+            raise bad("max_lora_bypass_steps", "must be an int >= 0")
         self.lora_dtype = str(self.lora_dtype).lower().replace("torch.", "")
         if self.lora_dtype not in _DTYPES:
             raise bad("lora_dtype", f"must be one of {_DTYPES}")

@@ -40,6 +40,9 @@ class RequestOutput:
     lora_request: Any = None
     prompt_logprobs: Any = None
     metrics: dict = field(default_factory=dict)
+    # Why the request ended early, when it did not run at all (an adapter that failed to load); the server
+    # answers it with this error's status. None for every request that ran.
+    error: Exception | None = None
 
     @property
     def num_generated_tokens(self) -> int:

@@ -26,7 +26,8 @@ class Sequence:
     prompt_token_ids: list[int]
     params: SamplingParams
     lora_request: Any = None  # the user's LoRARequest
-    lora_model: Any = None  # the adapter version this sequence runs with (fixed at admission)
+    lora_model: Any = None  # the adapter version this sequence runs with (fixed when it is added)
+    lora_entry: int = -1  # its pool entry while running (kept, not looked up per step); -1 = none
     arrival_time: float = field(default_factory=time.monotonic)
     priority: int = 0
     seq_id: int = field(default_factory=lambda: next(_seq_counter))
@@ -41,6 +42,7 @@ class Sequence:
     generator: Any = None  # per-request torch.Generator when params.seed is set
     detokenizer: Any = None
     num_preemptions: int = 0
+    num_lora_bypasses: int = 0  # steps in which a later adapter request was admitted past it (scheduler aging)
     first_token_time: float | None = None
 
     @property

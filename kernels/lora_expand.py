@@ -1,4 +1,6 @@
-"""LoRA expand in Triton: out[t, slice s cols] += buf[s, t, :rank] @ lora_b[slot(t), slice s cols, :rank].T.
+"""LoRA expand in Triton: out[t, slice s cols] += sum_j buf[s, t, j] * lora_b[page(slot(t), j), slice s cols].
+
+lora_b is the pool's transposed B: one page (row) per rank row, contiguous along the output columns.
 
 One program owns BLOCK_M tokens of one slot (grouped by LoRAKernelMeta) and BLOCK_N columns of the packed output.
 The slices' column ranges come from the device tensor slice_offsets, so the n-blocks tile total_out and a block
@@ -23,11 +25,12 @@ __all__ = ["lora_expand_triton"]
 
 @triton.jit
 def _lora_expand_kernel(
-    buf_ptr, b_ptr, out_ptr, offsets_ptr, sorted_ids_ptr, counts_ptr, starts_ptr, ranks_ptr,
+    buf_ptr, b_ptr, out_ptr, offsets_ptr, sorted_ids_ptr, counts_ptr, starts_ptr, ranks_ptr, pages_ptr,
     num_tokens, total_out,
     stride_up, stride_us, stride_ut, stride_ur,
-    stride_bl, stride_bn, stride_br,
+    stride_bp, stride_bn,
     stride_ot, stride_on,
+    stride_pl,
     MAX_RANK: tl.constexpr,  # constexpr: the interpreter (numpy >= 2.4) cannot take a runtime scalar in range()
     MAX_LORAS: tl.constexpr,
     MAX_LORAS_P: tl.constexpr,  # MAX_LORAS rounded up to a power of two
@@ -57,7 +60,8 @@ def _lora_expand_kernel(
     n0 = pid_n * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)  # packed output columns
     offs_k = tl.arange(0, BLOCK_K)
-    b_cols = b_ptr + slot.to(tl.int64) * stride_bl + offs_n[None, :].to(tl.int64) * stride_bn  # [1, BLOCK_N]
+    b_cols = b_ptr + offs_n[None, :].to(tl.int64) * stride_bn  # [1, BLOCK_N]
+    page_row = pages_ptr + slot.to(tl.int64) * stride_pl
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for s in tl.static_range(NUM_SLICES):
@@ -76,7 +80,8 @@ def _lora_expand_kernel(
                     u = tl.load(u_rows + k[None, :] * stride_ur, mask=u_mask, other=0.0)  # [BLOCK_M, BLOCK_K] fp32
                     for p in tl.static_range(1, NUM_SPLITS):
                         u += tl.load(u_rows + p * stride_up + k[None, :] * stride_ur, mask=u_mask, other=0.0)
-                    b = tl.load(b_cols + k[:, None] * stride_br, mask=k_ok[:, None] & col_ok[None, :],
+                    page = tl.load(page_row + k, mask=k_ok, other=0).to(tl.int64)  # [BLOCK_K]
+                    b = tl.load(b_cols + page[:, None] * stride_bp, mask=k_ok[:, None] & col_ok[None, :],
                                 other=0.0)  # [BLOCK_K, BLOCK_N]
                     if UPCAST:
                         b = b.to(tl.float32)
@@ -99,16 +104,16 @@ def lora_expand_triton(buf: torch.Tensor, lora_b: torch.Tensor, out: torch.Tenso
     if split_buf is None:
         return
     num_splits, num_slices, num_tokens, max_rank = split_buf.shape
-    max_loras, total_out, _ = lora_b.shape
+    max_loras, total_out = meta.page_table.shape[0], lora_b.shape[1]
     interpret = tu.interpreting()
     cfg = tu.expand_config(num_tokens, total_out, max_rank, interpret)
     num_n_blocks = tu.cdiv(total_out, cfg.BLOCK_N)
     grid = (tu.num_m_programs(num_tokens, max_loras, cfg.BLOCK_M) * num_n_blocks,)
     _lora_expand_kernel[grid](
         split_buf, lora_b, out, slice_offsets, meta.sorted_token_ids, meta.num_tokens_per_lora, meta.lora_token_start,
-        meta.lora_ranks,
+        meta.lora_ranks, meta.page_table,
         num_tokens, total_out,
-        *split_buf.stride(), *lora_b.stride(), *out.stride(),
+        *split_buf.stride(), *lora_b.stride(), *out.stride(), meta.page_table.stride(0),
         MAX_RANK=max_rank, MAX_LORAS=max_loras, MAX_LORAS_P=max(2, tu.next_power_of_2(max_loras)),
         NUM_SLICES=num_slices, NUM_SPLITS=num_splits, NUM_N_BLOCKS=num_n_blocks,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,

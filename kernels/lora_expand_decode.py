@@ -24,10 +24,11 @@ __all__ = ["lora_expand_decode"]
 
 @triton.jit
 def _expand_decode_kernel(
-    buf_ptr, b_ptr, out_ptr, offsets_ptr, slots_ptr, ranks_ptr, total_out,
+    buf_ptr, b_ptr, out_ptr, offsets_ptr, slots_ptr, ranks_ptr, pages_ptr, total_out,
     stride_up, stride_us, stride_ut, stride_ur,
-    stride_bl, stride_bn, stride_br,
+    stride_bp, stride_bn,
     stride_ot, stride_on,
+    stride_pl,
     NUM_SLICES: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     MAX_RANK: tl.constexpr,
@@ -48,9 +49,10 @@ def _expand_decode_kernel(
     n_ok = offs_n < total_out
     offs_r = tl.arange(0, BLOCK_R)
     r_ok = offs_r < rank
+    pages = tl.load(pages_ptr + slot.to(tl.int64) * stride_pl + offs_r, mask=r_ok, other=0).to(tl.int64)
     # One B tile serves every slice the block touches: the slices differ only in which low-rank row they take.
-    b = tl.load(b_ptr + slot.to(tl.int64) * stride_bl + offs_n[:, None].to(tl.int64) * stride_bn
-                + offs_r[None, :] * stride_br, mask=n_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + offs_n[:, None].to(tl.int64) * stride_bn + pages[None, :] * stride_bp,
+                mask=n_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)  # [BLOCK_N, BLOCK_R]
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     for s in tl.static_range(NUM_SLICES):
         lo = tl.load(offsets_ptr + s)
@@ -74,13 +76,13 @@ def lora_expand_decode(buf: torch.Tensor, lora_b: torch.Tensor, out: torch.Tenso
     if split_buf is None:
         return
     num_splits, num_slices, num_tokens, max_rank = split_buf.shape
-    max_loras, total_out, _ = lora_b.shape
+    max_loras, total_out = meta.page_table.shape[0], lora_b.shape[1]
     interpret = tu.interpreting()
     block_r = max(2, tu.next_power_of_2(max_rank))
     block_n = tu.decode_expand_block_n(num_tokens, total_out, block_r, interpret)
     _expand_decode_kernel[(num_tokens, tu.cdiv(total_out, block_n))](
-        split_buf, lora_b, out, slice_offsets, meta.token_lora_indices, meta.lora_ranks, total_out,
-        *split_buf.stride(), *lora_b.stride(), *out.stride(),
+        split_buf, lora_b, out, slice_offsets, meta.token_lora_indices, meta.lora_ranks, meta.page_table, total_out,
+        *split_buf.stride(), *lora_b.stride(), *out.stride(), meta.page_table.stride(0),
         NUM_SLICES=num_slices, NUM_SPLITS=num_splits, MAX_RANK=max_rank, MAX_LORAS=max_loras,
         BLOCK_R=block_r, BLOCK_N=block_n, num_warps=1 if interpret else 4,
     )

@@ -4,6 +4,10 @@ A LoRA linear adds ``scale * (x @ A[slot].T) @ B[slot].T`` to each token's outpu
 per token. ``lora_shrink`` computes the low-rank activations of every slice of a packed projection (q/k/v,
 gate/up) in one launch; ``lora_expand`` adds them, through each slice's B, into that slice's output columns.
 
+Weights are paged (see lora_meta.py): ``lora_a`` is [num_slices, num_pages, in_dim] and ``lora_b``
+[num_pages, total_out], one page per rank row, so B is stored transposed. Rank row j of a batch slot's adapter is
+page ``meta.page_table[slot, j]``; the kernels gather rows through it.
+
 The torch reference is also the CPU production path: it reads the per-slot token counts on the host (one sync,
 so it is not CUDA-graph capturable) and does one gathered matmul per active slot. The Triton path never syncs.
 
@@ -25,7 +29,8 @@ __all__ = ["lora_shrink", "lora_expand", "add_lora", "lora_buffer", "resolve_bac
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_META_FIELDS = ("token_lora_indices", "sorted_token_ids", "num_tokens_per_lora", "lora_token_start", "lora_ranks")
+_META_FIELDS = ("token_lora_indices", "sorted_token_ids", "num_tokens_per_lora", "lora_token_start", "lora_ranks",
+                "page_table")
 
 
 class _MetaView(NamedTuple):
@@ -35,43 +40,46 @@ class _MetaView(NamedTuple):
     num_tokens_per_lora: torch.Tensor
     lora_token_start: torch.Tensor
     lora_ranks: torch.Tensor
+    page_table: torch.Tensor
 
 
 # ----------------------------------------------------------------------------------------------- checks
-def _check_meta(op: str, meta, device: torch.device, max_loras: int, num_tokens: int) -> None:
+def _check_meta(op: str, meta, device: torch.device, num_tokens: int) -> tuple[int, int]:
+    """(max_loras, max_rank) of meta, after checking its buffers."""
     for name in _META_FIELDS:
         t = getattr(meta, name)
-        if t.dim() != 1 or t.dtype != torch.int32:
-            raise ValueError(f"{op}: meta.{name} must be a 1-D int32 tensor, got {tuple(t.shape)} {t.dtype}")
+        if t.dim() != (2 if name == "page_table" else 1) or t.dtype != torch.int32:
+            raise ValueError(f"{op}: meta.{name} must be a {'2' if name == 'page_table' else '1'}-D int32 tensor, "
+                             f"got {tuple(t.shape)} {t.dtype}")
         if t.device != device:
             raise ValueError(f"{op}: meta.{name} is on {t.device} but the operands are on {device}")
-    if meta.num_tokens_per_lora.shape[0] != max_loras or meta.lora_ranks.shape[0] != max_loras \
-            or meta.lora_token_start.shape[0] != max_loras + 1:
-        raise ValueError(f"{op}: meta was allocated for {meta.num_tokens_per_lora.shape[0]} slots but the LoRA "
-                         f"weights have {max_loras}")
+    max_loras = meta.num_tokens_per_lora.shape[0]
+    if meta.lora_ranks.shape[0] != max_loras or meta.lora_token_start.shape[0] != max_loras + 1 \
+            or meta.page_table.shape[0] != max_loras:
+        raise ValueError(f"{op}: meta's per-slot buffers disagree on the number of slots ({max_loras})")
     if meta.sorted_token_ids.shape[0] < num_tokens or meta.token_lora_indices.shape[0] < num_tokens:
         raise ValueError(f"{op}: {num_tokens} tokens exceed meta's max_num_tokens "
                          f"{meta.sorted_token_ids.shape[0]}")
+    return max_loras, meta.page_table.shape[1]
 
 
 def check_shrink_args(x: torch.Tensor, lora_a: torch.Tensor, out: torch.Tensor, meta) -> None:
     """Shape/dtype/device checks shared by both backends; never syncs with the device."""
     if x.dim() != 2 or x.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"lora_shrink: x must be [num_tokens, in_dim] fp16/bf16/fp32, got {tuple(x.shape)} {x.dtype}")
-    if lora_a.dim() != 4 or lora_a.shape[3] != x.shape[1]:
-        raise ValueError(f"lora_shrink: lora_a must be [num_slices, max_loras, max_rank, in_dim={x.shape[1]}], "
+    if lora_a.dim() != 3 or lora_a.shape[2] != x.shape[1]:
+        raise ValueError(f"lora_shrink: lora_a must be [num_slices, num_pages, in_dim={x.shape[1]}], "
                          f"got {tuple(lora_a.shape)}")
     if lora_a.dtype != x.dtype:
         raise ValueError(f"lora_shrink: lora_a is {lora_a.dtype} but x is {x.dtype}")
-    num_slices, max_loras, max_rank, _ = lora_a.shape
-    expected = (num_slices, x.shape[0], max_rank)
-    if tuple(out.shape[-3:]) != expected or out.dim() not in (3, 4) or out.dtype != torch.float32:
-        raise ValueError(f"lora_shrink: out must be {list(expected)} (num_slices, num_tokens, max_rank) float32, "
-                         f"optionally with a leading split dim, got {tuple(out.shape)} {out.dtype}")
     for name, t in (("lora_a", lora_a), ("out", out)):
         if t.device != x.device:
             raise ValueError(f"lora_shrink: {name} is on {t.device} but x is on {x.device}")
-    _check_meta("lora_shrink", meta, x.device, max_loras, x.shape[0])
+    _, max_rank = _check_meta("lora_shrink", meta, x.device, x.shape[0])
+    expected = (lora_a.shape[0], x.shape[0], max_rank)
+    if tuple(out.shape[-3:]) != expected or out.dim() not in (3, 4) or out.dtype != torch.float32:
+        raise ValueError(f"lora_shrink: out must be {list(expected)} (num_slices, num_tokens, max_rank) float32, "
+                         f"optionally with a leading split dim, got {tuple(out.shape)} {out.dtype}")
 
 
 def check_expand_args(buf: torch.Tensor, lora_b: torch.Tensor, out: torch.Tensor, meta,
@@ -81,10 +89,10 @@ def check_expand_args(buf: torch.Tensor, lora_b: torch.Tensor, out: torch.Tensor
         raise ValueError(f"lora_expand: buf must be [num_slices, num_tokens, max_rank] float32 (optionally with a "
                          f"leading split dim), got {tuple(buf.shape)} {buf.dtype}")
     num_slices, num_tokens, max_rank = buf.shape[-3:]
-    if lora_b.dim() != 3 or lora_b.shape[2] != max_rank or lora_b.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"lora_expand: lora_b must be [max_loras, total_out, max_rank={max_rank}] fp16/bf16/fp32, "
+    if lora_b.dim() != 2 or lora_b.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"lora_expand: lora_b must be [num_pages, total_out] fp16/bf16/fp32, "
                          f"got {tuple(lora_b.shape)} {lora_b.dtype}")
-    max_loras, total_out, _ = lora_b.shape
+    total_out = lora_b.shape[1]
     if tuple(out.shape) != (num_tokens, total_out) or out.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"lora_expand: out must be [num_tokens={num_tokens}, total_out={total_out}] "
                          f"fp16/bf16/fp32, got {tuple(out.shape)} {out.dtype}")
@@ -95,33 +103,45 @@ def check_expand_args(buf: torch.Tensor, lora_b: torch.Tensor, out: torch.Tensor
     for name, t in (("lora_b", lora_b), ("out", out), ("slice_offsets", slice_offsets)):
         if t.device != buf.device:
             raise ValueError(f"lora_expand: {name} is on {t.device} but buf is on {buf.device}")
-    _check_meta("lora_expand", meta, buf.device, max_loras, num_tokens)
+    _, meta_rank = _check_meta("lora_expand", meta, buf.device, num_tokens)
+    if meta_rank != max_rank:
+        raise ValueError(f"lora_expand: buf has {max_rank} rank columns but meta's page table {meta_rank}")
 
 
 # ----------------------------------------------------------------------------------------------- reference
-def _active_slots(meta, max_rank: int) -> list[tuple[int, int, int, int]]:
-    """(slot, start, count, rank) of every slot with tokens this step; one host sync for all of them."""
-    host = torch.cat([meta.num_tokens_per_lora, meta.lora_token_start[:-1], meta.lora_ranks]).tolist()
-    n = meta.num_tokens_per_lora.shape[0]
-    return [(s, host[n + s], host[s], min(host[2 * n + s], max_rank)) for s in range(n) if host[s] > 0]
+def _active_slots(meta) -> list[tuple[int, int, int, int, list[int]]]:
+    """(slot, start, count, rank, pages) of every slot with tokens this step; one host sync per prepare."""
+    if hasattr(meta, "active_slots"):
+        return meta.active_slots()
+    from loraplex.kernels.lora_meta import read_active_slots
+
+    return read_active_slots(meta)
+
+
+def _pages(t: torch.Tensor, dim: int, pages: list[int]) -> torch.Tensor:
+    """Rows ``pages`` of t along dim: a view when they are one run (the pool allocates runs when it can)."""
+    if pages and pages[-1] - pages[0] == len(pages) - 1 and pages == list(range(pages[0], pages[-1] + 1)):
+        return t.narrow(dim, pages[0], len(pages))
+    return t.index_select(dim, torch.tensor(pages, dtype=torch.int64, device=t.device))
 
 
 def lora_shrink_ref(x: torch.Tensor, lora_a: torch.Tensor, out: torch.Tensor, meta, scale: float = 1.0) -> None:
     """Torch shrink (fp32 math); same contract as :func:`lora_shrink`."""
     check_shrink_args(x, lora_a, out, meta)
-    num_slices, _, max_rank, _ = lora_a.shape
+    max_rank = meta.page_table.shape[1]
+    active = _active_slots(meta)
     if out.dim() == 4:
         # Split-K layout: the whole sum goes to split 0, the other partials of adapter rows are zero.
-        for _, start, count, _ in _active_slots(meta, max_rank):
+        for _, start, count, _, _ in active:
             out[1:].index_fill_(2, meta.sorted_token_ids[start:start + count].long(), 0.0)
         out = out[0]
-    for slot, start, count, rank in _active_slots(meta, max_rank):
+    for slot, start, count, rank, pages in active:
         ids = meta.sorted_token_ids[start:start + count].long()  # [count]
         xs = x.index_select(0, ids).float()  # [count, in_dim]
-        a = lora_a[:, slot, :rank].float()  # [num_slices, rank, in_dim]
+        a = _pages(lora_a, 1, pages).float()  # [num_slices, rank, in_dim]
         res = torch.matmul(xs, a.transpose(1, 2)).mul_(scale)  # [num_slices, count, rank]
         if rank < max_rank:
-            # Rank columns past the adapter's rank are defined as zero, whatever the padding of lora_a holds.
+            # Rank columns past the adapter's rank are defined as zero.
             res = torch.nn.functional.pad(res, (0, max_rank - rank))
         out.index_copy_(1, ids, res)
 
@@ -132,21 +152,21 @@ def lora_expand_ref(buf: torch.Tensor, lora_b: torch.Tensor, out: torch.Tensor, 
     check_expand_args(buf, lora_b, out, meta, slice_offsets)
     if buf.dim() == 4:
         buf = buf.sum(0)  # split-K partials
-    num_slices, _, max_rank = buf.shape
+    num_slices = buf.shape[0]
     offsets = slice_offsets.tolist()
     if offsets[0] != 0 or offsets[-1] != out.shape[1] or any(b < a for a, b in zip(offsets, offsets[1:])):
         raise ValueError(f"lora_expand: slice_offsets must rise from 0 to total_out={out.shape[1]}, got {offsets}")
-    for slot, start, count, rank in _active_slots(meta, max_rank):
+    for slot, start, count, rank, pages in _active_slots(meta):
         if rank == 0:
             continue
         ids = meta.sorted_token_ids[start:start + count].long()  # [count]
         low = buf.index_select(1, ids)[:, :, :rank]  # [num_slices, count, rank]
-        b = lora_b[slot, :, :rank].float()  # [total_out, rank]
+        b = _pages(lora_b, 0, pages).float()  # [rank, total_out]
         rows = out.index_select(0, ids).float()  # [count, total_out], a copy: accumulate in place
         for s in range(num_slices):
             lo, hi = offsets[s], offsets[s + 1]
             if hi > lo:
-                rows[:, lo:hi].addmm_(low[s], b[lo:hi].t())
+                rows[:, lo:hi].addmm_(low[s], b[:, lo:hi])
         out.index_copy_(0, ids, rows.to(out.dtype))
 
 
@@ -170,14 +190,15 @@ def _impl(name: str, backend: str, num_tokens: int):
 @torch.library.custom_op("loraplex::lora_shrink", mutates_args=("out",))
 def _lora_shrink_op(x: torch.Tensor, lora_a: torch.Tensor, out: torch.Tensor, token_lora_indices: torch.Tensor,
                     sorted_token_ids: torch.Tensor, num_tokens_per_lora: torch.Tensor, lora_token_start: torch.Tensor,
-                    lora_ranks: torch.Tensor, scale: float, backend: str) -> None:
-    meta = _MetaView(token_lora_indices, sorted_token_ids, num_tokens_per_lora, lora_token_start, lora_ranks)
+                    lora_ranks: torch.Tensor, page_table: torch.Tensor, scale: float, backend: str) -> None:
+    meta = _MetaView(token_lora_indices, sorted_token_ids, num_tokens_per_lora, lora_token_start, lora_ranks,
+                     page_table)
     _impl("shrink", backend, x.shape[0])(x, lora_a, out, meta, scale)
 
 
 @_lora_shrink_op.register_fake
-def _(x, lora_a, out, token_lora_indices, sorted_token_ids, num_tokens_per_lora, lora_token_start, lora_ranks, scale,
-      backend):
+def _(x, lora_a, out, token_lora_indices, sorted_token_ids, num_tokens_per_lora, lora_token_start, lora_ranks,
+      page_table, scale, backend):
     return None
 
 
@@ -185,14 +206,15 @@ def _(x, lora_a, out, token_lora_indices, sorted_token_ids, num_tokens_per_lora,
 def _lora_expand_op(buf: torch.Tensor, lora_b: torch.Tensor, out: torch.Tensor, slice_offsets: torch.Tensor,
                     token_lora_indices: torch.Tensor, sorted_token_ids: torch.Tensor,
                     num_tokens_per_lora: torch.Tensor, lora_token_start: torch.Tensor, lora_ranks: torch.Tensor,
-                    backend: str) -> None:
-    meta = _MetaView(token_lora_indices, sorted_token_ids, num_tokens_per_lora, lora_token_start, lora_ranks)
+                    page_table: torch.Tensor, backend: str) -> None:
+    meta = _MetaView(token_lora_indices, sorted_token_ids, num_tokens_per_lora, lora_token_start, lora_ranks,
+                     page_table)
     _impl("expand", backend, out.shape[0])(buf, lora_b, out, meta, slice_offsets)
 
 
 @_lora_expand_op.register_fake
 def _(buf, lora_b, out, slice_offsets, token_lora_indices, sorted_token_ids, num_tokens_per_lora, lora_token_start,
-      lora_ranks, backend):
+      lora_ranks, page_table, backend):
     return None
 
 
@@ -227,10 +249,11 @@ def _eager(t: torch.Tensor) -> bool:
 
 def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, out: torch.Tensor, meta, scale: float = 1.0,
                 backend: str = "auto") -> None:
-    """out[s, t, :] = scale * x[t] @ lora_a[s, slot(t)].T for every token with an adapter, all slices at once.
+    """out[s, t, j] = scale * x[t] . lora_a[s, page_table[slot(t), j]] for every token with an adapter, all slices
+    at once.
 
     x:      [num_tokens, in_dim] fp32/bf16/fp16
-    lora_a: [num_slices, max_loras, max_rank, in_dim], x's dtype
+    lora_a: [num_slices, num_pages, in_dim], x's dtype (any strides: the pool hands out views)
     out:    [num_slices, num_tokens, max_rank] float32; rank columns >= lora_ranks[slot] are written as zeros;
             rows of tokens without an adapter (slot -1) are left untouched. A 4-D out [num_splits, ...] receives
             split-K partial sums (the result is out.sum(0)), which lora_expand adds up as it reads them.
@@ -245,10 +268,11 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, out: torch.Tensor, meta, 
 
 def lora_expand(buf: torch.Tensor, lora_b: torch.Tensor, out: torch.Tensor, meta, slice_offsets: torch.Tensor,
                 backend: str = "auto") -> None:
-    """out[t, off[s]:off[s+1]] += buf[s, t, :] @ lora_b[slot(t), off[s]:off[s+1], :].T, fp32 accumulate.
+    """out[t, off[s]:off[s+1]] += sum_j buf[s, t, j] * lora_b[page_table[slot(t), j], off[s]:off[s+1]], fp32
+    accumulate.
 
     buf:           [num_slices, num_tokens, max_rank] float32 (shrink's output), or [num_splits, ...] partials
-    lora_b:        [max_loras, total_out, max_rank], all slices packed along dim 1
+    lora_b:        [num_pages, total_out], B transposed, all slices packed along dim 1
     out:           [num_tokens, total_out]; rows of tokens without an adapter are left untouched
     slice_offsets: [num_slices + 1] int32 on out's device, 0 = off[0] <= ... <= off[-1] = total_out
     Only rank columns < lora_ranks[slot] are read.
@@ -268,12 +292,11 @@ def _num_splits(x: torch.Tensor, backend: str) -> int:
     return shrink_splits(x.shape[0], x.shape[1])
 
 
-def lora_buffer(x: torch.Tensor, lora_a: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+def lora_buffer(x: torch.Tensor, lora_a: torch.Tensor, meta, backend: str = "auto") -> torch.Tensor:
     """Scratch for one shrink of x through lora_a: float32 [num_splits, num_slices, num_tokens, max_rank], with
     split-K partials on CUDA. Rows of tokens without an adapter are never read, so it needs no zeroing."""
-    num_slices, _, max_rank, _ = lora_a.shape
-    return torch.empty((_num_splits(x, backend), num_slices, x.shape[0], max_rank), dtype=torch.float32,
-                       device=x.device)
+    return torch.empty((_num_splits(x, backend), lora_a.shape[0], x.shape[0], meta.page_table.shape[1]),
+                       dtype=torch.float32, device=x.device)
 
 
 def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, meta,
@@ -285,12 +308,12 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: tor
     (allocated per call when None, with split-K partials on CUDA). One shrink and one expand launch whatever the
     number of slices.
     """
-    if lora_a.dim() != 4 or x.dim() != 2:
-        raise ValueError(f"add_lora: x must be 2-D and lora_a 4-D, got {tuple(x.shape)} and {tuple(lora_a.shape)}")
-    num_slices, _, max_rank, _ = lora_a.shape
+    if lora_a.dim() != 3 or x.dim() != 2:
+        raise ValueError(f"add_lora: x must be 2-D and lora_a 3-D, got {tuple(x.shape)} and {tuple(lora_a.shape)}")
+    num_slices, max_rank = lora_a.shape[0], meta.page_table.shape[1]
     num_tokens = x.shape[0]
     if buffer is None:
-        buffer = lora_buffer(x, lora_a, backend)
+        buffer = lora_buffer(x, lora_a, meta, backend)
     elif buffer.dim() != 3 or buffer.shape[0] != num_slices or buffer.shape[1] < num_tokens \
             or buffer.shape[2] != max_rank:
         raise ValueError(f"add_lora: buffer must be [num_slices={num_slices}, >= {num_tokens}, "

@@ -1,7 +1,8 @@
-"""LoRA shrink in Triton: out[s, t, :] = scale * x[t] @ lora_a[s, slot(t)].T, all slices in one launch.
+"""LoRA shrink in Triton: out[s, t, j] = scale * x[t] . lora_a[s, page(slot(t), j)], all slices in one launch.
 
 Tokens come grouped by adapter slot (LoRAKernelMeta.sorted_token_ids), so one program multiplies BLOCK_M rows
-that share one adapter by one BLOCK_N-wide block of that adapter's rank rows. The grid is
+that share one adapter by one BLOCK_N-wide block of that adapter's rank rows, each rank row gathered from its
+page of the pool (LoRAKernelMeta.page_table) and contiguous along in_dim. The grid is
 (m-programs * n-blocks, slices) from tensor shapes only, with enough m-programs for any spread of tokens over
 slots; each maps its id onto a (slot, m-block) pair from the per-slot counts on device, and the spare ones exit
 at once. No host sync, so the launch is CUDA-graph safe. Rank rows past the slot's rank are neither loaded nor
@@ -27,11 +28,12 @@ __all__ = ["lora_shrink_triton"]
 
 @triton.jit
 def _lora_shrink_kernel(
-    x_ptr, a_ptr, out_ptr, sorted_ids_ptr, counts_ptr, starts_ptr, ranks_ptr,
+    x_ptr, a_ptr, out_ptr, sorted_ids_ptr, counts_ptr, starts_ptr, ranks_ptr, pages_ptr,
     num_tokens, scale,
     stride_xt, stride_xk,
-    stride_as, stride_al, stride_ar, stride_ak,
+    stride_as, stride_ap, stride_ak,
     stride_op, stride_os, stride_ot, stride_or,
+    stride_pl,
     num_slices,
     # Loop bounds are constexpr: few distinct values per model, and the interpreter (numpy >= 2.4) cannot take
     # a runtime scalar in range().
@@ -62,13 +64,14 @@ def _lora_shrink_kernel(
     tok = tl.load(sorted_ids_ptr + start + offs_m, mask=m_ok, other=0)
     m_ok = m_ok & (tok < num_tokens)  # meta prepared for more tokens than x has: ignore the extra rows
     tok = tok.to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # rank rows of lora_a
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # rank rows of the adapter
     n_ok = offs_n < rank
     offs_k = tl.arange(0, BLOCK_K)
+    # int64: the pool spans more than 2**31 elements on a large GPU.
+    pages = tl.load(pages_ptr + slot.to(tl.int64) * stride_pl + offs_n, mask=n_ok, other=0).to(tl.int64)
 
     x_rows = x_ptr + tok[:, None] * stride_xt  # [BLOCK_M, 1]
-    a_rows = (a_ptr + slice_id.to(tl.int64) * stride_as + slot.to(tl.int64) * stride_al
-              + offs_n[None, :] * stride_ar)  # [1, BLOCK_N]
+    a_rows = a_ptr + slice_id.to(tl.int64) * stride_as + pages[None, :] * stride_ap  # [1, BLOCK_N]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     # An n-block wholly past the rank only stores zeros: small ranks skip the whole reduction.
     if pid_n * BLOCK_N < rank:
@@ -96,7 +99,8 @@ def lora_shrink_triton(x: torch.Tensor, lora_a: torch.Tensor, out: torch.Tensor,
     """Triton shrink; same contract as ``loraplex.kernels.lora_ops.lora_shrink``. Never syncs with the host."""
     check_shrink_args(x, lora_a, out, meta)
     num_tokens, in_dim = x.shape
-    num_slices, max_loras, max_rank, _ = lora_a.shape
+    num_slices = lora_a.shape[0]
+    max_loras, max_rank = meta.page_table.shape
     if num_tokens == 0 or num_slices == 0 or max_rank == 0:
         return
     interpret = tu.interpreting()
@@ -112,8 +116,8 @@ def lora_shrink_triton(x: torch.Tensor, lora_a: torch.Tensor, out: torch.Tensor,
     grid = (tu.num_m_programs(num_tokens, max_loras, cfg.BLOCK_M) * num_n_blocks, num_slices * num_splits)
     _lora_shrink_kernel[grid](
         x, lora_a, split_out, meta.sorted_token_ids, meta.num_tokens_per_lora, meta.lora_token_start,
-        meta.lora_ranks, num_tokens, float(scale),
-        *x.stride(), *lora_a.stride(), *split_out.stride(), num_slices,
+        meta.lora_ranks, meta.page_table, num_tokens, float(scale),
+        *x.stride(), *lora_a.stride(), *split_out.stride(), meta.page_table.stride(0), num_slices,
         IN_DIM=in_dim, K_SPLIT=k_split, EVEN_K=k_split * num_splits == in_dim, MAX_RANK=max_rank,
         MAX_LORAS=max_loras, MAX_LORAS_P=max(2, tu.next_power_of_2(max_loras)), NUM_N_BLOCKS=num_n_blocks,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=block_k, UPCAST=interpret or x.dtype == torch.float32,

@@ -1,8 +1,9 @@
 """CUDA graphs for decode: one graph per padded batch size, replayed with inputs in static buffers.
 
-Everything a decode step reads (token ids, positions, KV slots, block tables, sequence lengths, LoRA slot per
-token) lives in these buffers, so a mixed-adapter decode step is a single graph replay. Padding rows point at
-the reserved KV block 0, have seq_len 0 (attention skips them) and LoRA slot -1 (LoRA kernels skip them).
+Everything a decode step reads (token ids, positions, KV slots, block tables, sequence lengths, the adapter pool
+entry of each token) lives in these buffers, so a mixed-adapter decode step is a single graph replay. Padding
+rows point at the reserved KV block 0, have seq_len 0 (attention skips them) and LoRA entry -1 (LoRA kernels
+skip them).
 """
 from __future__ import annotations
 
@@ -51,16 +52,14 @@ class CUDAGraphRunner:
             slot_mapping=self.slot_mapping[:bs], block_tables=self.block_tables[:bs], seq_lens=self.seq_lens[:bs],
             query_start_loc=self.query_start_loc[: bs + 1], max_query_len=1, max_seq_len=r.max_model_len)
         if r.lora_manager is not None:
-            r.lora_manager.state.meta.prepare(self.lora_idx[:bs])
+            r.lora_manager.state.set_batch_tensor(self.lora_idx[:bs])
         hidden = r.model(self.input_ids[:bs], self.positions[:bs], meta)
         return r.model.compute_logits(hidden)
 
     @torch.inference_mode()
     def capture_all(self) -> None:
         r = self.runner
-        if r.lora_manager is not None:
-            # Captured with LoRA on: rows without an adapter are skipped inside the kernels.
-            r.lora_manager.state.is_active = True
+        # Captured with LoRA on (set_batch_tensor): rows without an adapter are skipped inside the kernels.
         for bs in reversed(self.batch_sizes):
             for _ in range(2):  # warm up: Triton compiles and autotunes outside capture
                 self._forward(bs)
@@ -91,8 +90,7 @@ class CUDAGraphRunner:
             positions + [0] * pad,
             [s.block_table[p // block] * block + p % block for s, p in zip(seqs, positions)] + [0] * pad,
             [p + 1 for p in positions] + [0] * pad,
-            [r.lora_manager.slot_of(s.lora_model) if s.lora_model is not None else -1 for s in seqs] + [-1] * pad
-            if r.lora_manager is not None else [-1] * bs,
+            [s.lora_entry for s in seqs] + [-1] * pad,
         ]
         tables = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs] + [[0] * width] * pad
         host = torch.tensor(rows, dtype=torch.int64).pin_memory().to(r.device, non_blocking=True)

@@ -63,20 +63,27 @@ def eos_ids(tokenizer, hf_config, path) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
+def device_memory_budget(args: EngineArgs, model, device) -> int | None:
+    """Bytes the KV cache (and the adapter pool) may still take on CUDA: gpu_memory_utilization of the device,
+    less what is allocated now and the activation peak of the largest step; None on the CPU."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    free, total = torch.cuda.mem_get_info(device)
+    used = total - free
+    cfg = model.cfg
+    # Activation peak of the largest prefill step, generously: residual stream, qkv, MLP and fp32 logits.
+    act = args.max_num_batched_tokens * (6 * cfg.hidden_size + 2 * cfg.intermediate_size + cfg.q_size
+                                         + 2 * cfg.kv_size) * 4 + 512 * 2**20
+    return int(total * args.gpu_memory_utilization) - used - act
+
+
 def num_kv_blocks(args: EngineArgs, model, device, dtype, max_model_len: int) -> int:
     per_block = ModelRunner.kv_bytes_per_block(model.cfg, args.block_size, dtype)
     if args.num_gpu_blocks_override is not None:
         return args.num_gpu_blocks_override
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        free, total = torch.cuda.mem_get_info(device)
-        used = total - free
-        cfg = model.cfg
-        # Activation peak of the largest prefill step, generously: residual stream, qkv, MLP and fp32 logits.
-        act = args.max_num_batched_tokens * (6 * cfg.hidden_size + 2 * cfg.intermediate_size + cfg.q_size
-                                             + 2 * cfg.kv_size) * 4 + 512 * 2**20
-        budget = int(total * args.gpu_memory_utilization) - used - act
-    else:
+    budget = device_memory_budget(args, model, device)
+    if budget is None:
         budget = int(args.cpu_kv_cache_space * 2**30)
     # Never more than every sequence at full length could use: saves memory on small CPU test engines.
     useful = args.max_num_seqs * -(-max_model_len // args.block_size) + NUM_RESERVED_BLOCKS
@@ -110,11 +117,15 @@ def build_engine_parts(args: EngineArgs, progress: bool = False) -> dict:
     plugin_manager = _plugin_manager()
     lora_manager = None
     if args.enable_lora:
-        from loraplex.lora.manager import LoRAManager
+        from loraplex.lora.layout import PageLayout
+        from loraplex.lora.manager import LoRAManager, pool_pages
 
         lora_dtype = dtype if args.lora_dtype == "auto" else _DTYPE_NAMES[args.lora_dtype]
-        lora_manager = LoRAManager(model, args.max_loras, args.max_lora_rank, args.max_cpu_loras,
-                                   args.max_num_batched_tokens, device, lora_dtype, plugin_manager)
+        layout = PageLayout(model)
+        # The pool comes out of the memory left after the weights, before the KV cache takes the rest.
+        pages = pool_pages(layout, args, device, lora_dtype, device_memory_budget(args, model, device))
+        lora_manager = LoRAManager(model, args, device, lora_dtype, pages, args.max_num_batched_tokens,
+                                   plugin_manager, layout=layout)
     blocks = num_kv_blocks(args, model, device, dtype, max_model_len)
     capacity = (blocks - NUM_RESERVED_BLOCKS) * args.block_size
     if capacity < max_model_len:
@@ -125,7 +136,7 @@ def build_engine_parts(args: EngineArgs, progress: bool = False) -> dict:
         policy = plugin_manager.hook.loraplex_scheduling_policy(max_num_seqs=args.max_num_seqs,
                                                                 max_loras=args.max_loras)
     scheduler = Scheduler(BlockManager(blocks, args.block_size), args.max_num_seqs, args.max_num_batched_tokens,
-                          policy or FCFSPolicy(), lora_manager)
+                          policy or FCFSPolicy(), lora_manager, args.max_lora_bypass_steps)
     eos = eos_ids(tokenizer, hf_config, path)
     runner = ModelRunner(model, device, dtype, args.block_size, blocks, max_model_len, args.max_num_seqs, eos,
                          lora_manager, args.seed, enforce_eager=args.enforce_eager)

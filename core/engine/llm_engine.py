@@ -1,7 +1,9 @@
 """LLMEngine: vLLM's offline engine API. step() = schedule, run, postprocess."""
 from __future__ import annotations
 
+import concurrent.futures
 import logging
+import threading
 import time
 from typing import Any
 
@@ -29,6 +31,11 @@ class LLMEngine:
         self.requests: dict[str, list[Sequence]] = {}
         self._aborted: set[str] = set()  # aborted requests whose final output is not yet returned
         self._pending = None  # a launched step whose tokens are not read back yet
+        self._errors: dict[str, Exception] = {}  # request id -> why it failed (an adapter that did not load)
+        # Set by new work (a loader finishing, a server command) so that an idle step stops waiting at once.
+        self._wakeup = threading.Event()
+        if self.lora_manager is not None:
+            self.lora_manager.loader.add_listener(self._wakeup.set)
         is_async = args.async_scheduling if args.async_scheduling is not None else envs.async_scheduling()
         self.is_async_scheduling = is_async if is_async is not None else self.runner.graph_runner is not None
         self.stats = {"num_requests": 0, "num_prompt_tokens": 0, "num_generation_tokens": 0, "num_steps": 0,
@@ -39,6 +46,10 @@ class LLMEngine:
     @classmethod
     def from_engine_args(cls, engine_args: EngineArgs, **kwargs) -> "LLMEngine":
         return cls(engine_args, **kwargs)
+
+    def wake(self) -> None:
+        """Thread-safe: cut short an idle step's wait for adapter loads (new work has arrived)."""
+        self._wakeup.set()
 
     def get_tokenizer(self):
         return self.tokenizer
@@ -91,6 +102,8 @@ class LLMEngine:
             if self.lora_manager is None:
                 raise LoRADisabledError("LoRA is not enabled; construct the engine with enable_lora=True",
                                         lora_request.lora_name)
+            # Registers only: an adapter that is not loaded yet is queued for the loader threads, and this
+            # request waits for it while the others run.
             lora_model = self.lora_manager.get_for_request(lora_request)
         arrival = arrival_time if arrival_time is not None else time.monotonic()
         seqs = [Sequence(request_id, i, ids, params, lora_request, lora_model, arrival_time=arrival,
@@ -115,6 +128,10 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._aborted) or self._pending is not None
 
+    def has_pending_loras(self) -> bool:
+        """Adapter loads or uploads in flight (step() finishes them even with no request)."""
+        return self.lora_manager is not None and self.lora_manager.has_inflight()
+
     def get_num_unfinished_requests(self) -> int:
         return sum(1 for seqs in self.requests.values() if not all(s.is_finished for s in seqs))
 
@@ -122,10 +139,19 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Schedule, run, postprocess one step and return its outputs. With async scheduling the next decode
         step is launched from this one's device-side tokens before they are read back (see _launch_ahead)."""
+        mgr = self.lora_manager
+        if mgr is not None:
+            # Finished loads and uploads in, failed loads out (their requests end with the error), then loads
+            # and uploads for what the queue will want next.
+            mgr.poll()
+            self._fail_requests(mgr.take_failed())
+            self.scheduler.prefetch()
         if self._pending is None:
             sched = self.scheduler.schedule()
             if sched.is_empty:
                 self.stats["num_steps"] += 1
+                if mgr is not None and not self._aborted and mgr.has_inflight():
+                    self._wait_idle()
                 return self._make_outputs(set())
             self._pending = self._launch(sched.seqs, sched.num_scheduled_tokens)
         pending, self._pending = self._pending, None
@@ -140,6 +166,26 @@ class LLMEngine:
         touched = self._postprocess(pending, result)
         self.stats["num_steps"] += 1
         return self._make_outputs(touched)
+
+    def _wait_idle(self) -> None:
+        """Nothing can run until an adapter arrives: wait for a loader (or new work) rather than spin."""
+        mgr = self.lora_manager
+        self._wakeup.clear()
+        if mgr.loader.num_in_flight and not mgr.loader.has_results():
+            self._wakeup.wait(0.05)
+        elif not mgr.loader.num_in_flight:
+            mgr.wait_for_progress(0.05)  # uploads only: they take milliseconds
+
+    def _fail_requests(self, failed) -> None:
+        """Waiting requests whose adapter failed to load end now with its error; nothing else is touched."""
+        if not failed:
+            return
+        failed_ids = {id(m) for m in failed}
+        for seq in [s for s in self.scheduler.waiting if id(s.lora_model) in failed_ids]:
+            self.scheduler.finish(seq)
+            seq.finish("abort")
+            self._errors[seq.request_id] = seq.lora_model.error
+            self._aborted.add(seq.request_id)
 
     def _launch(self, seqs: list[Sequence], num_new: list[int], input_ids=None):
         try:
@@ -215,6 +261,8 @@ class LLMEngine:
             if seqs is None:
                 continue
             out = self.outputs.make_output(rid, seqs)
+            if rid in self._errors:
+                out.error = self._errors.pop(rid)
             outputs.append(out)
             if out.finished:
                 del self.requests[rid]
@@ -228,14 +276,20 @@ class LLMEngine:
         return self.lora_manager
 
     def add_lora(self, lora_request: LoRARequest) -> bool:
+        """Load (or reload in place) an adapter and wait for it; typed errors, the engine unchanged on failure."""
         self._require_lora().add_lora(lora_request)
         return True
+
+    def add_lora_async(self, lora_request: LoRARequest) -> concurrent.futures.Future:
+        """Queue a load in the loader threads and return at once; the future (done in a later step()) holds the
+        result or the typed error. Running requests keep their pace meanwhile."""
+        return self._require_lora().add_lora_async(lora_request)
 
     def remove_lora(self, lora_name_or_id) -> bool:
         mgr = self._require_lora()
         name = lora_name_or_id
         if isinstance(lora_name_or_id, int):
-            name = next((m.name for m in mgr.adapters.values() if m.lora_int_id == lora_name_or_id), None)
+            name = mgr.registry.name_of(lora_name_or_id)
         return name is not None and mgr.remove_lora(name)
 
     def list_loras(self) -> list[LoRARequest]:
@@ -245,5 +299,5 @@ class LLMEngine:
         mgr = self._require_lora()
         name = lora_name_or_id
         if isinstance(lora_name_or_id, int):
-            name = next((m.name for m in mgr.adapters.values() if m.lora_int_id == lora_name_or_id), str(name))
+            name = mgr.registry.name_of(lora_name_or_id) or str(name)
         return mgr.pin_lora(name)

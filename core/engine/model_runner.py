@@ -120,8 +120,7 @@ class ModelRunner:
             seq_lens.append(end)
             qsl.append(qsl[-1] + n)
             if self.lora_manager is not None:
-                slot = self.lora_manager.slot_of(seq.lora_model) if seq.lora_model is not None else -1
-                lora_idx.extend([slot] * n)
+                lora_idx.extend([seq.lora_entry] * n)
         tables = torch.zeros(len(seqs), max(len(s.block_table) for s in seqs), dtype=torch.int32)
         for i, seq in enumerate(seqs):
             tables[i, : len(seq.block_table)] = torch.tensor(seq.block_table, dtype=torch.int32)
@@ -139,12 +138,8 @@ class ModelRunner:
         return ids, pos, meta, qsl, lora_idx
 
     def _set_lora(self, lora_idx: list[int]) -> None:
-        if self.lora_manager is None:
-            return
-        state = self.lora_manager.state
-        state.is_active = any(i >= 0 for i in lora_idx)
-        if state.is_active:
-            state.meta.prepare(torch.tensor(lora_idx, dtype=torch.int32).to(self.device, non_blocking=True))
+        if self.lora_manager is not None:
+            self.lora_manager.state.set_batch(lora_idx)
 
     # ------------------------------------------------------------------ step
     @torch.inference_mode()

@@ -1,8 +1,17 @@
 """Continuous batching: every step runs all running decodes plus as many waiting prefills as fit.
 
-Limits, in the order they bind: max_num_seqs, max_num_batched_tokens, free KV blocks, and max_loras distinct
-adapters (GPU slots). When a running sequence needs a KV block and none is free, the most recently admitted
-sequence is preempted and later recomputed from its tokens.
+Limits, in the order they bind: max_num_seqs, max_num_batched_tokens (the running decodes' tokens included),
+free KV blocks, and max_loras distinct adapters. When a running sequence needs a KV block and none is free, the
+most recently admitted sequence is preempted and later recomputed from its tokens.
+
+Adapter-aware admission: waiting requests are walked in the policy's order; one whose adapter is not resident
+(still loading, or waiting for room in the device pool or for one of the max_loras batch slots) is held and
+later requests may pass it, so resident adapters keep the batch full while others load. Aging bounds this: a
+request held although its adapter is loaded, and passed over by a later adapter request, counts that step; once
+it has been passed over in ``max_lora_bypass_steps`` steps, no adapter request behind it is admitted until it
+is, so the running adapters drain and it gets its turn. Base-model requests need no adapter and always may pass.
+The limits above (sequences, tokens, KV blocks) stay first-come-first-served: a request that does not fit them
+stops admission for every request behind it.
 """
 from __future__ import annotations
 
@@ -12,6 +21,8 @@ from dataclasses import dataclass, field
 from loraplex.engine.block_manager import BlockManager
 from loraplex.engine.policy import FCFSPolicy, SchedulingPolicy
 from loraplex.sequence import Sequence, SequenceStatus
+
+DEFAULT_MAX_LORA_BYPASS_STEPS = 16
 
 
 @dataclass
@@ -27,19 +38,38 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 policy: SchedulingPolicy | None = None, lora_manager=None):
+                 policy: SchedulingPolicy | None = None, lora_manager=None,
+                 max_lora_bypass_steps: int = DEFAULT_MAX_LORA_BYPASS_STEPS):
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.policy = policy or FCFSPolicy()
         self.lora_manager = lora_manager
+        self.max_lora_bypass_steps = max_lora_bypass_steps
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self._order: list[Sequence] | None = None  # policy order of `waiting`, until it changes
+        self._waiting_epoch = 0  # bumped whenever `waiting` changes
+        self._prefetched_at: tuple | None = None
 
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
+        self._enqueue(seq)
+
+    def _enqueue(self, seq: Sequence) -> None:
         self.waiting.append(seq)
+        self._order = None
+        self._waiting_epoch += 1
+        if seq.lora_model is not None:
+            seq.lora_model.num_waiting += 1
+
+    def _dequeue(self, seq: Sequence) -> None:
+        self.waiting.remove(seq)
+        self._order = None
+        self._waiting_epoch += 1
+        if seq.lora_model is not None:
+            self.lora_manager.remove_waiting(seq.lora_model)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -52,6 +82,30 @@ class Scheduler:
     def num_waiting(self) -> int:
         return len(self.waiting)
 
+    def ordered_waiting(self) -> list[Sequence]:
+        if self._order is None:
+            self._order = list(self.policy.order(self.waiting))
+        return self._order
+
+    # ------------------------------------------------------------------ adapters ahead of time
+    def prefetch(self) -> None:
+        """Hand the LoRA manager the adapters of waiting requests, in the order admission will want them, so
+        it loads and uploads them while the batch runs. Skipped when neither the queue nor the adapters moved."""
+        lm = self.lora_manager
+        if lm is None or not self.waiting:
+            return
+        if (self._waiting_epoch, lm.epoch) == self._prefetched_at:
+            return
+        seen, wanted = set(), []
+        for seq in self.ordered_waiting():
+            m = seq.lora_model
+            if m is not None and id(m) not in seen:
+                seen.add(id(m))
+                wanted.append(m)
+        lm.prefetch(wanted)
+        self._prefetched_at = (self._waiting_epoch, lm.epoch)
+
+    # ------------------------------------------------------------------ step
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
@@ -71,6 +125,7 @@ class Scheduler:
             num_new = seq.num_tokens - seq.num_computed_tokens
             out.seqs.append(seq)
             out.num_scheduled_tokens.append(num_new)
+            budget -= num_new
             self.running.append(seq)
         if not out.preempted:
             self._admit(out, budget)
@@ -79,54 +134,70 @@ class Scheduler:
     def can_admit(self) -> bool:
         """Whether the next schedule() would take a waiting request, counting one token for each running
         sequence; changes nothing. Async scheduling launches ahead only when it would not."""
-        return next(self._admissible(self.max_num_batched_tokens - len(self.running)), None) is not None
+        return next(self._admissible(self.max_num_batched_tokens - len(self.running), None), None) is not None
 
-    def _admissible(self, budget: int):
+    def _admissible(self, budget: int, passed_over: list | None):
         """(seq, num_new) of the waiting requests that fit, in policy order. Each check runs against the state
         when that request is reached, so a caller that admits each one before asking for the next sees the
-        effect of its own admissions."""
-        lora_blocked = False
-        for seq in self.policy.order(self.waiting):
+        effect of its own admissions. ``passed_over`` (when given) collects the held requests that a later
+        adapter request passed."""
+        lm = self.lora_manager
+        held: list[Sequence] = []  # held for device room or a batch slot, adapter loaded
+        is_barrier = False
+        for seq in self.ordered_waiting():
             if len(self.running) >= self.max_num_seqs:
                 return
             num_new = seq.num_tokens - seq.num_computed_tokens
             if num_new > budget or not self.block_manager.can_allocate(seq):
                 return  # FIFO: later requests must not overtake one that waits for room
-            if seq.lora_model is not None and (lora_blocked or not self.lora_manager.can_acquire(seq.lora_model)):
-                # Once an adapter request waits for a slot, later adapter requests wait too, so the running
-                # adapters drain and no adapter starves; base-model requests need no slot and may pass.
-                lora_blocked = True
-                continue
+            m = seq.lora_model
+            if m is not None:
+                if is_barrier:
+                    continue
+                is_ready = lm.is_ready(m)
+                if not (is_ready and (m.num_refs > 0 or lm.num_active < lm.max_loras)):
+                    if is_ready or (m.is_on_host and not m.is_on_device):
+                        held.append(seq)
+                        is_barrier = seq.num_lora_bypasses >= self.max_lora_bypass_steps
+                    continue
+                if passed_over is not None and held:
+                    passed_over.extend(held)
+                    held = []
             yield seq, num_new
             budget -= num_new
 
     def _admit(self, out: SchedulerOutput, budget: int) -> None:
-        for seq, num_new in self._admissible(budget):
+        passed_over: list[Sequence] = []
+        for seq, num_new in self._admissible(budget, passed_over):
             if seq.lora_model is not None:
-                self.lora_manager.acquire(seq.lora_model)
+                seq.lora_entry = self.lora_manager.acquire(seq.lora_model)
             self.block_manager.allocate(seq)
-            self.waiting.remove(seq)
+            self._dequeue(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             out.seqs.append(seq)
             out.num_scheduled_tokens.append(num_new)
+        for seq in passed_over:
+            seq.num_lora_bypasses += 1
 
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free(seq)
-        if seq.lora_model is not None:
-            self.lora_manager.release(seq.lora_model)
+        self._release_adapter(seq)
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.append(seq)
+        self._enqueue(seq)
+
+    def _release_adapter(self, seq: Sequence) -> None:
+        if seq.lora_model is not None and seq.lora_entry >= 0:
+            seq.lora_entry = -1
+            self.lora_manager.release(seq.lora_model)
 
     def finish(self, seq: Sequence) -> None:
-        """Free a finished or aborted sequence's blocks and adapter slot."""
-        was_running = seq in self.running
-        if was_running:
+        """Free a finished or aborted sequence's blocks and adapter."""
+        if seq in self.running:
             self.running.remove(seq)
             self.block_manager.free(seq)
-            if seq.lora_model is not None:
-                self.lora_manager.release(seq.lora_model)
+            self._release_adapter(seq)
         elif seq in self.waiting:
-            self.waiting.remove(seq)
+            self._dequeue(seq)

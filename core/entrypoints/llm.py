@@ -65,6 +65,13 @@ class LLM:
             bar = tqdm(total=len(ids), desc="Processed prompts")
         while self.llm_engine.has_unfinished_requests():
             for out in self.llm_engine.step():
+                if out.error is not None:
+                    # As when add_request refuses a prompt: the call fails with the request's typed error.
+                    self.llm_engine.abort_request([i for i in ids if i not in done])
+                    if bar is not None:
+                        bar.close()
+                    self._drain()
+                    raise out.error
                 if out.finished:
                     done[out.request_id] = out
                     if bar is not None:

@@ -1,31 +1,15 @@
-"""Linear layers that pack several HF projections (q/k/v, gate/up) into one matmul, with LoRA slots.
+"""Linear layers that pack several HF projections (q/k/v, gate/up) into one matmul, with LoRA on top.
 
 A packed layer keeps its slices' output offsets so that LoRA weights of each HF module land in the right
-columns and all slices go through one shrink and one expand launch.
+columns and all slices go through one shrink and one expand launch. The LoRA weights are views of the adapter
+pool (loraplex.lora.device_pool); the per-step metadata comes from the model's LoRAState.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from loraplex import envs
-from loraplex.kernels.lora_ops import add_lora, lora_buffer, lora_expand, lora_shrink, resolve_backend
-
-
-class LoRAState:
-    """Shared by every LoRA-enabled layer of one model: the per-step kernel metadata and scratch buffer."""
-
-    def __init__(self, meta, max_loras: int, max_rank: int, backend: str = "auto"):
-        self.meta = meta  # loraplex.kernels.lora_meta.LoRAKernelMeta
-        self.max_loras = max_loras
-        self.max_rank = max_rank
-        # Resolved once: an eager prefill makes hundreds of LoRA calls, each of which would re-read the env.
-        self.backend = resolve_backend("LoRAState", backend, meta.token_lora_indices)
-        # Flipped per step by the model runner: a batch with no adapter rows skips LoRA entirely.
-        self.is_active = False
-        # Shrinks run here, overlapping the base matmul: at decode both are latency bound, not bandwidth bound.
-        self.side_stream = torch.cuda.Stream(meta.device) if meta.device.type == "cuda" and envs.lora_side_stream() \
-            else None
+from loraplex.kernels.lora_ops import add_lora, lora_buffer, lora_expand, lora_shrink
 
 
 class Linear(nn.Module):
@@ -45,23 +29,20 @@ class Linear(nn.Module):
                                    requires_grad=False)
         self.bias = (nn.Parameter(torch.zeros(self.out_features, dtype=dtype, device=device), requires_grad=False)
                      if bias else None)
-        self.lora_state: LoRAState | None = None
-        self.lora_a: torch.Tensor | None = None  # [num_slices, max_loras, max_rank, in_features]
-        self.lora_b: torch.Tensor | None = None  # [max_loras, out_features, max_rank]
+        self.lora_state = None  # loraplex.lora.state.LoRAState, shared by every LoRA layer of the model
+        self.lora_a: torch.Tensor | None = None  # [num_slices, num_pages, in_features], a view of the pool
+        self.lora_b: torch.Tensor | None = None  # [num_pages, out_features], B transposed, a view of the pool
         self.lora_slice_offsets: torch.Tensor | None = None  # [num_slices + 1] int32
 
     def slice_of(self, name: str) -> int:
         return self.names.index(name)
 
-    def create_lora_slots(self, state: LoRAState, dtype: torch.dtype) -> None:
-        """Preallocate every slot once, so loading an adapter or running a step never allocates."""
-        device = self.weight.device
-        num_slices = len(self.out_sizes)
+    def attach_lora(self, state, lora_a: torch.Tensor, lora_b: torch.Tensor) -> None:
+        """Read LoRA weights from these pool views from now on; the pool is allocated once, so loading an
+        adapter or running a step never allocates."""
         self.lora_state = state
-        self.lora_a = torch.zeros(num_slices, state.max_loras, state.max_rank, self.in_features,
-                                  dtype=dtype, device=device)
-        self.lora_b = torch.zeros(state.max_loras, self.out_features, state.max_rank, dtype=dtype, device=device)
-        self.lora_slice_offsets = torch.tensor(self.offsets, dtype=torch.int32, device=device)
+        self.lora_a, self.lora_b = lora_a, lora_b
+        self.lora_slice_offsets = torch.tensor(self.offsets, dtype=torch.int32, device=self.weight.device)
 
     def load_weight(self, name: str, tensor: torch.Tensor, kind: str = "weight") -> None:
         """Copy one HF module's weight (or bias) into its slice."""
@@ -86,7 +67,7 @@ class Linear(nn.Module):
             return y
         # Fork: shrink on the side stream while the matmul runs; join before the expand adds into y. The scratch
         # is allocated on the main stream, which waits for the side stream before reusing anything.
-        buf = lora_buffer(x, self.lora_a, state.backend)  # [num_splits, num_slices, num_tokens, max_rank]
+        buf = lora_buffer(x, self.lora_a, state.meta, state.backend)  # [num_splits, num_slices, num_tokens, max_rank]
         main = torch.cuda.current_stream(x.device)
         state.side_stream.wait_stream(main)
         with torch.cuda.stream(state.side_stream):

@@ -1,6 +1,12 @@
-"""LoRAModel: a PEFT adapter validated against the base model and packed into our layers' slot layout."""
+"""LoRAModel (one version of an adapter) and the packing of a PEFT adapter into pages of the pool layout.
+
+Packing runs in loader threads: ``plan_adapter`` validates every tensor against the model (cheap: shapes only),
+then ``pack_pages`` writes them into one [rank, page_elems] host buffer in the page layout (loraplex.lora.layout)
+with B transposed and pre-scaled, zeroes what the adapter does not cover, and checks the result is finite.
+"""
 from __future__ import annotations
 
+import concurrent.futures
 import math
 import re
 from dataclasses import dataclass, field
@@ -8,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from loraplex.errors import LoRALoadError, LoRARankError
+from loraplex.lora.layout import PageLayout
 from loraplex.lora.request import LoRARequest
 
 _KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
@@ -48,29 +55,79 @@ def validate_config(config: dict, name: str) -> None:
 
 @dataclass(eq=False)
 class LoRAModel:
+    """One immutable version of an adapter and where its weights are: loading, in the host cache, in the device
+    pool. Only the engine thread reads or writes the placement fields."""
+
     name: str
     lora_int_id: int
     version: int
     request: LoRARequest
     rank: int = 0
-    # (layer index, packed module attribute) -> (A [num_slices, r, in], B [out_total, r]), B pre-scaled
-    weights: dict | None = field(default=None, repr=False)
     num_bytes: int = 0
+    # Host cache: the packed [rank, page_elems] buffer, and the event of an upload still reading it.
+    host: torch.Tensor | None = field(default=None, repr=False)
+    host_event: object = field(default=None, repr=False)
+    is_loading: bool = False
+    error: Exception | None = field(default=None, repr=False)  # the last load's failure
+    # Device pool: entry id (-1 = not resident), its pages, the upload's event until it completes, and how many
+    # running sequences use it.
+    entry: int = -1
+    pages: list[int] = field(default_factory=list, repr=False)
+    device_event: object = field(default=None, repr=False)
+    num_refs: int = 0
+    num_waiting: int = 0  # waiting sequences that hold this version (the scheduler counts them)
+    last_used: int = 0  # manager clock, for LRU
+    is_fresh_load: bool = False  # loaded from storage and not yet uploaded (cache statistics)
+    is_fresh_upload: bool = False  # uploaded and not yet used
+    # Completes when this version is loaded and registered (add_lora / add_lora_async).
+    future: concurrent.futures.Future | None = field(default=None, repr=False)
 
     @property
     def path(self) -> str:
         return self.request.lora_path
 
     @property
+    def is_on_host(self) -> bool:
+        return self.host is not None
+
+    @property
+    def is_on_device(self) -> bool:
+        return self.entry >= 0
+
+    @property
     def is_materialized(self) -> bool:
-        return self.weights is not None
+        """Weights are somewhere in memory (host cache or device pool): no read from storage needed."""
+        return self.is_on_host or self.is_on_device
 
 
-def pack_adapter(model, config: dict, tensors: dict[str, torch.Tensor], name: str, max_lora_rank: int,
-                 dtype: torch.dtype, pin: bool) -> tuple[dict, int]:
-    """Validate every tensor against the model and pack them per layer; returns (weights, max rank)."""
+@dataclass
+class _Piece:
+    module: str
+    a: torch.Tensor  # [r, in_features]
+    b: torch.Tensor  # [out_size, r]
+    scale: float
+    a_span: tuple[int, int]
+    b_span: tuple[int, int]
+
+
+@dataclass
+class AdapterPlan:
+    """A validated adapter: the pieces to write and the page rows they need."""
+
+    name: str
+    rank: int
+    pieces: list[_Piece]
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(p.a.numel() * p.a.element_size() + p.b.numel() * p.b.element_size() for p in self.pieces)
+
+
+def plan_adapter(layout: PageLayout, config: dict, tensors: dict[str, torch.Tensor], name: str,
+                 max_lora_rank: int) -> AdapterPlan:
+    """Validate every tensor against the model; raise LoRALoadError / LoRARankError naming the adapter and
+    module. Reads shapes only."""
     validate_config(config, name)
-    num_layers = model.cfg.num_hidden_layers
     alpha_default = config.get("lora_alpha", config["r"])
     rslora = bool(config.get("use_rslora", False))
     modules: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
@@ -81,48 +138,83 @@ def pack_adapter(model, config: dict, tensors: dict[str, torch.Tensor], name: st
             raise LoRALoadError(f"adapter '{name}': module {module!r} ({key}) is not supported; LoRA-capable "
                                 f"modules are {', '.join(_ALL_MODULES)}", name)
         layer, module, ab = int(m.group(1)), m.group(2), m.group(3)
-        if module not in model.LORA_MODULES:
+        if module not in layout.lora_modules:
             raise LoRALoadError(f"adapter '{name}': target module {module!r} does not exist in the model", name)
-        if layer >= num_layers:
+        if layer >= layout.num_layers:
             raise LoRALoadError(f"adapter '{name}': layer {layer} of {module} does not exist (the base model has "
-                                f"{num_layers} layers; was it trained for another model?)", name)
+                                f"{layout.num_layers} layers; was it trained for another model?)", name)
         modules.setdefault((layer, module), {})[ab] = tensor
     if not modules:
         raise LoRALoadError(f"adapter '{name}': no LoRA weights found", name)
-    packed: dict[tuple[int, str], dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
-    max_rank = 0
+    pieces, max_rank = [], 0
     for (layer, module), ab in sorted(modules.items()):
         where = f"adapter '{name}', layer {layer} {module}"
         if set(ab) != {"A", "B"}:
             raise LoRALoadError(f"{where}: lora_A and lora_B must both be present", name)
         a, b = ab["A"], ab["B"]
-        linear = model.lora_layer(layer, module)
-        out_size = linear.out_sizes[linear.slice_of(module)]
-        rank = a.shape[0]
-        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != linear.in_features or b.shape != (out_size, rank):
+        seg = layout.segment(layer, module)
+        b_lo, b_hi = seg.b_span(module)
+        rank = a.shape[0] if a.dim() == 2 else -1
+        if rank == 0:
+            raise LoRALoadError(f"{where}: rank 0 (empty lora_A)", name)
+        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != seg.in_features or tuple(b.shape) != (b_hi - b_lo, rank):
             raise LoRALoadError(
                 f"{where}: shapes A {tuple(a.shape)} / B {tuple(b.shape)} do not fit the base model (expected A "
-                f"[r, {linear.in_features}] and B [{out_size}, r]); was it trained for another model?", name)
+                f"[r, {seg.in_features}] and B [{b_hi - b_lo}, r]); was it trained for another model?", name)
+        if not (a.is_floating_point() and b.is_floating_point()):
+            raise LoRALoadError(f"{where}: weights must be floating point, got {a.dtype} / {b.dtype}", name)
         if rank > max_lora_rank:
             raise LoRARankError(f"{where}: rank {rank} exceeds max_lora_rank {max_lora_rank}", name)
-        module_key = f"model.layers.{layer}.{module}"
-        alpha = _pattern_value(config.get("alpha_pattern"), module_key, alpha_default)
+        alpha = _pattern_value(config.get("alpha_pattern"), f"model.layers.{layer}.{module}", alpha_default)
         scale = alpha / math.sqrt(rank) if rslora else alpha / rank
-        packed.setdefault((layer, model.LORA_MODULES[module]), {})[module] = (a, b.float() * scale)
+        pieces.append(_Piece(f"{layer}.{module}", a, b, float(scale), seg.a_span(module), (b_lo, b_hi)))
         max_rank = max(max_rank, rank)
-    weights = {}
-    for (layer, attr), per_module in packed.items():
-        linear = model.lora_layer(layer, next(iter(per_module)))
-        r = max(a.shape[0] for a, _ in per_module.values())
-        a_all = torch.zeros(len(linear.out_sizes), r, linear.in_features, dtype=dtype)
-        b_all = torch.zeros(linear.out_features, r, dtype=dtype)
-        for module, (a, b) in per_module.items():
-            i = linear.slice_of(module)
-            a_all[i, : a.shape[0]] = a.to(dtype)
-            b_all[linear.offsets[i]: linear.offsets[i + 1], : b.shape[1]] = b.to(dtype)
-        if pin:
-            a_all, b_all = a_all.pin_memory(), b_all.pin_memory()
-        weights[(layer, attr)] = (a_all, b_all)
-    if any(torch.isnan(w).any() or torch.isinf(w).any() for pair in weights.values() for w in pair):
-        raise LoRALoadError(f"adapter '{name}': weights contain NaN or Inf", name)
-    return weights, max_rank
+    return AdapterPlan(name, max_rank, pieces)
+
+
+def _copy_transposed(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """dst [r, n] = src [n, r].T. A plain strided copy reads r-element rows; grouping n by 64 lets the copy
+    move 64 contiguous values at a time (2.3x faster on the CPU for r = 16)."""
+    r, n = dst.shape
+    if n % 64 == 0 and src.is_contiguous():
+        dst.view(r, n // 64, 64).copy_(src.view(n // 64, 64, r).permute(2, 0, 1))
+    else:
+        dst.copy_(src.t())
+
+
+def pack_pages(plan: AdapterPlan, layout: PageLayout, buf: torch.Tensor) -> None:
+    """Write the plan into buf [plan.rank, page_elems]: A rows as they are, B transposed and scaled, every other
+    element of the used part of the page zero; raises LoRALoadError when a weight is NaN or Inf."""
+    rank = plan.rank
+    if buf.shape[0] != rank or buf.shape[1] != layout.page_elems:
+        raise ValueError(f"pack_pages: buffer {tuple(buf.shape)} != ({rank}, {layout.page_elems})")
+    # Spans (lo, hi) of the page this adapter leaves uncovered, by the first row they start at.
+    covered: dict[tuple[int, int], int] = {}
+    for p in plan.pieces:
+        r = p.a.shape[0]
+        covered[p.a_span] = covered[p.b_span] = r
+        buf[:r, p.a_span[0]: p.a_span[1]].copy_(p.a)
+        dst = buf[:r, p.b_span[0]: p.b_span[1]]
+        if p.b.dtype == buf.dtype:
+            _copy_transposed(dst, p.b)
+            if p.scale != 1.0:
+                dst.mul_(p.scale)
+        else:
+            # One rounding into the pool's dtype, as PEFT's scaled product in the checkpoint's precision.
+            torch.mul(p.b.t(), p.scale, out=dst)
+    zero: list[tuple[int, int, int]] = []  # (row, lo, hi)
+    for seg in layout.segments.values():
+        for module in seg.names:
+            for span in (seg.a_span(module), seg.b_span(module)):
+                row = covered.get(span, 0)
+                if row < rank:
+                    if zero and zero[-1][0] == row and zero[-1][2] == span[0]:
+                        zero[-1] = (row, zero[-1][1], span[1])
+                    else:
+                        zero.append((row, span[0], span[1]))
+    for row, lo, hi in zero:
+        buf[row:, lo:hi].zero_()
+    # NaN propagates through min/max and an Inf lands in one of them: one pass over the buffer.
+    lo, hi = torch.aminmax(buf[:, : layout.used_elems])
+    if not (math.isfinite(lo.item()) and math.isfinite(hi.item())):
+        raise LoRALoadError(f"adapter '{plan.name}': weights contain NaN or Inf", plan.name)

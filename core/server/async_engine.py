@@ -57,7 +57,11 @@ class RequestGroup:
         while not self.done:
             item = await self.queue.get()
             if isinstance(item, BaseException):
+                # The rest of the group cannot be answered any more: stop it (a no-op after a failed step).
+                pending = [rid for rid in self.ids if rid not in self.final]
                 self._closed = True
+                if pending:
+                    self._aengine.abort(pending)
                 raise item
             if item.finished:
                 self.final[item.request_id] = item
@@ -94,7 +98,14 @@ class AsyncEngine:
         self._counter = itertools.count()
         self.state: dict = {}
         self.adapters: dict[str, object] = {}  # name -> LoRARequest of the current version
+        self._adapters_epoch = None
         self.publish(adapters=True)
+        mgr = getattr(engine, "lora_manager", None)
+        if mgr is not None:
+            mgr.loader.add_listener(self._notify)  # a finished load wakes an idle loop to register it
+            # A load that registers a name publishes it before its caller hears back, so the caller's next
+            # request finds it.
+            mgr.on_registry_change = lambda: self.publish(adapters=True)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -119,6 +130,10 @@ class AsyncEngine:
     def is_healthy(self) -> bool:
         return self.is_running and self._step_failures < MAX_STEP_FAILURES
 
+    def _notify(self) -> None:
+        with self._cv:
+            self._cv.notify()
+
     # ------------------------------------------------------------------ commands
     def submit(self, fn: Callable, want_result: bool = True) -> concurrent.futures.Future | None:
         """Run ``fn(engine)`` in the engine thread; thread-safe. Returns a future of its result."""
@@ -130,6 +145,7 @@ class AsyncEngine:
                 return fut
             self._commands.append((fn, fut))
             self._cv.notify()
+        self.engine.wake()  # an idle step waiting for adapter loads returns to run this
         return fut
 
     async def call(self, fn: Callable):
@@ -175,7 +191,8 @@ class AsyncEngine:
         engine = self.engine
         while True:
             with self._cv:
-                while not self._commands and not self._stopping and not engine.has_unfinished_requests():
+                while not self._commands and not self._stopping and not engine.has_unfinished_requests() \
+                        and not engine.has_pending_loras():
                     self._cv.wait(timeout=1.0)
                 commands, self._commands = self._commands, []
                 stopping = self._stopping
@@ -183,7 +200,7 @@ class AsyncEngine:
                 self._run_commands(commands)
             if stopping:
                 break
-            if engine.has_unfinished_requests():
+            if engine.has_unfinished_requests() or engine.has_pending_loras():
                 self._step()
         self._shutdown()
 
@@ -219,10 +236,12 @@ class AsyncEngine:
                 continue  # aborted by a client that left, or refused while being added
             if out.finished:
                 del self._routes[out.request_id]
-            batches[group.loop].append((group, out))
+            # A request that could not run (its adapter failed to load) fails alone, with its typed error.
+            batches[group.loop].append((group, out.error if out.error is not None else out))
         for loop, items in batches.items():
             _deliver(loop, items)
-        self.publish()
+        mgr = getattr(self.engine, "lora_manager", None)
+        self.publish(adapters=mgr is not None and mgr.registry.epoch != self._adapters_epoch)
 
     def _step_failed(self, error: Exception) -> None:
         """A failed step fails every request in flight (they get a 500) and keeps the loop alive."""
@@ -267,6 +286,7 @@ class AsyncEngine:
         mgr = getattr(engine, "lora_manager", None)
         if adapters:
             self.adapters = {} if mgr is None else {name: m.request for name, m in mgr.adapters.items()}
+            self._adapters_epoch = None if mgr is None else mgr.registry.epoch
         self.state = {
             "num_running": engine.scheduler.num_running,
             "num_waiting": engine.scheduler.num_waiting,

@@ -53,11 +53,20 @@ def build_parser() -> argparse.ArgumentParser:
     lora.add_argument("--enable-lora", action="store_true")
     lora.add_argument("--lora-modules", nargs="+", action="extend", default=[], metavar="MODULE",
                       help='adapters to preload: name=path or \'{"name": ..., "path": ..., "base_model_name": ...}\'')
-    lora.add_argument("--max-loras", type=int, default=1, help="adapters in one batch (device slots)")
+    lora.add_argument("--max-loras", type=int, default=1, help="distinct adapters in one batch")
     lora.add_argument("--max-lora-rank", type=int, default=None,
                       help=f"largest adapter rank (default {DEFAULT_MAX_LORA_RANK}; the demo raises it to fit)")
     lora.add_argument("--max-cpu-loras", type=int, default=None, help="adapters cached in CPU memory "
                       "(default: --max-loras)")
+    lora.add_argument("--max-gpu-loras", type=int, default=None,
+                      help="device pool size in adapters of --max-lora-rank (default: sized from "
+                      "--lora-memory-fraction on CUDA, --max-loras on the CPU)")
+    lora.add_argument("--lora-memory-fraction", type=float, default=0.1,
+                      help="share of the GPU memory left after the weights that the adapter pool takes")
+    lora.add_argument("--num-lora-loader-workers", type=int, default=4,
+                      help="threads that read and pack adapters off the engine thread")
+    lora.add_argument("--max-lora-bypass-steps", type=int, default=16,
+                      help="steps in which later adapter requests may pass one whose adapter is loaded")
     lora.add_argument("--lora-dtype", default="auto")
     sec = s.add_argument_group("security and limits")
     sec.add_argument("--api-key", default=None, help="Bearer key for every /v1 route (env LORAPLEX_API_KEY)")
@@ -146,7 +155,9 @@ def serve(args) -> int:
             enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling,
             max_logprobs=args.max_logprobs, trust_remote_code=args.trust_remote_code,
             enable_lora=args.enable_lora, max_loras=args.max_loras, max_lora_rank=max_rank,
-            max_cpu_loras=args.max_cpu_loras, lora_dtype=args.lora_dtype)
+            max_cpu_loras=args.max_cpu_loras, max_gpu_loras=args.max_gpu_loras,
+            lora_memory_fraction=args.lora_memory_fraction, num_lora_loader_workers=args.num_lora_loader_workers,
+            max_lora_bypass_steps=args.max_lora_bypass_steps, lora_dtype=args.lora_dtype)
     except ValueError as e:
         raise SystemExit(f"loraplex: {e}")
     print(f"loraplex: loading {model} ...", file=sys.stderr, flush=True)

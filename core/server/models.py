@@ -6,6 +6,7 @@ adapter unloaded in between gives a clean 404 rather than a silent reload.
 """
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import itertools
 import json
@@ -104,11 +105,12 @@ class ModelRegistry:
         req = dataclasses.replace(req, lora_name=name, load_inplace=False)
 
         def add(engine):
-            if name not in engine.lora_manager.adapters:  # a concurrent request may have added it
-                engine.add_lora(req)
+            # Queued in the loader threads (a concurrent request may have queued or added it already): the
+            # engine keeps stepping while it loads.
+            return engine.add_lora_async(req)
 
         try:
-            await self.aengine.call(add)
+            await asyncio.wrap_future(await self.aengine.call(add))
         except LoRAError as e:
             logger.warning("resolved adapter %r at %s failed to load: %s", name, req.lora_path, e)
             raise APIError(400, f"LoRA adapter '{name}' was found but could not be loaded.") from e
@@ -162,10 +164,11 @@ class ModelRegistry:
                 raise APIError(400, f"The lora adapter '{name}' has already been loaded. If you want to load the "
                                "adapter in place, set 'load_inplace' to True.", "InvalidUserInput")
             lora_id = current.lora_int_id if current is not None else next(self._ids)
-            engine.add_lora(LoRARequest(name, lora_id, path, load_inplace=load_inplace))
+            return engine.add_lora_async(LoRARequest(name, lora_id, path, load_inplace=load_inplace))
 
         try:
-            await self.aengine.call(add)
+            # Loaded by the loader threads, not the engine thread: running streams keep their pace.
+            await asyncio.wrap_future(await self.aengine.call(add))
         except LoRANotFoundError:
             raise APIError(404, f"Loading lora {name} failed: No adapter found for {path}") from None
         except LoRAError as e:

@@ -1,7 +1,8 @@
 """LoRA shrink/expand (Triton + torch reference) and LoRAKernelMeta against a naive per-token oracle.
 
 Without CUDA the Triton kernels run under the interpreter (tests/conftest.py), so the CPU cases stay small.
-LoRA weights past each adapter's rank hold NaN: any read of the padding poisons the result.
+Adapters sit on shuffled pages of a pool whose other pages hold NaN: a read past an adapter's rank, or through a
+wrong page, poisons the result.
 """
 from __future__ import annotations
 
@@ -50,52 +51,80 @@ def _impls(backend):
 @dataclass
 class Case:
     x: torch.Tensor  # [num_tokens, in_dim]
-    lora_a: torch.Tensor  # [num_slices, max_loras, max_rank, in_dim]
-    lora_b: torch.Tensor  # [max_loras, total_out, max_rank]
+    lora_a: torch.Tensor  # [num_slices, num_pages, in_dim], a strided view of a flat pool as the runtime uses
+    lora_b: torch.Tensor  # [num_pages, total_out], B transposed
     meta: LoRAKernelMeta
     offsets: torch.Tensor  # [num_slices + 1] int32
-    slots: list  # per token
-    ranks: list  # per slot
+    slots: list  # entry per token
+    ranks: list  # per entry
     out_sizes: tuple
+    dense_a: torch.Tensor  # [num_slices, num_entries, max_rank, in_dim] (oracle only)
+    dense_b: torch.Tensor  # [num_entries, total_out, max_rank]
+
+    @property
+    def max_rank(self) -> int:
+        return self.meta.max_rank
 
 
-def make_case(num_tokens, in_dim, out_sizes, ranks, slots, dtype, max_rank=None, device=DEVICE, seed=0) -> Case:
+def make_case(num_tokens, in_dim, out_sizes, ranks, slots, dtype, max_rank=None, device=DEVICE, seed=0,
+              max_loras=None) -> Case:
+    """Entries of the given ranks, their rank rows on shuffled pages of one flat pool; every page no entry owns
+    holds NaN, so a read through a wrong page poisons the result."""
     gen = torch.Generator().manual_seed(seed)
-    max_loras, num_slices, total_out = len(ranks), len(out_sizes), sum(out_sizes)
+    num_entries, num_slices, total_out = len(ranks), len(out_sizes), sum(out_sizes)
     max_rank = max_rank or max(max(ranks), 1)
-    lora_a = torch.randn(num_slices, max_loras, max_rank, in_dim, generator=gen) / in_dim ** 0.5
-    lora_b = torch.randn(max_loras, total_out, max_rank, generator=gen) / max_rank ** 0.5
-    for s, r in enumerate(ranks):
-        lora_a[:, s, r:] = float("nan")
-        lora_b[s, :, r:] = float("nan")
-    meta = LoRAKernelMeta.allocate(num_tokens + 5, max_loras, device)
-    for s, r in enumerate(ranks):
-        meta.set_rank(s, r)
+    dense_a = torch.randn(num_slices, num_entries, max_rank, in_dim, generator=gen) / in_dim ** 0.5
+    dense_b = torch.randn(num_entries, total_out, max_rank, generator=gen) / max_rank ** 0.5
+    num_pages = sum(ranks) + 5
+    order = torch.randperm(num_pages, generator=gen).tolist()
+    pages, used = [], 0
+    for r in ranks:
+        pages.append(order[used:used + r])
+        used += r
+    # One page = [pad | A of every slice | pad | B^T row]: strided views, as the pool hands them out.
+    a_off, b_off = 3, 3 + num_slices * in_dim + 2
+    flat = torch.full((num_pages, b_off + total_out + 1), float("nan"))
+    for e, r in enumerate(ranks):
+        for j, page in enumerate(pages[e]):
+            flat[page, a_off:a_off + num_slices * in_dim] = dense_a[:, e, j].reshape(-1)
+            flat[page, b_off:b_off + total_out] = dense_b[e, :, j]
+    flat = flat.to(device, dtype)
+    lora_a = flat[:, a_off:a_off + num_slices * in_dim].view(num_pages, num_slices, in_dim).permute(1, 0, 2)
+    lora_b = flat[:, b_off:b_off + total_out]
+    meta = LoRAKernelMeta(num_tokens + 5, max_loras or num_entries, max_rank, num_entries, device)
+    for e, r in enumerate(ranks):
+        meta.set_entry(e, pages[e], r)
     meta.prepare(torch.tensor(slots, dtype=torch.int64))  # CPU int64 in: prepare moves and casts it
     offsets = torch.tensor([0] + [sum(out_sizes[:i + 1]) for i in range(num_slices)], dtype=torch.int32)
-    return Case(torch.randn(num_tokens, in_dim, generator=gen).to(device, dtype), lora_a.to(device, dtype),
-                lora_b.to(device, dtype), meta, offsets.to(device), list(slots), list(ranks), tuple(out_sizes))
+    return Case(torch.randn(num_tokens, in_dim, generator=gen).to(device, dtype), lora_a, lora_b, meta,
+                offsets.to(device), list(slots), list(ranks), tuple(out_sizes), dense_a.to(dtype), dense_b.to(dtype))
+
+
+def _entry(c: Case, slot: int) -> int | None:
+    return slot if 0 <= slot < len(c.ranks) else None
 
 
 def naive_shrink(c: Case, scale: float, fill: float = SENTINEL) -> torch.Tensor:
     """[num_slices, num_tokens, max_rank] float64; rows of tokens without an adapter hold ``fill``."""
-    num_slices, _, max_rank, _ = c.lora_a.shape
-    a, x = c.lora_a.double().cpu(), c.x.double().cpu()
-    out = torch.full((num_slices, len(c.slots), max_rank), fill, dtype=torch.float64)
+    num_slices = c.dense_a.shape[0]
+    a, x = c.dense_a.double(), c.x.double().cpu()
+    out = torch.full((num_slices, len(c.slots), c.max_rank), fill, dtype=torch.float64)
     for t, slot in enumerate(c.slots):
-        if slot >= 0:
+        e = _entry(c, slot)
+        if e is not None:
             out[:, t] = 0.0
-            out[:, t, :c.ranks[slot]] = scale * (a[:, slot, :c.ranks[slot]] @ x[t])
+            out[:, t, :c.ranks[e]] = scale * (a[:, e, :c.ranks[e]] @ x[t])
     return out
 
 
 def naive_expand(c: Case, buf: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    out, buf, b = y.double().cpu().clone(), buf.double().cpu(), c.lora_b.double().cpu()
+    out, buf, b = y.double().cpu().clone(), buf.double().cpu(), c.dense_b.double()
     off = c.offsets.tolist()
     for t, slot in enumerate(c.slots):
-        for s in range(len(c.out_sizes) if slot >= 0 else 0):
-            r = c.ranks[slot]
-            out[t, off[s]:off[s + 1]] += b[slot, off[s]:off[s + 1], :r] @ buf[s, t, :r]
+        e = _entry(c, slot)
+        for s in range(len(c.out_sizes) if e is not None else 0):
+            r = c.ranks[e]
+            out[t, off[s]:off[s + 1]] += b[e, off[s]:off[s + 1], :r] @ buf[s, t, :r]
     return out
 
 
@@ -108,13 +137,13 @@ def assert_close(actual, expected, dtype):
 
 # (num_tokens, in_dim, out_sizes, ranks per slot, token slots, dtype, max_rank)
 CASES = {
-    # q/k/v with GQA, odd in_dim, no-adapter rows, a slot with rank 0 that tokens still point at
+    # q/k/v with GQA, odd in_dim, no-adapter rows, an entry with rank 0 that tokens still point at
     "qkv_fp32": (13, 100, (64, 24, 24), [8, 16, 1, 0], [0, 1, -1, 2, 1, 1, 3, 0, -1, 2, 1, 0, 1], torch.float32, 16),
     # gate/up, rank 33 (not a power of two) next to rank 64 and 5, max_rank > every rank but one
     "gate_up_bf16": (12, 100, (96, 96), [33, 64, 5], [2, 0, 1, 1, -1, 0, 2, 2, 1, 0, -1, 1], torch.bfloat16, 64),
-    # single slice, fp16, one adapter for every row; slot 1 empty (no tokens)
+    # single slice, fp16, one adapter for every row; entry 1 resident but unused
     "single_fp16": (9, 64, (48,), [16, 16], [0] * 9, torch.float16, 16),
-    # 16 adapters of ranks 1..16, many slots with one token, some with none
+    # 16 adapters of ranks 1..16, many entries with one token, some with none
     "many_bf16": (20, 48, (40, 8), list(range(1, 17)), [i % 13 for i in range(19)] + [-1], torch.bfloat16, 16),
     "rank1_fp32": (7, 33, (16,), [1], [0, -1, 0, 0, -1, 0, 0], torch.float32, 1),
     "no_adapter_rows": (6, 32, (24, 8), [8, 4], [-1] * 6, torch.bfloat16, 8),
@@ -131,7 +160,7 @@ def _case(name, seed=0) -> Case:
 def test_shrink(backend, name):
     c = _case(name)
     shrink, _ = _impls(backend)
-    out = torch.full((c.lora_a.shape[0], c.x.shape[0], c.lora_a.shape[2]), SENTINEL, device=DEVICE)
+    out = torch.full((c.lora_a.shape[0], c.x.shape[0], c.max_rank), SENTINEL, device=DEVICE)
     shrink(c.x, c.lora_a, out, c.meta, 0.5)
     assert_close(out, naive_shrink(c, 0.5), CASES[name][5])
 
@@ -162,7 +191,7 @@ def test_split_k(backend, name, num_splits, monkeypatch):
     c = _case(name, seed=4)
     dtype = CASES[name][5]
     shrink, expand = _impls(backend)
-    parts = torch.full((num_splits, c.lora_a.shape[0], c.x.shape[0], c.lora_a.shape[2]), float("nan"),
+    parts = torch.full((num_splits, c.lora_a.shape[0], c.x.shape[0], c.max_rank), float("nan"),
                        device=DEVICE)
     shrink(c.x, c.lora_a, parts, c.meta, 0.5)
     expected = naive_shrink(c, 0.5, fill=float("nan"))
@@ -184,7 +213,7 @@ def test_add_lora_public(backend, name, monkeypatch):
     y = torch.randn(c.x.shape[0], sum(c.out_sizes), generator=torch.Generator().manual_seed(3)).to(DEVICE, dtype)
     expected = naive_expand(c, naive_shrink(c, 2.0, fill=0.0), y)
     # A static scratch larger than this step, as a runtime would keep one per max_num_tokens.
-    buffer = torch.full((len(c.out_sizes), c.x.shape[0] + 3, c.lora_a.shape[2]), float("nan"), device=DEVICE)
+    buffer = torch.full((len(c.out_sizes), c.x.shape[0] + 3, c.max_rank), float("nan"), device=DEVICE)
     add_lora(y, c.x, c.lora_a, c.lora_b, c.meta, c.offsets, buffer=buffer, scale=2.0, backend=backend)
     assert_close(y, expected, dtype)
 
@@ -226,36 +255,56 @@ def test_decode_expand_many_blocks(monkeypatch):
 
 
 def test_meta_prepare_grouping():
-    meta = LoRAKernelMeta.allocate(12, 4, DEVICE)
-    slots = [2, -1, 0, 2, 7, 1, 0, -3, 2]  # 7 and -3 are outside the slots: no adapter
-    meta.prepare(torch.tensor(slots, dtype=torch.int16))
+    meta = LoRAKernelMeta(12, 4, 2, 8, DEVICE)
+    for e, (pages, rank) in {2: ([5, 9], 2), 0: ([1], 1), 5: ([3, 4], 2), 7: ([], 0)}.items():
+        meta.set_entry(e, pages, rank)
+    entries = [5, -1, 0, 5, 9, 2, 0, -3, 5]  # 9 and -3 are outside the pool: no adapter
+    meta.prepare(torch.tensor(entries, dtype=torch.int16))
+    # Batch slots number the step's distinct entries in entry order: 0 -> 0, 2 -> 1, 5 -> 2.
     assert meta.token_lora_indices.tolist() == [2, -1, 0, 2, -1, 1, 0, -1, 2, -1, -1, -1]
     assert meta.num_tokens_per_lora.tolist() == [2, 1, 3, 0]
     assert meta.lora_token_start.tolist() == [0, 2, 3, 6, 6]
+    assert meta.lora_ranks.tolist() == [1, 2, 2, 0]
+    assert meta.page_table.tolist() == [[1, 0], [5, 9], [3, 4], [0, 0]]
     # Stable within a slot; rows without an adapter (and unused rows) follow in index order.
     assert meta.sorted_token_ids.tolist() == [2, 6, 5, 0, 3, 8, 1, 4, 7, 9, 10, 11]
-    for t in (meta.token_lora_indices, meta.sorted_token_ids, meta.num_tokens_per_lora, meta.lora_token_start):
+    for t in (meta.token_lora_indices, meta.sorted_token_ids, meta.num_tokens_per_lora, meta.lora_token_start,
+              meta.page_table):
         assert t.dtype == torch.int32 and t.device.type == DEVICE
-    # A smaller batch afterwards leaves no stale rows behind.
-    meta.prepare(torch.tensor([3, 3], dtype=torch.int32, device=DEVICE))
-    assert meta.token_lora_indices.tolist() == [3, 3] + [-1] * 10
-    assert meta.num_tokens_per_lora.tolist() == [0, 0, 0, 2]
-    assert meta.lora_token_start.tolist() == [0, 0, 0, 0, 2]
+    # A smaller batch afterwards leaves no stale rows behind; a free entry (rank 0) still takes a slot.
+    meta.prepare(torch.tensor([7, 7], dtype=torch.int32, device=DEVICE))
+    assert meta.token_lora_indices.tolist() == [0, 0] + [-1] * 10
+    assert meta.num_tokens_per_lora.tolist() == [2, 0, 0, 0]
+    assert meta.lora_ranks.tolist() == [0, 0, 0, 0]
     assert meta.sorted_token_ids.tolist() == list(range(12))
     meta.prepare(torch.empty(0, dtype=torch.int64))
     assert meta.num_tokens_per_lora.tolist() == [0, 0, 0, 0]
 
 
+def test_meta_more_entries_than_slots_run_without_adapter():
+    """More distinct entries than max_loras is a scheduler bug; the extra ones must not write out of bounds."""
+    meta = LoRAKernelMeta(6, 2, 1, 5, DEVICE)
+    for e in range(5):
+        meta.set_entry(e, [e], 1)
+    meta.prepare(torch.tensor([4, 0, 3, 1, 0]))
+    assert meta.token_lora_indices.tolist() == [-1, 0, -1, 1, 0, -1]
+    assert meta.page_table.tolist() == [[0], [1]]
+
+
 def test_meta_errors():
-    meta = LoRAKernelMeta.allocate(4, 2, "cpu")
+    meta = LoRAKernelMeta(4, 2, 8, 3, "cpu")
     with pytest.raises(ValueError, match="max_num_tokens"):
         meta.prepare(torch.zeros(5, dtype=torch.int32))
     with pytest.raises(ValueError, match="int"):
         meta.prepare(torch.zeros(3))
-    with pytest.raises(ValueError, match="slot"):
-        meta.set_rank(2, 8)
-    meta.set_rank(1, 8)
-    assert meta.lora_ranks.tolist() == [0, 8]
+    with pytest.raises(ValueError, match="entry"):
+        meta.set_entry(3, [0], 1)
+    with pytest.raises(ValueError, match="rank"):
+        meta.set_entry(1, [0, 1], 9)
+    with pytest.raises(ValueError, match="max_rank"):
+        LoRAKernelMeta(4, 2, 0, 3, "cpu")
+    meta.set_entry(1, [6, 2], 2)
+    assert meta.entry_ranks.tolist() == [0, 2, 0, 0] and meta.entry_pages[1].tolist()[:2] == [6, 2]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -269,8 +318,8 @@ def test_argument_checks(backend):
         shrink(c.x, c.lora_a.double(), out, c.meta)
     with pytest.raises(ValueError, match="in_dim"):
         shrink(c.x[:, :50], c.lora_a, out, c.meta)
-    with pytest.raises(ValueError, match="slots"):
-        shrink(c.x, c.lora_a[:, :3], out, c.meta)
+    with pytest.raises(ValueError, match="max_rank"):
+        shrink(c.x, c.lora_a, out[:, :, :8], c.meta)
     y = torch.zeros(13, 112, device=DEVICE)
     with pytest.raises(ValueError, match="slice_offsets"):
         expand(out, c.lora_b, y, c.meta, c.offsets[:-1])
@@ -322,7 +371,7 @@ def test_custom_ops_trace():
     """Registered ops: schema/fake checks pass and torch.compile traces add_lora without a graph break."""
     c = _case("qkv_fp32")
     m = [c.meta.token_lora_indices, c.meta.sorted_token_ids, c.meta.num_tokens_per_lora, c.meta.lora_token_start,
-         c.meta.lora_ranks]
+         c.meta.lora_ranks, c.meta.page_table]
     buf = torch.zeros(3, 13, 16, device=DEVICE)
     torch.library.opcheck(torch.ops.loraplex.lora_shrink.default, (c.x, c.lora_a, buf, *m, 0.5, "torch"),
                           test_utils=("test_schema", "test_faketensor"))
@@ -345,9 +394,9 @@ def test_imports_without_triton():
         "sys.modules['triton'] = None\n"  # import triton -> ImportError
         "import loraplex.kernels.lora_ops as ops\n"
         "from loraplex.kernels.lora_meta import LoRAKernelMeta\n"
-        "meta = LoRAKernelMeta.allocate(4, 2, 'cpu'); meta.set_rank(1, 2); meta.prepare(torch.tensor([1, -1, 1]))\n"
+        "meta = LoRAKernelMeta(4, 2, 2, 2, 'cpu'); meta.set_entry(1, [2, 3], 2); meta.prepare(torch.tensor([1, -1, 1]))\n"
         "y = torch.zeros(3, 4)\n"
-        "ops.add_lora(y, torch.ones(3, 5), torch.ones(1, 2, 2, 5), torch.ones(2, 4, 2), meta,\n"
+        "ops.add_lora(y, torch.ones(3, 5), torch.ones(1, 4, 5), torch.ones(4, 4), meta,\n"
         "             torch.tensor([0, 4], dtype=torch.int32))\n"
         "assert not ops.HAS_TRITON\n"
         "assert y.tolist() == [[10.0] * 4, [0.0] * 4, [10.0] * 4], y\n"
@@ -395,7 +444,7 @@ def test_gpu_decode_sizes(backend, dtype, num_tokens, num_adapters, monkeypatch)
         c = _gpu_case(num_tokens, in_dim, out_sizes, [16] * num_adapters, dtype, no_adapter_every=7)
         y0 = torch.randn(num_tokens, sum(out_sizes), device=DEVICE).to(dtype)
         expected = _oracle(c, y0, 0.5)
-        buffer = lora_buffer(c.x, c.lora_a, name)
+        buffer = lora_buffer(c.x, c.lora_a, c.meta, name)
         assert buffer.shape[0] > 1, "decode batches take split-K partials on CUDA"
         lora_shrink(c.x, c.lora_a, buffer, c.meta, 0.5, backend=name)
         lora_expand(buffer, c.lora_b, y0, c.meta, c.offsets, backend=name)
@@ -426,7 +475,7 @@ def test_gpu_cuda_graph_replay(num_tokens):
     for seed in (1, 2, 3):
         fresh = _gpu_case(num_tokens, 3072, (3072, 1024, 1024), ranks, torch.bfloat16, seed=seed,
                           no_adapter_every=2 + seed)
-        fresh.lora_a, fresh.lora_b = c.lora_a, c.lora_b  # same weights as captured, new tokens and slots
+        fresh.dense_a, fresh.dense_b = c.dense_a, c.dense_b  # the captured pool's weights, new tokens and entries
         static_x.copy_(fresh.x)
         static_idx.copy_(torch.tensor(fresh.slots, dtype=torch.int32))
         graph.replay()

@@ -33,7 +33,9 @@ def test_cpu_eviction_and_reload_give_same_outputs(tiny_llama, adapter_factory):
             assert out.outputs[0].token_ids == expected[(p, n)], (p, n)
     mgr = llm.llm_engine.lora_manager
     assert mgr.stats["cpu_misses"] > 0
-    assert mgr.num_cpu_loras <= 2 and mgr.num_gpu_loras <= 1
+    # The device pool holds max_loras adapters of max_lora_rank (32 rank rows), so lower ranks share it.
+    assert mgr.num_cpu_loras <= 2
+    assert sum(m.rank for m in mgr.pool.resident.values()) <= 32 == mgr.pool.num_pages
 
 
 def test_max_loras_one_runs_mixed_workload_sequentially(tiny_llama, adapter_factory):
@@ -77,8 +79,8 @@ def test_inplace_reload_keeps_running_requests_on_old_version(tiny_llama, adapte
     assert done["old"] == want_v1
     assert done["new"] == want_v2
     mgr = engine.lora_manager
-    # The old version's slot is freed once its last request ended.
-    assert [m.version for m in mgr.slots if m is not None] == [mgr.adapters["a"].version]
+    # The old version's pages are freed once its last request ended.
+    assert [m.version for m in mgr.pool.resident.values()] == [mgr.adapters["a"].version]
 
 
 def test_add_remove_list_pin(tiny_llama, adapter_factory):

@@ -135,7 +135,7 @@ def test_all_resolved_adapters_in_one_batch(served, expected):
     assert [o.outputs[0].token_ids for o in outs] == [per_adapter[n] for n in NAMES] + [base]
 
 
-def test_lifecycle_hooks_reach_plugins(served):
+def test_lifecycle_hooks_reach_plugins(served, make_adapter):
     from loraplex.lora.request import LoRARequest
     from loraplex.plugins import hookimpl
 
@@ -154,10 +154,11 @@ def test_lifecycle_hooks_reach_plugins(served):
     pm, rec = served["llm"].llm_engine.plugin_manager, Recorder()
     pm.register(rec, name="recorder")
     try:
-        req = LoRARequest("recorded", 99, str(served["adapters"]["fs-adapter"]))
-        served["llm"].generate([PROMPT] * 4, served["params"],
-                               lora_request=[req] + [served["requests"][n] for n in NAMES[1:4]])
+        req = LoRARequest("recorded", 99, str(make_adapter(seed=99, rank=16)))
+        served["llm"].generate([PROMPT] * len(NAMES), served["params"],
+                               lora_request=[req] + [served["requests"][n] for n in NAMES[1:]])
     finally:
         pm.unregister(name="recorder")
     assert ("loaded", "recorded", "cpu") in rec.events
-    assert any(e[0] == "evicted" and e[2] == "gpu" for e in rec.events)  # 4 adapters through 2 slots
+    # Ranks 16 + 5 x 4 through a device pool of 32 rank rows (two adapters of max_lora_rank).
+    assert any(e[0] == "evicted" and e[2] == "gpu" for e in rec.events)
