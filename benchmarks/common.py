@@ -95,12 +95,17 @@ def measure_matmul_peak() -> float:
     return 2 * 8192**3 / seconds
 
 
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 class Timer:
     def __enter__(self):
-        torch.cuda.synchronize()
+        synchronize()
         self.start = time.perf_counter()
         return self
 
     def __exit__(self, *exc):
-        torch.cuda.synchronize()
+        synchronize()
         self.seconds = time.perf_counter() - self.start

@@ -26,6 +26,31 @@ def server(engine, adapters):
 
 
 def test_64_streams_with_adapter_churn(server, reference, adapters):
+    _streams_with_churn(server, reference, adapters)
+
+
+@pytest.mark.gpu
+def test_64_streams_with_adapter_churn_cuda(tiny_llama, adapters):
+    """The same on a CUDA engine (graphs, async scheduling, uploads on the side stream), fp32 so that greedy
+    answers cannot depend on the batch."""
+    import torch
+
+    from loraplex import LLM
+    from loraplex.server import create_app
+    from server_helpers import ENGINE_KWARGS, make_engine
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    cuda = dict(device="cuda", dtype="float32")
+    engine = make_engine(tiny_llama, **cuda)
+    reference = LLM(str(tiny_llama), **{**ENGINE_KWARGS, **cuda})
+    app = create_app(engine, served_model_name="tiny", allow_runtime_lora_updating=True, api_key="",
+                     admin_api_key="", lora_modules=[f"{n}={adapters[n]}" for n in ("a1", "a2", "a3", "a4")])
+    with ServerThread(app) as srv:
+        _streams_with_churn(srv, reference, adapters)
+
+
+def _streams_with_churn(server, reference, adapters):
     jobs = [(MODELS[i % 5], PROMPTS[i % 8], 6 + i % 7) for i in range(64)]
     want = {}
     for model, prompt, max_tokens in set(jobs):
