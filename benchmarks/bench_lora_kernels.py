@@ -27,19 +27,23 @@ NUM_LAYERS = 8
 
 
 def build(num_tokens: int, num_adapters: int, rank: int, max_loras: int):
+    """One pool per projection in the runtime's layout (each page: A of every slice, then the B^T row), adapters
+    on contiguous page runs, as the pool allocates them."""
     from loraplex.kernels.lora_meta import LoRAKernelMeta
 
-    meta = LoRAKernelMeta.allocate(num_tokens, max_loras, "cuda")
+    meta = LoRAKernelMeta(num_tokens, max_loras, rank, max_loras, "cuda")
     for s in range(max_loras):
-        meta.set_rank(s, rank)
+        meta.set_entry(s, list(range(s * rank, (s + 1) * rank)), rank)
     meta.prepare(torch.arange(num_tokens, dtype=torch.int32, device="cuda") % num_adapters)
+    num_pages = max_loras * rank
     layers = []
     for _ in range(NUM_LAYERS):
         ops = []
         for in_dim, sizes in PROJECTIONS.values():
             x = torch.randn(num_tokens, in_dim, device="cuda", dtype=torch.bfloat16)
-            a = torch.randn(len(sizes), max_loras, rank, in_dim, device="cuda", dtype=torch.bfloat16) * 0.01
-            b = torch.randn(max_loras, sum(sizes), rank, device="cuda", dtype=torch.bfloat16) * 0.01
+            flat = torch.randn(num_pages, len(sizes) * in_dim + sum(sizes), device="cuda", dtype=torch.bfloat16) * 0.01
+            a = flat[:, : len(sizes) * in_dim].view(num_pages, len(sizes), in_dim).permute(1, 0, 2)
+            b = flat[:, len(sizes) * in_dim:]
             y = torch.zeros(num_tokens, sum(sizes), device="cuda", dtype=torch.bfloat16)
             offsets = torch.tensor([0] + list(itertools.accumulate(sizes)), dtype=torch.int32, device="cuda")
             ops.append((y, x, a, b, offsets))
@@ -112,7 +116,7 @@ def main() -> None:
     from loraplex.kernels.lora_ops import add_lora
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--mixes", default="1:1,8:8,32:8,32:32,64:1,64:32,128:32")
+    ap.add_argument("--mixes", default="1:1,8:8,32:8,32:32,64:1,64:32,128:32,256:128,256:256")
     ap.add_argument("--k-per-split", default="0,2048,1024,512")
     ap.add_argument("--expand-n", default="128,256")
     ap.add_argument("--expand-warps", default="4")
@@ -125,7 +129,7 @@ def main() -> None:
     rows = []
     for mix in args.mixes.split(","):
         num_tokens, num_adapters = (int(v) for v in mix.split(":"))
-        meta, layers, active_bytes = build(num_tokens, num_adapters, 16, 32)
+        meta, layers, active_bytes = build(num_tokens, num_adapters, 16, max(32, num_adapters))
         floor_us = active_bytes / bw * 1e6
 
         def run():

@@ -40,7 +40,11 @@ def loraplex_load_adapter(lora_request: LoRARequest) -> tuple[dict, dict[str, to
 
     Return None to leave the request to the next plugin; the built-in implementation
     (``loraplex.lora.peft_loader``) reads a PEFT directory or hub repo. Implement this to read
-    another format or source. Called from the engine thread; keep it to file reading.
+    another format or source. Called from the engine's loader threads (``num_lora_loader_workers``
+    of them, concurrently for different adapters), never from the engine thread: blocking I/O is
+    fine and stalls no other request, but the implementation must be thread-safe. An exception
+    fails the requests waiting for this adapter only (a ``LoRAError`` keeps its message; anything
+    else becomes a ``LoRALoadError`` naming the adapter).
     """
 
 
@@ -61,14 +65,13 @@ def loraplex_engine_started(engine: Any) -> None:
 
 @hookspec
 def loraplex_adapter_loaded(lora_name: str, lora_path: str, tier: str, load_time_s: float) -> None:
-    """Called after an adapter's weights entered a cache tier: ``tier`` is ``"cpu"`` (read from
-    disk into the CPU cache) or ``"gpu"`` (copied into a device slot). Runs on the engine thread:
-    return quickly.
+    """Called after an adapter's weights entered the CPU cache (``tier`` is ``"cpu"``; read and
+    packed by a loader thread in ``load_time_s`` seconds). Runs on the engine thread: return quickly.
     """
 
 
 @hookspec
 def loraplex_adapter_evicted(lora_name: str, tier: str) -> None:
-    """Called when an adapter's weights left the ``"cpu"`` or ``"gpu"`` tier to make room.
-    Runs on the engine thread: return quickly.
+    """Called when an adapter's weights left the ``"cpu"`` cache or the ``"gpu"`` pool to make
+    room. Runs on the engine thread: return quickly.
     """
