@@ -125,7 +125,7 @@ def test_1024_adapters_equal_each_alone(tiny_model_factory, tmp_path):
         (d / "adapter_config.json").write_text(json.dumps(config))
         loras.append(LoRARequest(f"a{i}", i + 1, str(d)))
     engine = LLMEngine.from_engine_args(EngineArgs(
-        model=str(path), dtype="float32", device="cuda", max_model_len=128, max_num_seqs=64, enable_lora=True,
+        model=str(path), dtype="float32", device="cuda", max_model_len=256, max_num_seqs=64, enable_lora=True,
         max_loras=32, max_lora_rank=8, max_gpu_loras=96, max_cpu_loras=256))
     assert engine.runner.graph_runner is not None and engine.is_async_scheduling
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
