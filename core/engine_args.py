@@ -47,7 +47,9 @@ class EngineArgs:
     # lora_memory_fraction of the memory left after the weights, at least max_loras; on the CPU, max_loras.
     max_gpu_loras: int | None = None
     lora_memory_fraction: float = 0.1
-    # Worker threads that read, validate and pack adapters off the engine thread.
+    # Workers that read, validate and pack adapters off the engine thread: "process" (worker processes, whose
+    # Python does not compete for the engine's GIL), "thread", or "auto" (processes on CUDA, threads on the CPU).
+    lora_loader: str = "auto"
     num_lora_loader_workers: int = 4
     # Aging bound of adapter-aware admission: steps in which later adapter requests may pass a held one.
     max_lora_bypass_steps: int = 16
@@ -114,6 +116,8 @@ class EngineArgs:
             raise bad("max_gpu_loras", "must be None or an int >= 1")
         if not isinstance(self.lora_memory_fraction, (int, float)) or not 0.0 <= self.lora_memory_fraction < 1.0:
             raise bad("lora_memory_fraction", "must be in [0, 1)")
+        if self.lora_loader not in ("auto", "process", "thread"):
+            raise bad("lora_loader", "must be 'auto', 'process' or 'thread'")
         if not isinstance(self.num_lora_loader_workers, int) or self.num_lora_loader_workers < 1:
             raise bad("num_lora_loader_workers", "must be an int >= 1")
         if not isinstance(self.max_lora_bypass_steps, int) or self.max_lora_bypass_steps < 0:

@@ -22,32 +22,42 @@ def _pinned(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
     registration fails. Touched first: on an H200 host registering 48.6 MB took 27 ms untouched, 9-16 ms with the
     zeroing (torch's pinned allocator: 30 ms; benchmarks/probe_pinned.py)."""
     t = torch.zeros(rows, cols, dtype=dtype)
+    return t if _register(t) else t.pin_memory()
+
+
+def _register(t: torch.Tensor) -> bool:
+    """Page-lock t's memory with CUDA (unregistered when t is collected); False when CUDA refuses."""
     try:
         cudart = torch.cuda.cudart()
         ptr = t.data_ptr()
-        err = cudart.cudaHostRegister(ptr, t.numel() * t.element_size(), 0)
-        if int(err) == 0 and t.is_pinned():
-            weakref.finalize(t, cudart.cudaHostUnregister, ptr)
-            return t
-        if int(err) == 0:
+        if int(cudart.cudaHostRegister(ptr, t.numel() * t.element_size(), 0)) != 0:
+            return False
+        if not t.is_pinned():
             cudart.cudaHostUnregister(ptr)
-    except Exception as e:  # no cudart binding, or registration refused
-        logger.debug("cudaHostRegister failed (%s); using torch's pinned allocator", e)
-    return t.pin_memory()
+            return False
+        weakref.finalize(t, cudart.cudaHostUnregister, ptr)
+        return True
+    except Exception as e:  # no cudart binding
+        logger.debug("cudaHostRegister failed (%s)", e)
+        return False
 
 
 class HostBufferPool:
-    """Whole-adapter host buffers [rank, page_elems], reused by rank. Thread-safe: loader threads take buffers,
-    the engine thread returns them."""
+    """Whole-adapter host buffers [rank, page_elems], reused by rank. Thread-safe: loaders take buffers, the
+    engine thread returns them. With ``shared``, buffers live in named shared memory, so that loader processes
+    write into them (``name_of``)."""
 
-    def __init__(self, page_elems: int, dtype: torch.dtype, pin: bool, max_free_bytes: int = 2 * 2**30):
+    def __init__(self, page_elems: int, dtype: torch.dtype, pin: bool, max_free_bytes: int = 2 * 2**30,
+                 shared: bool = False):
         self.page_elems = page_elems
         self.dtype = dtype
         self.pin = pin
+        self.shared = shared
         self.max_free_bytes = max_free_bytes
         self._free: OrderedDict[int, list[torch.Tensor]] = OrderedDict()
         self._free_bytes = 0
         self._lock = threading.Lock()
+        self._segments: dict[int, object] = {}  # id(buffer) -> SharedMemory, kept open while the buffer lives
         self.num_allocated = 0
 
     def get(self, rank: int) -> torch.Tensor:
@@ -58,9 +68,29 @@ class HostBufferPool:
                 self._free_bytes -= buf.numel() * buf.element_size()
                 return buf
             self.num_allocated += 1
+        if self.shared:
+            return self._shared(rank)
         if self.pin:
             return _pinned(rank, self.page_elems, self.dtype)
         return torch.empty(rank, self.page_elems, dtype=self.dtype)
+
+    def _shared(self, rank: int) -> torch.Tensor:
+        from multiprocessing import shared_memory
+
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        shm = shared_memory.SharedMemory(create=True, size=rank * self.page_elems * elem)
+        t = torch.frombuffer(shm.buf, dtype=self.dtype, count=rank * self.page_elems).view(rank, self.page_elems)
+        t.zero_()  # touched before registering: much faster to pin (see _pinned)
+        if self.pin and not _register(t):
+            logger.warning("could not pin a shared LoRA host buffer: its uploads will be synchronous copies")
+        with self._lock:
+            self._segments[id(t)] = shm
+        weakref.finalize(t, _release_segment, shm)
+        return t
+
+    def name_of(self, buf: torch.Tensor) -> str:
+        with self._lock:
+            return self._segments[id(buf)].name
 
     def put(self, buf: torch.Tensor) -> None:
         with self._lock:
@@ -71,8 +101,17 @@ class HostBufferPool:
                 rank, bufs = next(iter(self._free.items()))
                 dropped = bufs.pop(0)
                 self._free_bytes -= dropped.numel() * dropped.element_size()
+                self._segments.pop(id(dropped), None)
                 if not bufs:
                     del self._free[rank]
+
+
+def _release_segment(shm) -> None:
+    try:
+        shm.unlink()
+    except FileNotFoundError:
+        pass
+    # The mapping itself goes with the memoryview the dead tensor held; close() would refuse while one exists.
 
 
 class HostCache:

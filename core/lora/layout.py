@@ -66,6 +66,10 @@ class PageLayout:
         self.used_elems = offset
         self.page_elems = -(-offset // _PAGE_ALIGN) * _PAGE_ALIGN
 
+    def __getstate__(self) -> dict:
+        # Sent to loader processes, which need the offsets only, not the model's modules.
+        return {k: v for k, v in self.__dict__.items() if k != "linears"}
+
     def segment(self, layer: int, module: str) -> Segment:
         return self.segments[(layer, self.lora_modules[module])]
 

@@ -26,7 +26,7 @@ from loraplex.lora.adapter import LoRAModel, pack_pages, plan_adapter
 from loraplex.lora.device_pool import DevicePool
 from loraplex.lora.host_cache import HostBufferPool, HostCache
 from loraplex.lora.layout import PageLayout
-from loraplex.lora.loader import AdapterLoader
+from loraplex.lora.loader import AdapterLoader, ProcessLoader
 from loraplex.lora.registry import LoRARegistry
 from loraplex.lora.request import LoRARequest
 from loraplex.lora.state import LoRAState
@@ -67,10 +67,17 @@ class LoRAManager:
         self.pool = DevicePool(self.layout, num_pages, max_entries, dtype, device, self.state.meta)
         for key, linear in self.layout.linears.items():
             linear.attach_lora(self.state, *self.pool.views[key])
-        self.host = HostCache(self.max_cpu_loras,
-                              HostBufferPool(self.layout.page_elems, dtype, pin=device.type == "cuda"))
+        self.loader_kind = args.lora_loader if args.lora_loader != "auto" else \
+            ("process" if device.type == "cuda" else "thread")
+        buffers = HostBufferPool(self.layout.page_elems, dtype, pin=device.type == "cuda",
+                                 shared=self.loader_kind == "process")
+        self.host = HostCache(self.max_cpu_loras, buffers)
         self.num_loader_workers = args.num_lora_loader_workers
-        self.loader = AdapterLoader(self.num_loader_workers, self._load_job)
+        if self.loader_kind == "process":
+            self.loader = ProcessLoader(self.num_loader_workers, self._load_job, self.layout, self.max_lora_rank,
+                                        buffers)
+        else:
+            self.loader = AdapterLoader(self.num_loader_workers, self._load_job)
         self.registry = LoRARegistry()
         self.num_active = 0  # adapters used by running sequences (the scheduler caps it at max_loras)
         self.epoch = 0  # bumped when something the scheduler's admission or prefetch depends on changes
@@ -83,9 +90,9 @@ class LoRAManager:
         self.stats = {"num_loads": 0, "load_seconds": 0.0, "max_load_seconds": 0.0, "num_load_errors": 0,
                       "num_uploads": 0, "num_evictions": 0, "cpu_hits": 0, "cpu_misses": 0, "gpu_hits": 0,
                       "gpu_misses": 0, "engine_seconds": 0.0}
-        logger.info("LoRA pool: %d pages of %.2f MB (%d adapters of rank %d), %d loader threads", num_pages,
+        logger.info("LoRA pool: %d pages of %.2f MB (%d adapters of rank %d), %d loader %ses", num_pages,
                     self.layout.page_bytes(dtype) / 1e6, num_pages // self.max_lora_rank, self.max_lora_rank,
-                    self.num_loader_workers)
+                    self.num_loader_workers, self.loader_kind)
 
     # ------------------------------------------------------------------ registry (engine thread)
     @property

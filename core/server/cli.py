@@ -63,8 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
                       "--lora-memory-fraction on CUDA, --max-loras on the CPU)")
     lora.add_argument("--lora-memory-fraction", type=float, default=0.1,
                       help="share of the GPU memory left after the weights that the adapter pool takes")
+    lora.add_argument("--lora-loader", choices=["auto", "process", "thread"], default="auto",
+                      help="where adapters are read and packed: worker processes (auto on CUDA) or threads "
+                      "(auto on the CPU)")
     lora.add_argument("--num-lora-loader-workers", type=int, default=4,
-                      help="threads that read and pack adapters off the engine thread")
+                      help="loader processes or threads that read and pack adapters off the engine thread")
     lora.add_argument("--max-lora-bypass-steps", type=int, default=16,
                       help="steps in which later adapter requests may pass one whose adapter is loaded")
     lora.add_argument("--lora-dtype", default="auto")
@@ -156,7 +159,8 @@ def serve(args) -> int:
             max_logprobs=args.max_logprobs, trust_remote_code=args.trust_remote_code,
             enable_lora=args.enable_lora, max_loras=args.max_loras, max_lora_rank=max_rank,
             max_cpu_loras=args.max_cpu_loras, max_gpu_loras=args.max_gpu_loras,
-            lora_memory_fraction=args.lora_memory_fraction, num_lora_loader_workers=args.num_lora_loader_workers,
+            lora_memory_fraction=args.lora_memory_fraction, lora_loader=args.lora_loader,
+            num_lora_loader_workers=args.num_lora_loader_workers,
             max_lora_bypass_steps=args.max_lora_bypass_steps, lora_dtype=args.lora_dtype)
     except ValueError as e:
         raise SystemExit(f"loraplex: {e}")

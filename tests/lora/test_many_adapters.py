@@ -54,10 +54,12 @@ def alone(tiny_llama, four_adapters):
     return out
 
 
-def test_alternating_adapters_through_two_slots_load_each_once(tiny_llama, four_adapters, alone):
+@pytest.mark.parametrize("loader", ["thread", "process"])
+def test_alternating_adapters_through_two_slots_load_each_once(tiny_llama, four_adapters, alone, loader):
     """16 requests alternating 4 adapters, 2 device slots, a host cache of 2: resident adapters' requests run
-    first while the others load, so each adapter is read from storage once."""
-    engine = _engine(tiny_llama, max_loras=2, max_cpu_loras=2, max_lora_rank=8)
+    first while the others load, so each adapter is read from storage once (by loader threads or processes)."""
+    engine = _engine(tiny_llama, max_loras=2, max_cpu_loras=2, max_lora_rank=8, lora_loader=loader)
+    assert type(engine.lora_manager.loader).__name__ == {"thread": "AdapterLoader", "process": "ProcessLoader"}[loader]
     names = list(four_adapters)
     jobs = [(PROMPTS[i % 4], LoRARequest(names[i % 4], 1 + i % 4, four_adapters[names[i % 4]])) for i in range(16)]
     done = _run_all(engine, jobs)
@@ -110,16 +112,18 @@ def test_add_request_never_loads_and_others_run(tiny_llama, four_adapters, alone
         pm.unregister(name="slow-store")
 
 
-def test_failed_loads_fail_only_their_requests(tiny_llama, four_adapters, alone, tmp_path):
+@pytest.mark.parametrize("loader", ["thread", "process"])
+def test_failed_loads_fail_only_their_requests(tiny_llama, four_adapters, alone, tmp_path, loader):
     """A corrupt file and an adapter for another model each fail their own requests, with the error add_lora
-    gives for them; base and good adapter requests in the same batch run as if alone."""
+    gives for them (from a loader process too); base and good adapter requests in the same batch run as if
+    alone."""
     corrupt = tmp_path / "corrupt"
     shutil.copytree(four_adapters["a2"], corrupt)
     data = (corrupt / "adapter_model.safetensors").read_bytes()
     (corrupt / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
     wide_model = make_tiny_model(tmp_path / "wide", "llama", hidden_size=96, intermediate_size=128)
     wide = make_peft_adapter(wide_model, tmp_path / "wide-lora", rank=4)
-    engine = _engine(tiny_llama, max_loras=2, max_lora_rank=8)
+    engine = _engine(tiny_llama, max_loras=2, max_lora_rank=8, lora_loader=loader)
     jobs = [(PROMPTS[0], LoRARequest("a0", 1, four_adapters["a0"])), (PROMPTS[1], LoRARequest("bad", 2, str(corrupt))),
             (PROMPTS[2], None), (PROMPTS[3], LoRARequest("wide", 3, str(wide))),
             (PROMPTS[1], LoRARequest("bad", 2, str(corrupt))), (PROMPTS[3], LoRARequest("a3", 4, four_adapters["a3"]))]
@@ -134,6 +138,9 @@ def test_failed_loads_fail_only_their_requests(tiny_llama, four_adapters, alone,
     with pytest.raises(LoRALoadError, match="cannot read weights"):  # the same error add_lora raises
         engine.add_lora(LoRARequest("bad", 2, str(corrupt)))
     assert set(engine.lora_manager.adapters) == {"a0", "a3"}  # failed names never register
+    engine.lora_manager.close()
+    if loader == "process":
+        return
     # LLM.generate raises the typed error, as when add_request refuses a prompt.
     llm = LLM(model=str(tiny_llama), enable_lora=True, max_loras=2, max_lora_rank=8, max_model_len=128)
     with pytest.raises(LoRALoadError, match="cannot read weights"):
@@ -201,6 +208,8 @@ def test_rank_aware_pool_holds_more_low_rank_adapters(tiny_llama, tmp_path):
     engine = _engine(tiny_llama, max_loras=8, max_cpu_loras=8, max_lora_rank=16, max_gpu_loras=2)
     assert engine.lora_manager.pool.num_pages == 32
     jobs = [(PROMPTS[i % 4], LoRARequest(n, i + 1, p)) for i, (n, p) in enumerate(adapters.items())]
+    for _, lora in jobs:  # in the host cache first, so that all arrive in the pool in the first step
+        engine.add_lora(lora)
     running_max = 0
     for i, (prompt, lora) in enumerate(jobs):
         engine.add_request(str(i), prompt, GREEDY, lora_request=lora)
