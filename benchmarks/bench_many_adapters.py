@@ -211,6 +211,13 @@ def main() -> None:
               "adapter_mb": adapter_bytes(cfg, args.rank) / 1e6}
     if args.device == "cuda":
         result["hbm_bytes_per_s"] = measure_hbm_bandwidth()
+        # Loader processes pack into shared memory: the host cache must fit /dev/shm.
+        shm_free = os.statvfs("/dev/shm").f_bavail * os.statvfs("/dev/shm").f_frsize
+        fit = int(0.9 * shm_free / adapter_bytes(cfg, args.rank))
+        result["dev_shm_free_gb"] = shm_free / 1e9
+        if fit < args.max_cpu_loras:
+            print(f"/dev/shm holds {fit} adapters: max_cpu_loras {args.max_cpu_loras} -> {fit}", flush=True)
+            args.max_cpu_loras = max(args.max_loras, fit)
     rows = []
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
         tmp = Path(tmp)

@@ -7,6 +7,7 @@ recycles them by rank (an arena of whole-adapter buffers, never one pinned alloc
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import weakref
 from collections import OrderedDict
@@ -25,19 +26,48 @@ def _pinned(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
     return t if _register(t) else t.pin_memory()
 
 
+_CUDART = None
+
+
+def _cudart():
+    """(register, unregister) of the libcudart this process has loaded, through ctypes, which lets go of the GIL
+    during the call: pinning 48.6 MB takes milliseconds, and the engine thread must not wait for it. Falls back
+    to torch's bindings."""
+    global _CUDART
+    if _CUDART is None:
+        import ctypes
+
+        path = None
+        try:
+            with open("/proc/self/maps") as f:
+                path = next((line.split()[-1] for line in f if "libcudart.so" in line), None)
+        except OSError:
+            pass
+        if path is not None:
+            lib = ctypes.CDLL(path)
+            lib.cudaHostRegister.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
+            lib.cudaHostUnregister.argtypes = [ctypes.c_void_p]
+            _CUDART = (lambda ptr, size: lib.cudaHostRegister(ptr, size, 0), lib.cudaHostUnregister)
+        else:
+            rt = torch.cuda.cudart()
+            _CUDART = (lambda ptr, size: int(rt.cudaHostRegister(ptr, size, 0)), rt.cudaHostUnregister)
+    return _CUDART
+
+
 def _register(t: torch.Tensor) -> bool:
     """Page-lock t's memory with CUDA (unregistered when t is collected); False when CUDA refuses."""
     try:
-        cudart = torch.cuda.cudart()
+        torch.cuda.init()
+        register, unregister = _cudart()
         ptr = t.data_ptr()
-        if int(cudart.cudaHostRegister(ptr, t.numel() * t.element_size(), 0)) != 0:
+        if int(register(ptr, t.numel() * t.element_size())) != 0:
             return False
         if not t.is_pinned():
-            cudart.cudaHostUnregister(ptr)
+            unregister(ptr)
             return False
-        weakref.finalize(t, cudart.cudaHostUnregister, ptr)
+        weakref.finalize(t, unregister, ptr)
         return True
-    except Exception as e:  # no cudart binding
+    except Exception as e:  # no CUDA runtime to call
         logger.debug("cudaHostRegister failed (%s)", e)
         return False
 
@@ -78,7 +108,13 @@ class HostBufferPool:
         from multiprocessing import shared_memory
 
         elem = torch.empty((), dtype=self.dtype).element_size()
-        shm = shared_memory.SharedMemory(create=True, size=rank * self.page_elems * elem)
+        size = rank * self.page_elems * elem
+        # tmpfs hands out pages lazily: writing past its size would kill the process with SIGBUS, not fail.
+        st = os.statvfs("/dev/shm")
+        if st.f_bavail * st.f_frsize < size:
+            raise MemoryError(f"/dev/shm has {st.f_bavail * st.f_frsize / 1e9:.2f} GB free, an adapter needs "
+                              f"{size / 1e9:.2f} GB (raise the shared-memory size or lower max_cpu_loras)")
+        shm = shared_memory.SharedMemory(create=True, size=size)
         t = torch.frombuffer(shm.buf, dtype=self.dtype, count=rank * self.page_elems).view(rank, self.page_elems)
         t.zero_()  # touched before registering: much faster to pin (see _pinned)
         if self.pin and not _register(t):
