@@ -21,6 +21,19 @@ _KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])
 _ALL_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+_PARSED: dict[str, tuple[int, str, str] | None] = {}  # every adapter of a model repeats the same few hundred keys
+
+
+def _parse_key(key: str) -> tuple[int, str, str] | None:
+    """(layer, module, "A" | "B") of a PEFT tensor name, None for a name that is not a LoRA weight."""
+    if key not in _PARSED:
+        if len(_PARSED) > 100_000:
+            _PARSED.clear()
+        m = _KEY.search(key)
+        _PARSED[key] = (int(m.group(1)), m.group(2), m.group(3)) if m else None
+    return _PARSED[key]
+
+
 def _pattern_value(patterns: dict, module_key: str, default):
     """PEFT's rule: a pattern matches a module when the module's dotted name ends with it."""
     for pattern, value in (patterns or {}).items():
@@ -132,12 +145,12 @@ def plan_adapter(layout: PageLayout, config: dict, tensors: dict[str, torch.Tens
     rslora = bool(config.get("use_rslora", False))
     modules: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
-        m = _KEY.search(key)
-        if m is None:
+        parsed = _parse_key(key)
+        if parsed is None:
             module = key.split(".lora_")[0].split(".")[-1] if ".lora_" in key else key
             raise LoRALoadError(f"adapter '{name}': module {module!r} ({key}) is not supported; LoRA-capable "
                                 f"modules are {', '.join(_ALL_MODULES)}", name)
-        layer, module, ab = int(m.group(1)), m.group(2), m.group(3)
+        layer, module, ab = parsed
         if module not in layout.lora_modules:
             raise LoRALoadError(f"adapter '{name}': target module {module!r} does not exist in the model", name)
         if layer >= layout.num_layers:
