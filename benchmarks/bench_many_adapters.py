@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import (LLAMA_3_2_3B, adapter_bytes, kv_bytes_per_token, measure_hbm_bandwidth, random_adapter,  # noqa: E402
-                    synchronize, weight_bytes, write_config)
+from common import (LLAMA_3_2_3B, adapter_bytes, kv_bytes_per_token, measure_hbm_bandwidth,  # noqa: E402
+                    random_adapter, synchronize, weight_bytes, write_config)
 
 TINY = {**LLAMA_3_2_3B, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 512,

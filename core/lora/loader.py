@@ -38,44 +38,28 @@ class LoadResult:
         self.seconds = seconds
 
 
-class AdapterLoader:
-    """:param num_workers: loads that run at once. :param job: ``job(version) -> (buf, rank, num_bytes)``, run in
-    a worker; an exception fails that load only."""
+class _Loader:
+    """What both loaders share: finished loads queued for the engine thread (``drain``), and listeners told of
+    each (from the thread that finished it)."""
 
-    def __init__(self, num_workers: int, job: Callable):
-        self._job = job
-        # One intra-op thread each: several loads at once would otherwise each fan out over every core.
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=num_workers,
-                                                           thread_name_prefix="loraplex-lora-loader",
-                                                           initializer=_one_intra_op_thread)
+    def __init__(self):
         self._done: collections.deque[LoadResult] = collections.deque()
         self._cv = threading.Condition()
         self._listeners: list[Callable[[], None]] = []
         self.num_in_flight = 0  # engine thread only
 
     def add_listener(self, fn: Callable[[], None]) -> None:
-        """``fn()`` is called from a worker thread after each job; it must be quick and thread-safe."""
+        """``fn()`` is called from a loader's thread after each job; it must be quick and thread-safe."""
         self._listeners.append(fn)
 
-    def submit(self, version) -> None:
-        self.num_in_flight += 1
-        self._pool.submit(self._run, version)
-
-    def _run(self, version) -> None:
-        start = time.perf_counter()
-        try:
-            buf, rank, num_bytes = self._job(version)
-            result = LoadResult(version, buf, rank, num_bytes)
-        except BaseException as e:  # the job's failure belongs to its requests, never to the worker
-            result = LoadResult(version, error=e)
-        result.seconds = time.perf_counter() - start
+    def _finish(self, result: LoadResult) -> None:
         with self._cv:
             self._done.append(result)
             self._cv.notify_all()
         for fn in list(self._listeners):
             try:
                 fn()
-            except Exception:  # a listener must not kill the worker
+            except Exception:  # a listener must not kill the loader
                 pass
 
     def drain(self) -> list[LoadResult]:
@@ -93,11 +77,40 @@ class AdapterLoader:
         with self._cv:
             return self._cv.wait_for(lambda: bool(self._done), timeout)
 
+
+class AdapterLoader(_Loader):
+    """Loader threads. :param num_workers: loads that run at once. :param job: ``job(version) -> (buf, rank,
+    num_bytes)``, run in a worker; an exception fails that load only. :param sink: where results go (default:
+    this loader's queue)."""
+
+    def __init__(self, num_workers: int, job: Callable, sink: Callable | None = None):
+        super().__init__()
+        self._job = job
+        self._sink = sink or self._finish
+        # One intra-op thread each: several loads at once would otherwise each fan out over every core.
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=num_workers,
+                                                           thread_name_prefix="loraplex-lora-loader",
+                                                           initializer=_one_intra_op_thread)
+
+    def submit(self, version) -> None:
+        self.num_in_flight += 1
+        self._pool.submit(self._run, version)
+
+    def _run(self, version) -> None:
+        start = time.perf_counter()
+        try:
+            buf, rank, num_bytes = self._job(version)
+            result = LoadResult(version, buf, rank, num_bytes)
+        except BaseException as e:  # the job's failure belongs to its requests, never to the worker
+            result = LoadResult(version, error=e)
+        result.seconds = time.perf_counter() - start
+        self._sink(result)
+
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-class ProcessLoader:
+class ProcessLoader(_Loader):
     """Loader processes (``loraplex.lora.loader_worker``): read, validate and pack in interpreters of their own.
 
     Threads share the engine's GIL: on an H200 host a load every 100 ms cost 128 running streams 62% of their
@@ -119,13 +132,10 @@ class ProcessLoader:
         import tempfile
         from multiprocessing.connection import Listener
 
-        self._threads = AdapterLoader(num_workers, job)
-        self._done = self._threads._done
-        self._cv = self._threads._cv
-        self._listeners = self._threads._listeners
+        super().__init__()
+        self._threads = AdapterLoader(num_workers, job, sink=self._finish)  # in-memory adapters, fallback
         self._buffers = buffers
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self.num_in_flight = 0
         authkey = secrets.token_bytes(16)
         self._dir = tempfile.mkdtemp(prefix="loraplex-loader-")
         self._listener = Listener(os.path.join(self._dir, "sock"), family="AF_UNIX", authkey=authkey)
@@ -142,40 +152,12 @@ class ProcessLoader:
             threading.Thread(target=_drive, args=(ref, self._jobs), name=f"loraplex-lora-loader-{i}",
                              daemon=True).start()
 
-    def add_listener(self, fn: Callable[[], None]) -> None:
-        self._threads.add_listener(fn)
-
     def submit(self, version) -> None:
         self.num_in_flight += 1
         if version.request.tensors is not None:
-            self._threads.submit(version)  # counted here; drained through the shared queue
-            self._threads.num_in_flight -= 1
+            self._threads._pool.submit(self._threads._run, version)
         else:
             self._jobs.put(version)
-
-    def _finish(self, result: LoadResult) -> None:
-        with self._cv:
-            self._done.append(result)
-            self._cv.notify_all()
-        for fn in list(self._listeners):
-            try:
-                fn()
-            except Exception:
-                pass
-
-    def drain(self) -> list[LoadResult]:
-        out = []
-        while self._done:
-            out.append(self._done.popleft())
-        self.num_in_flight -= len(out)
-        return out
-
-    def has_results(self) -> bool:
-        return bool(self._done)
-
-    def wait(self, timeout: float) -> bool:
-        with self._cv:
-            return self._cv.wait_for(lambda: bool(self._done), timeout)
 
     def shutdown(self) -> None:
         self._closed = True

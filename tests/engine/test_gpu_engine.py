@@ -114,7 +114,8 @@ def test_1024_adapters_equal_each_alone(tiny_model_factory, tmp_path):
 
     path = tiny_model_factory("llama")
     src = make_peft_adapter(path, tmp_path / "src", rank=8, targets="all-linear", seed=5, scale=0.15)
-    config, tensors = json.loads((src / "adapter_config.json").read_text()), load_file(src / "adapter_model.safetensors")
+    config = json.loads((src / "adapter_config.json").read_text())
+    tensors = load_file(src / "adapter_model.safetensors")
     gen = torch.Generator().manual_seed(0)
     loras = []
     for i in range(1024):

@@ -394,7 +394,8 @@ def test_imports_without_triton():
         "sys.modules['triton'] = None\n"  # import triton -> ImportError
         "import loraplex.kernels.lora_ops as ops\n"
         "from loraplex.kernels.lora_meta import LoRAKernelMeta\n"
-        "meta = LoRAKernelMeta(4, 2, 2, 2, 'cpu'); meta.set_entry(1, [2, 3], 2); meta.prepare(torch.tensor([1, -1, 1]))\n"
+        "meta = LoRAKernelMeta(4, 2, 2, 2, 'cpu'); meta.set_entry(1, [2, 3], 2)\n"
+        "meta.prepare(torch.tensor([1, -1, 1]))\n"
         "y = torch.zeros(3, 4)\n"
         "ops.add_lora(y, torch.ones(3, 5), torch.ones(1, 4, 5), torch.ones(4, 4), meta,\n"
         "             torch.tensor([0, 4], dtype=torch.int32))\n"

@@ -99,7 +99,7 @@ def test_add_request_never_loads_and_others_run(tiny_llama, four_adapters, alone
             done.update({o.request_id: o for o in engine.step() if o.finished})
             if "base" in done and "a0" in done:
                 break
-        assert entered.is_set() and "slow" not in done
+        assert entered.wait(30) and "slow" not in done  # its load started, and is still held
         assert done["base"].outputs[0].token_ids == alone[(PROMPTS[1], None)]
         assert done["a0"].outputs[0].token_ids == alone[(PROMPTS[2], "a0")]
         gate.set()
@@ -230,7 +230,8 @@ def test_many_adapters_equal_each_alone(tiny_llama, tmp_path):
     sources = []
     for i, (rank, targets) in enumerate(specs):
         d = make_peft_adapter(tiny_llama, tmp_path / f"src{i}", rank=rank, targets=targets, seed=i, scale=0.15)
-        sources.append((json.loads((d / "adapter_config.json").read_text()), load_file(d / "adapter_model.safetensors")))
+        config = json.loads((d / "adapter_config.json").read_text())
+        sources.append((config, load_file(d / "adapter_model.safetensors")))
     gen = torch.Generator().manual_seed(0)
     adapters = []
     for i in range(64):
@@ -246,3 +247,21 @@ def test_many_adapters_equal_each_alone(tiny_llama, tmp_path):
         assert done[i].outputs[0].token_ids == want, i
     stats = engine.lora_manager.stats
     assert stats["num_loads"] >= len({lora.lora_name for _, lora in jobs if lora}) and stats["num_evictions"] > 0
+
+
+@pytest.mark.parametrize("field, value", [("max_gpu_loras", 0), ("lora_memory_fraction", 1.5),
+                                          ("lora_loader", "fork"), ("num_lora_loader_workers", 0),
+                                          ("max_lora_bypass_steps", -1)])
+def test_pool_and_loader_arguments_are_validated(tiny_llama, field, value):
+    with pytest.raises(ValueError, match=f"EngineArgs.{field}"):
+        EngineArgs(model=str(tiny_llama), enable_lora=True, **{field: value})
+
+
+def test_cli_passes_pool_and_loader_flags():
+    from loraplex.server.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "m", "--max-gpu-loras", "64", "--lora-memory-fraction", "0.3",
+                                      "--lora-loader", "thread", "--num-lora-loader-workers", "2",
+                                      "--max-lora-bypass-steps", "8"])
+    assert (args.max_gpu_loras, args.lora_memory_fraction, args.lora_loader, args.num_lora_loader_workers,
+            args.max_lora_bypass_steps) == (64, 0.3, "thread", 2, 8)
