@@ -20,12 +20,6 @@ from typing import Callable
 logger = logging.getLogger("loraplex.lora")
 
 
-def _one_intra_op_thread() -> None:
-    import torch
-
-    torch.set_num_threads(1)  # per thread: OpenMP's thread count is a per-thread setting
-
-
 class LoadResult:
     __slots__ = ("version", "buf", "rank", "num_bytes", "error", "seconds")
 
@@ -87,10 +81,10 @@ class AdapterLoader(_Loader):
         super().__init__()
         self._job = job
         self._sink = sink or self._finish
-        # One intra-op thread each: several loads at once would otherwise each fan out over every core.
+        # No torch.set_num_threads here: it also sets MKL's thread count, for the whole process, and the engine's
+        # CPU matmuls would change their summation order (and greedy outputs on a near-tie) mid-run.
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=num_workers,
-                                                           thread_name_prefix="loraplex-lora-loader",
-                                                           initializer=_one_intra_op_thread)
+                                                           thread_name_prefix="loraplex-lora-loader")
 
     def submit(self, version) -> None:
         self.num_in_flight += 1

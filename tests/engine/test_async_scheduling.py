@@ -38,6 +38,8 @@ def _run(model_dir, adapters, is_async: bool, device: str, stop_token=None, stop
         model=str(model_dir), device=device, dtype="float32" if device == "cpu" else "bfloat16", max_model_len=128,
         max_num_seqs=4, enable_lora=True, max_loras=2, max_lora_rank=8, async_scheduling=is_async, seed=0))
     loras = [None, LoRARequest("a", 1, str(adapters[0])), LoRARequest("b", 2, str(adapters[1]))]
+    for lora in loras[1:]:  # loaded first: loader threads finishing mid-run would make the step pattern timing-bound
+        engine.add_lora(lora)
     finals, step = {}, 0
     pending = list(enumerate(PROMPTS))
     while pending or engine.has_unfinished_requests():

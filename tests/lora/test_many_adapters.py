@@ -211,8 +211,9 @@ def test_rank_aware_pool_holds_more_low_rank_adapters(tiny_llama, tmp_path):
     for _, lora in jobs:  # in the host cache first, so that all arrive in the pool in the first step
         engine.add_lora(lora)
     running_max = 0
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)  # none may end on its first token
     for i, (prompt, lora) in enumerate(jobs):
-        engine.add_request(str(i), prompt, GREEDY, lora_request=lora)
+        engine.add_request(str(i), prompt, params, lora_request=lora)
     while engine.has_unfinished_requests():
         engine.step()
         running_max = max(running_max, len({s.lora_name for s in engine.scheduler.running}))
