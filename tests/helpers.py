@@ -14,9 +14,9 @@ def _tiny_tokenizer(out_dir: Path) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    byte_vocab = {tok: i for i, tok in enumerate(pre_tokenizers.ByteLevel.alphabet())}
-    vocab = dict(sorted(byte_vocab.items(), key=lambda kv: kv[1]))
-    vocab = {tok: i for i, tok in enumerate(vocab)}
+    # alphabet() comes from a set, so its order follows the per-process string hash: sort it, or every
+    # process numbers the bytes differently and the same random model generates different text.
+    vocab = {tok: i for i, tok in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
     for special in ("<|endoftext|>", "<|im_start|>", "<|im_end|>"):
         vocab[special] = len(vocab)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))

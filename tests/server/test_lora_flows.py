@@ -100,12 +100,22 @@ def test_inplace_reload_keeps_running_requests_on_old_weights(client, server, re
     old = greedy(reference, PROMPT, ("a2", adapters["a2"]), max_tokens=100, ignore_eos=True).text
     aengine = server.app.state.server.aengine
     gate = threading.Event()
+    paused = concurrent.futures.Future()
+
+    def hold(engine):
+        # Re-queued before every step until the stream has its first token, then holds the engine between two
+        # steps, so the reload is sure to land mid-generation however slowly the client reads.
+        if not any(seq.output_token_ids for seq in engine.scheduler.running):
+            aengine.submit(hold, want_result=False)
+            return
+        gate.wait(30)
+        paused.set_result(engine.get_num_unfinished_requests())
+
+    aengine.submit(hold, want_result=False)
     with client.stream("POST", "/v1/completions", json={"model": "live", "prompt": PROMPT, "max_tokens": 100,
                                                         "temperature": 0, "ignore_eos": True, "stream": True}) as s:
         lines = s.iter_lines()
         first = next(line for line in lines if line.startswith("data: {"))
-        # Hold the engine between two steps so the reload is sure to land mid-generation.
-        paused = aengine.submit(lambda e: (gate.wait(30), e.get_num_unfinished_requests())[1])
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             reload = pool.submit(httpx.post, server.url + "/v1/load_lora_adapter", timeout=60, json={
                 "lora_name": "live", "lora_path": str(adapters["a4"]), "load_inplace": True})
