@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+from loraplex.errors import ConfigError, UnknownArgumentError
+
 _DTYPES = ("auto", "float32", "float16", "bfloat16", "half", "float", "fp32", "fp16", "bf16")
 _DEVICES = ("auto", "cpu", "cuda")
 
@@ -28,13 +30,13 @@ class EngineArgs:
     # Launch decode step N+1 from step N's device-side tokens before reading them back, so host work overlaps
     # the GPU. None = on exactly when decode runs as CUDA graphs (on the CPU it would only add wasted rows).
     async_scheduling: bool | None = None
-    max_seq_len_to_capture: int = 8192
     max_logprobs: int = 20
     trust_remote_code: bool = False
     # "dummy" builds random weights on the device from config.json alone (benchmarks; vLLM's name).
     load_format: str = "auto"
     skip_tokenizer_init: bool = False
     download_dir: str | None = None
+    # False: log throughput, queue and KV-cache figures every few seconds (vLLM's stats line).
     disable_log_stats: bool = True
     # LoRA
     enable_lora: bool = False
@@ -53,13 +55,14 @@ class EngineArgs:
     num_lora_loader_workers: int = 4
     # Aging bound of adapter-aware admission: steps in which later adapter requests may pass a held one.
     max_lora_bypass_steps: int = 16
+    # Dtype of the adapter weights in host and device memory; "auto" = the model's. The kernels cast.
     lora_dtype: str = "auto"
-    fully_sharded_loras: bool = False
+    fully_sharded_loras: bool = False  # only False: nothing is sharded on one device
     tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
-        def bad(name: str, why: str) -> ValueError:
-            return ValueError(f"EngineArgs.{name} {why}, got {getattr(self, name)!r}")
+        def bad(name: str, why: str) -> ConfigError:
+            return ConfigError(f"EngineArgs.{name} {why}, got {getattr(self, name)!r}", name)
 
         if not isinstance(self.model, str) or not self.model:
             raise bad("model", "must name a model directory, GGUF file or hub id")
@@ -82,6 +85,9 @@ class EngineArgs:
         ):
             raise bad("max_num_batched_tokens", f"must be >= max_model_len ({self.max_model_len}), "
                       "since a whole prompt is prefilled in one step")
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < self.max_num_seqs:
+            raise bad("max_num_batched_tokens", f"must be >= max_num_seqs ({self.max_num_seqs}): every running "
+                      "sequence's decode token counts against it")
         if self.block_size not in (8, 16, 32, 64, 128):
             raise bad("block_size", "must be one of 8, 16, 32, 64, 128")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
@@ -94,6 +100,12 @@ class EngineArgs:
             raise bad("load_format", "must be 'auto', 'safetensors' or 'dummy'")
         if self.tensor_parallel_size != 1:
             raise bad("tensor_parallel_size", "must be 1: loraplex runs on one device")
+        if self.fully_sharded_loras is not False:
+            raise bad("fully_sharded_loras", "is not supported: it shards LoRA over tensor-parallel ranks, and "
+                      "loraplex runs on one device (tensor_parallel_size 1)")
+        for flag in ("enforce_eager", "trust_remote_code", "skip_tokenizer_init", "disable_log_stats", "enable_lora"):
+            if not isinstance(getattr(self, flag), bool):
+                raise bad(flag, "must be a bool")
         if self.max_logprobs < 0:
             raise bad("max_logprobs", "must be >= 0")
         if self.async_scheduling not in (None, True, False):
@@ -101,8 +113,8 @@ class EngineArgs:
         self._verify_lora()
 
     def _verify_lora(self) -> None:
-        def bad(name: str, why: str) -> ValueError:
-            return ValueError(f"EngineArgs.{name} {why}, got {getattr(self, name)!r}")
+        def bad(name: str, why: str) -> ConfigError:
+            return ConfigError(f"EngineArgs.{name} {why}, got {getattr(self, name)!r}", name)
 
         if not isinstance(self.max_loras, int) or self.max_loras < 1:
             raise bad("max_loras", "must be an int >= 1")
@@ -134,5 +146,5 @@ class EngineArgs:
     def from_kwargs(cls, model: str, **kwargs) -> "EngineArgs":
         unknown = set(kwargs) - cls.field_names()
         if unknown:
-            raise TypeError(f"unknown engine argument(s): {', '.join(sorted(unknown))}")
+            raise UnknownArgumentError(f"unknown engine argument(s): {', '.join(sorted(unknown))}")
         return cls(model=model, **kwargs)

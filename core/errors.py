@@ -10,8 +10,40 @@ class InvalidRequestError(LoraplexError, ValueError):
     """A request or parameter is invalid (HTTP 400)."""
 
 
+class UnsupportedArgumentError(InvalidRequestError):
+    """An argument loraplex does not implement was given a value that would change the result (HTTP 400).
+
+    ``name`` is the argument, as the caller spelled it. Refused rather than ignored, so the caller learns
+    that the output would not be what was asked for.
+    """
+
+    def __init__(self, name: str, why: str = ""):
+        super().__init__(f"{name!r} is not supported by loraplex" + (f": {why}" if why else ""))
+        self.name = name
+
+
+class ConfigError(LoraplexError, ValueError):
+    """An engine argument is invalid or not supported (``EngineArgs``); ``name`` names it."""
+
+    def __init__(self, message: str, name: str | None = None):
+        super().__init__(message)
+        self.name = name
+
+
+class UnknownArgumentError(LoraplexError, TypeError):
+    """An engine argument that does not exist (a TypeError, as Python's own for a bad keyword)."""
+
+
 class PromptTooLongError(InvalidRequestError):
     """The prompt plus max_tokens does not fit max_model_len (HTTP 400)."""
+
+
+class EngineStepError(LoraplexError):
+    """The engine step that ran this request failed (HTTP 500); the engine goes on with the others.
+
+    The message names only the exception's type, so one request's error text never reaches another's
+    response; the cause is chained (``__cause__``) and logged.
+    """
 
 
 class UnsupportedModelError(LoraplexError, ValueError):

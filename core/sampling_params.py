@@ -1,7 +1,12 @@
 """SamplingParams: how to sample one request. Same names and defaults as vLLM."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+from loraplex.errors import InvalidRequestError
+
+_INT64 = (-2**63, 2**63 - 1)
 
 
 @dataclass
@@ -40,8 +45,13 @@ class SamplingParams:
         self._verify()
 
     def _verify(self) -> None:
-        def bad(name: str, why: str) -> ValueError:
-            return ValueError(f"SamplingParams.{name} {why}, got {getattr(self, name)!r}")
+        def bad(name: str, why: str) -> InvalidRequestError:
+            return InvalidRequestError(f"SamplingParams.{name} {why}, got {getattr(self, name)!r}")
+
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise bad(name, "must be a finite number")
 
         if not isinstance(self.n, int) or self.n < 1:
             raise bad("n", "must be an int >= 1")
@@ -69,8 +79,10 @@ class SamplingParams:
             raise bad("logprobs", "must be an int >= 0")
         if self.prompt_logprobs is not None and (not isinstance(self.prompt_logprobs, int) or self.prompt_logprobs < 0):
             raise bad("prompt_logprobs", "must be an int >= 0")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise bad("seed", "must be an int")
+        if self.seed is not None and (not isinstance(self.seed, int) or not _INT64[0] <= self.seed <= _INT64[1]):
+            raise bad("seed", f"must be an int in [{_INT64[0]}, {_INT64[1]}]")
+        if self.top_k > _INT64[1]:
+            raise bad("top_k", f"must be <= {_INT64[1]}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise bad("stop", "must be non-empty strings")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):

@@ -19,6 +19,17 @@ class SequenceStatus(enum.Enum):
 _seq_counter = itertools.count()
 
 
+class PromptLogprobsSlot:
+    """A request's prompt logprobs, shared by its n sequences. The first prefill of any of them fills it; no
+    later one computes it again (a sibling's prefill, or a preempted sequence prefilled anew)."""
+
+    __slots__ = ("num_logprobs", "value")
+
+    def __init__(self, num_logprobs: int):
+        self.num_logprobs = num_logprobs  # top-k asked for (0: only each prompt token's own logprob)
+        self.value: list | None = None  # RequestOutput.prompt_logprobs once computed
+
+
 @dataclass(eq=False)
 class Sequence:
     request_id: str
@@ -38,6 +49,7 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     logprobs: list | None = None
+    prompt_logprobs: PromptLogprobsSlot | None = None  # shared by the request's sequences; None: not asked for
     cumulative_logprob: float = 0.0
     generator: Any = None  # per-request torch.Generator when params.seed is set
     detokenizer: Any = None

@@ -11,6 +11,7 @@ from loraplex.engine.model_runner import ModelRunner
 from loraplex.engine.policy import FCFSPolicy
 from loraplex.engine.scheduler import Scheduler
 from loraplex.engine_args import EngineArgs
+from loraplex.errors import ConfigError
 from loraplex.models.config import ModelConfig
 from loraplex.models.loader import build_model, default_tokenizer_path, load_hf_config, resolve_model_path
 
@@ -105,13 +106,14 @@ def build_engine_parts(args: EngineArgs, progress: bool = False) -> dict:
         torch.manual_seed(args.seed)
     max_model_len = args.max_model_len or model_config.max_position_embeddings
     if max_model_len > model_config.max_position_embeddings:
-        raise ValueError(f"max_model_len={max_model_len} exceeds the model's max_position_embeddings="
-                         f"{model_config.max_position_embeddings}")
+        raise ConfigError(f"EngineArgs.max_model_len must be <= the model's max_position_embeddings "
+                          f"({model_config.max_position_embeddings}), got {max_model_len}", "max_model_len")
     if args.max_num_batched_tokens is None:
         args.max_num_batched_tokens = max(max_model_len, 2048 if device.type == "cuda" else 512, args.max_num_seqs)
     if args.max_num_batched_tokens < max_model_len:
-        raise ValueError(f"max_num_batched_tokens={args.max_num_batched_tokens} must be >= max_model_len="
-                         f"{max_model_len}, since a whole prompt is prefilled in one step")
+        raise ConfigError(f"EngineArgs.max_num_batched_tokens must be >= max_model_len ({max_model_len}), since "
+                          f"a whole prompt is prefilled in one step, got {args.max_num_batched_tokens}",
+                          "max_num_batched_tokens")
     tokenizer = None if args.skip_tokenizer_init else load_tokenizer(args, path)
     model = build_model(path, hf_config, dtype, device, load_format=args.load_format, progress=progress)
     plugin_manager = _plugin_manager()

@@ -12,14 +12,24 @@ import torch
 from loraplex import envs
 from loraplex.engine.engine_core import build_engine_parts
 from loraplex.engine.output_processor import OutputProcessor
+from loraplex.engine.stats_logger import StatsLogger
 from loraplex.engine_args import EngineArgs
-from loraplex.errors import InvalidRequestError, LoRADisabledError, PromptTooLongError
+from loraplex.errors import (EngineStepError, InvalidRequestError, LoRADisabledError, PromptTooLongError,
+                             UnsupportedArgumentError)
 from loraplex.lora.request import LoRARequest
 from loraplex.outputs import RequestOutput
 from loraplex.sampling_params import SamplingParams
 from loraplex.sequence import Sequence
 
 logger = logging.getLogger("loraplex.engine")
+
+
+# Keys of a prompt dict (vLLM's TextPrompt / TokensPrompt). None: served; a string: why it is refused.
+_PROMPT_KEYS = {"prompt": None, "prompt_token_ids": None,
+                "multi_modal_data": "this model is text-only (multi-modal models are not served yet)",
+                "mm_processor_kwargs": "this model is text-only (multi-modal models are not served yet)",
+                "cache_salt": "prefix caching is not implemented, so there is nothing to salt"}
+_UNKNOWN_PROMPT_KEY = "a prompt dict takes 'prompt' or 'prompt_token_ids'"
 
 
 class LLMEngine:
@@ -40,6 +50,7 @@ class LLMEngine:
         self.is_async_scheduling = is_async if is_async is not None else self.runner.graph_runner is not None
         self.stats = {"num_requests": 0, "num_prompt_tokens": 0, "num_generation_tokens": 0, "num_steps": 0,
                       "num_async_steps": 0}
+        self.stats_logger = None if args.disable_log_stats else StatsLogger(self)
         if self.plugin_manager is not None:
             self.plugin_manager.hook.loraplex_engine_started(engine=self)
 
@@ -61,6 +72,10 @@ class LLMEngine:
 
     def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
+            for key in prompt:
+                why = _PROMPT_KEYS.get(key, _UNKNOWN_PROMPT_KEY)
+                if why is not None:
+                    raise UnsupportedArgumentError(key, why)
             if "prompt_token_ids" in prompt:
                 ids = list(prompt["prompt_token_ids"])
                 if not all(isinstance(t, int) and 0 <= t < self.model_config.vocab_size for t in ids):
@@ -87,8 +102,13 @@ class LLMEngine:
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError(f"params must be SamplingParams, got {type(params).__name__}")
+        # vLLM's checks and messages.
         if params.logprobs is not None and params.logprobs > self.args.max_logprobs:
-            raise InvalidRequestError(f"logprobs={params.logprobs} exceeds max_logprobs={self.args.max_logprobs}")
+            raise InvalidRequestError(f"Requested sample logprobs of {params.logprobs}, which is greater than max "
+                                      f"allowed: {self.args.max_logprobs}")
+        if params.prompt_logprobs is not None and params.prompt_logprobs > self.args.max_logprobs:
+            raise InvalidRequestError(f"Requested prompt logprobs of {params.prompt_logprobs}, which is greater "
+                                      f"than max allowed: {self.args.max_logprobs}")
         text, ids = self._tokenize(prompt)
         if not ids:
             raise InvalidRequestError("the prompt is empty")
@@ -108,6 +128,7 @@ class LLMEngine:
         arrival = arrival_time if arrival_time is not None else time.monotonic()
         seqs = [Sequence(request_id, i, ids, params, lora_request, lora_model, arrival_time=arrival,
                          priority=priority) for i in range(params.n)]
+        self.outputs.attach_prompt_logprobs(seqs)
         for seq in seqs:
             self.outputs.attach(seq)
             self.scheduler.add(seq)
@@ -154,15 +175,18 @@ class LLMEngine:
                     self._wait_idle()
                 return self._make_outputs(set())
             self._pending = self._launch(sched.seqs, sched.num_scheduled_tokens)
+            if self._pending is None:
+                return self._make_outputs(set())
         pending, self._pending = self._pending, None
         if self.is_async_scheduling:
             self._pending = self._launch_ahead(pending)
         try:
             result = pending.result()
-        except Exception:
-            self._abort_batch(pending.seqs + (self._pending.seqs if self._pending is not None else []))
+        except Exception as e:
+            # The look-ahead step reads this one's tokens: its rows fail with it.
+            self._fail_batch(pending.seqs + (self._pending.seqs if self._pending is not None else []), e)
             self._pending = None
-            raise
+            return self._make_outputs(set())
         touched = self._postprocess(pending, result)
         self.stats["num_steps"] += 1
         return self._make_outputs(touched)
@@ -188,20 +212,28 @@ class LLMEngine:
             self._aborted.add(seq.request_id)
 
     def _launch(self, seqs: list[Sequence], num_new: list[int], input_ids=None):
+        """The step's launch, or None when it failed (its requests then end with an EngineStepError)."""
         try:
             return self.runner.launch(seqs, num_new, input_ids)
-        except Exception:
-            self._abort_batch(seqs)
-            raise
+        except Exception as e:
+            self._fail_batch(seqs, e)
+            return None
 
-    def _abort_batch(self, seqs: list[Sequence]) -> None:
-        # Leave the engine consistent: the batch's requests end (freeing blocks and adapter slots), everything
-        # else keeps running; the caller sees the error.
-        for seq in seqs:
-            if not seq.is_finished:
-                self.scheduler.finish(seq)
-                seq.finish("abort")
-                self._aborted.add(seq.request_id)
+    def _fail_batch(self, seqs: list[Sequence], error: Exception) -> None:
+        """The requests of a failed step end with an EngineStepError; every other request keeps running.
+
+        Their blocks and adapter slots are freed like an abort's, so the engine stays consistent. All n
+        sequences of a request end, since the request has one outcome."""
+        logger.error("engine step failed for %d sequence(s)", len(seqs), exc_info=error)
+        for rid in dict.fromkeys(seq.request_id for seq in seqs):
+            failure = EngineStepError(f"The engine step that ran this request failed ({type(error).__name__})")
+            failure.__cause__ = error
+            self._errors.setdefault(rid, failure)
+            for seq in self.requests.get(rid, []):
+                if not seq.is_finished:
+                    self.scheduler.finish(seq)
+                    seq.finish("abort")
+            self._aborted.add(rid)
 
     def _launch_ahead(self, pending):
         """Launch the decode step after ``pending`` with its sampled tokens as inputs, still on the device.
@@ -239,20 +271,28 @@ class LLMEngine:
 
     def _postprocess(self, pending, result) -> set[str]:
         touched = set()
+        for i, raw in result.prompt_logprobs.items():
+            self.outputs.set_prompt_logprobs(pending.seqs[i], raw)
         for i, (seq, n) in enumerate(zip(pending.seqs, pending.num_new)):
             if seq.is_finished:
                 continue  # a look-ahead row of a sequence that stopped (or was aborted) after launch
             seq.num_computed_tokens += n
             lp = result.logprobs[i] if result.logprobs is not None else None
-            self.outputs.append_token(seq, result.token_ids[i], lp)
+            try:  # detokenizing and stop checks are per request: a failure ends only its own
+                self.outputs.append_token(seq, result.token_ids[i], lp)
+                self.outputs.check_stop(seq, self.eos_token_ids, self.max_model_len)
+            except Exception as e:
+                self._fail_batch([seq], e)
+                continue
             self.stats["num_generation_tokens"] += 1
-            self.outputs.check_stop(seq, self.eos_token_ids, self.max_model_len)
             if seq.is_finished:
                 self.scheduler.finish(seq)
             touched.add(seq.request_id)
         return touched
 
     def _make_outputs(self, touched: set[str]) -> list[RequestOutput]:
+        if self.stats_logger is not None:
+            self.stats_logger.maybe_log()
         touched.update(self._aborted)
         self._aborted.clear()
         outputs = []

@@ -14,12 +14,18 @@ from loraplex.sequence import Sequence
 logger = logging.getLogger("loraplex.engine")
 
 
-class StepResult:
-    __slots__ = ("token_ids", "logprobs")
+# Prompt positions whose logits are computed at once for prompt logprobs (bounds the [rows, vocab] buffers).
+PROMPT_LOGPROBS_CHUNK = 512
 
-    def __init__(self, token_ids: list[int], logprobs: list | None):
+
+class StepResult:
+    __slots__ = ("token_ids", "logprobs", "prompt_logprobs")
+
+    def __init__(self, token_ids: list[int], logprobs: list | None, prompt_logprobs: dict | None = None):
         self.token_ids = token_ids
         self.logprobs = logprobs  # per seq: None or (chosen_lp, rank, top_ids, top_lps)
+        # seq row -> (chosen_lps, ranks, top_ids, top_lps), one entry per prompt token after the first
+        self.prompt_logprobs = prompt_logprobs or {}
 
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:
@@ -34,13 +40,19 @@ class PendingStep:
     """A launched step. Its sampled tokens travel to pinned host memory behind one CUDA event, so reading them
     waits for this step only, not for a step launched after it (see LLMEngine's async scheduling)."""
 
-    __slots__ = ("seqs", "num_new", "tokens", "_host", "_event")
+    __slots__ = ("seqs", "num_new", "tokens", "_host", "_event", "_prompt_rows", "_prompt_host")
 
-    def __init__(self, seqs: list[Sequence], num_new: list[int], tokens: torch.Tensor, logprobs: tuple = ()):
+    def __init__(self, seqs: list[Sequence], num_new: list[int], tokens: torch.Tensor, logprobs: tuple = (),
+                 prompt_logprobs: tuple | None = None):
         self.seqs = seqs
         self.num_new = num_new
         self.tokens = tokens  # [num_seqs] int64 on the device: a look-ahead step's input ids
         self._host = [_to_host(t) for t in (tokens, *logprobs)]
+        # prompt_logprobs: ([(seq row, num prompt positions)], (chosen, ranks, top_ids, top_lps) flat over rows)
+        self._prompt_rows, self._prompt_host = [], []
+        if prompt_logprobs is not None:
+            self._prompt_rows = prompt_logprobs[0]
+            self._prompt_host = [_to_host(t) for t in prompt_logprobs[1]]
         self._event = None
         if tokens.is_cuda:
             self._event = torch.cuda.Event()
@@ -57,7 +69,17 @@ class PendingStep:
             for i, s in enumerate(self.seqs):
                 k = s.params.logprobs
                 logprobs.append(None if k is None else (chosen[i], ranks[i], top_ids[i][:k], top_lps[i][:k]))
-        return StepResult(token_ids, logprobs)
+        prompt = {}
+        if self._prompt_rows:
+            chosen, ranks, top_ids, top_lps = (t.tolist() for t in self._prompt_host)
+            start = 0
+            for i, count in self._prompt_rows:
+                k = self.seqs[i].prompt_logprobs.num_logprobs
+                end = start + count
+                prompt[i] = (chosen[start:end], ranks[start:end], [r[:k] for r in top_ids[start:end]],
+                             [r[:k] for r in top_lps[start:end]])
+                start = end
+        return StepResult(token_ids, logprobs, prompt)
 
 
 class ModelRunner:
@@ -152,17 +174,51 @@ class ModelRunner:
             ids, pos, meta, qsl, lora_idx = self._prepare(seqs, num_new, input_ids)
             self._set_lora(lora_idx)
             hidden = self.model(ids, pos, meta)  # [num_tokens, hidden]
+            prompt = None
             if meta.max_query_len > 1:
+                prompt = self._prompt_logprobs(hidden, seqs, num_new, qsl, input_ids is not None)
                 last = torch.tensor(qsl[1:], dtype=torch.int64).to(self.device, non_blocking=True) - 1
                 hidden = hidden[last]
             logits = self.model.compute_logits(hidden)  # [num_seqs, vocab]
+            return self.sample(logits, seqs, num_new, prompt)
         return self.sample(logits, seqs, num_new)
 
-    def sample(self, logits: torch.Tensor, seqs: list[Sequence], num_new: list[int]) -> PendingStep:
+    def _prompt_logprobs(self, hidden: torch.Tensor, seqs: list[Sequence], num_new: list[int], qsl: list[int],
+                         ahead: bool):
+        """Raw logprobs of every prompt token after the first (vLLM's prompt_logprobs), for the sequences of
+        this step whose request asked for them and has none yet; only their prompt positions get logits.
+        Returns None, or ([(seq row, num positions)], (chosen, ranks, top_ids, top_lps)) as device tensors.
+        A prefill is launched only once the step before it is read back, so a request's slot, still empty
+        here, is filled by this step (by one of its rows, when its n sequences are prefilled together)."""
+        rows, k, claimed = [], 0, set()
+        for i, seq in enumerate(seqs):
+            slot = seq.prompt_logprobs
+            if (slot is None or slot.value is not None or id(slot) in claimed or ahead
+                    or seq.num_computed_tokens != 0 or num_new[i] < seq.num_prompt_tokens):
+                continue
+            claimed.add(id(slot))
+            rows.append((i, seq.num_prompt_tokens - 1))
+            k = max(k, slot.num_logprobs)
+        if not rows:
+            return None
+        dev = self.device
+        # Hidden state at prompt position p predicts prompt token p + 1.
+        index = torch.cat([torch.arange(qsl[i], qsl[i] + n, dtype=torch.int64) for i, n in rows])
+        targets = torch.tensor([t for i, _ in rows for t in seqs[i].prompt_token_ids[1:]], dtype=torch.int64)
+        index, targets = index.to(dev, non_blocking=True), targets.to(dev, non_blocking=True)
+        parts = []
+        for start in range(0, index.numel(), PROMPT_LOGPROBS_CHUNK):
+            sl = slice(start, start + PROMPT_LOGPROBS_CHUNK)
+            raw = self.model.compute_logits(hidden[index[sl]]).log_softmax(dim=-1)
+            parts.append(gather_logprobs(raw, targets[sl], k))
+        return rows, tuple(torch.cat(ts) for ts in zip(*parts))
+
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence], num_new: list[int],
+               prompt_logprobs: tuple | None = None) -> PendingStep:
         batch = build_sampling_batch(seqs, logits.shape[1], self.device)
         min_tokens_mask(logits, seqs, self.eos_token_ids)
         tokens, raw_logprobs = sample(logits, batch, self.generator)
         logprobs = ()
         if raw_logprobs is not None:
             logprobs = gather_logprobs(raw_logprobs, tokens, max(batch.max_num_logprobs, 0))
-        return PendingStep(seqs, num_new, tokens, logprobs)
+        return PendingStep(seqs, num_new, tokens, logprobs, prompt_logprobs)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from loraplex.engine.detokenizer import IncrementalDetokenizer
 from loraplex.outputs import CompletionOutput, Logprob, RequestOutput
-from loraplex.sequence import Sequence
+from loraplex.sequence import PromptLogprobsSlot, Sequence
 
 
 class OutputProcessor:
@@ -16,6 +16,34 @@ class OutputProcessor:
 
     def forget(self, request_id: str) -> None:
         self.meta.pop(request_id, None)
+
+    def attach_prompt_logprobs(self, seqs: list[Sequence]) -> None:
+        """One slot for a request's sequences (vLLM's prompt_logprobs), when its params ask for them."""
+        k = seqs[0].params.prompt_logprobs
+        if k is None:
+            return
+        slot = PromptLogprobsSlot(k)
+        if seqs[0].num_prompt_tokens < 2:
+            slot.value = [None]  # the first prompt token has no logprob: nothing to compute
+        for seq in seqs:
+            seq.prompt_logprobs = slot
+
+    def set_prompt_logprobs(self, seq: Sequence, raw) -> None:
+        """raw: (chosen, ranks, top_ids, top_lps) for prompt tokens 1.. of seq; the first entry stays None."""
+        slot = seq.prompt_logprobs
+        if slot.value is not None:
+            return
+        entries: list = [None]
+        for tid, chosen, rank, top_ids, top_lps in zip(seq.prompt_token_ids[1:], *raw):
+            # vLLM's order: the prompt token itself, then the top-k by rank.
+            entry = {tid: Logprob(chosen, rank, None)}
+            for r, (t, lp) in enumerate(zip(top_ids, top_lps)):
+                entry.setdefault(t, Logprob(lp, r + 1, None))
+            if self.tokenizer is not None:
+                for t, lp in entry.items():
+                    lp.decoded_token = self.tokenizer.decode([t])
+            entries.append(entry)
+        slot.value = entries
 
     def attach(self, seq: Sequence) -> None:
         p = seq.params
@@ -69,4 +97,6 @@ class OutputProcessor:
                 logprobs=list(s.logprobs) if s.logprobs is not None else None,
                 finish_reason=s.finish_reason, stop_reason=s.stop_reason, lora_request=lora_request))
         finished = all(s.is_finished for s in seqs)
-        return RequestOutput(request_id, prompt, prompt_ids, outs, finished, lora_request)
+        slot = seqs[0].prompt_logprobs
+        return RequestOutput(request_id, prompt, prompt_ids, outs, finished, lora_request,
+                             prompt_logprobs=list(slot.value) if slot is not None and slot.value is not None else None)

@@ -29,7 +29,7 @@ def build_sampling_batch(seqs: list[Sequence], vocab_size: int, device: torch.de
     for s in seqs:
         if s.params.seed is not None and s.generator is None:
             # Distinct seeds for a request's n samples, so they differ but stay reproducible.
-            s.generator = torch.Generator(device=device).manual_seed(s.params.seed + 7919 * s.index)
+            s.generator = torch.Generator(device=device).manual_seed((s.params.seed + 7919 * s.index) % 2**64)
         generators.append(s.generator)
     num_logprobs = [p.logprobs for p in params if p.logprobs is not None]
     return SamplingBatch(

@@ -67,9 +67,15 @@ def _endpoint(handler, keys: tuple[str, ...], user_keys: tuple[str, ...] = (), c
 
 
 async def health(request) -> Response:
-    if request.state.server.aengine.is_healthy:
-        return Response(status_code=200)
-    return error_response(APIError(503, "The engine loop is not running"))
+    """200 with a small status body while the engine serves; 503 with vLLM's error body otherwise."""
+    aengine = request.state.server.aengine
+    if not aengine.is_running:
+        return error_response(APIError(503, "The engine loop is not running"))
+    if not aengine.is_healthy:
+        return error_response(APIError(503, "The engine is failing its steps; see the server log"))
+    state = aengine.state
+    return JSONResponse({"status": "ok", "engine": "running", "num_running": state.get("num_running", 0),
+                         "num_waiting": state.get("num_waiting", 0), "num_loras": state.get("num_loras", 0)})
 
 
 async def metrics(request) -> Response:

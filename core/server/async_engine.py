@@ -21,6 +21,7 @@ import uuid
 from collections import defaultdict
 from typing import Callable
 
+from loraplex.errors import EngineStepError
 from loraplex.server.errors import EngineUnavailableError
 
 logger = logging.getLogger("loraplex.server")
@@ -94,6 +95,7 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._step_failures = 0
+        self._is_dead = False
         self._prefix = uuid.uuid4().hex[:8]
         self._counter = itertools.count()
         self.state: dict = {}
@@ -124,7 +126,7 @@ class AsyncEngine:
 
     @property
     def is_running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._stopping
+        return self._thread is not None and self._thread.is_alive() and not self._stopping and not self._is_dead
 
     @property
     def is_healthy(self) -> bool:
@@ -188,6 +190,17 @@ class AsyncEngine:
 
     # ------------------------------------------------------------------ engine thread
     def _loop(self) -> None:
+        try:
+            self._serve()
+        except BaseException as e:  # a bug in the loop itself: nothing may wait on a dead thread
+            logger.critical("the engine loop died; every request now gets 503", exc_info=e)
+            with self._cv:  # under the lock: a submit() racing this sees it and fails at once
+                self._is_dead = True
+            self._fail_all(EngineUnavailableError(f"The engine loop died ({type(e).__name__})"))
+            return
+        self._shutdown()
+
+    def _serve(self) -> None:
         engine = self.engine
         while True:
             with self._cv:
@@ -202,7 +215,6 @@ class AsyncEngine:
                 break
             if engine.has_unfinished_requests() or engine.has_pending_loras():
                 self._step()
-        self._shutdown()
 
     def _run_commands(self, commands) -> None:
         for fn, fut in commands:
@@ -244,41 +256,49 @@ class AsyncEngine:
         self.publish(adapters=mgr is not None and mgr.registry.epoch != self._adapters_epoch)
 
     def _step_failed(self, error: Exception) -> None:
-        """A failed step fails every request in flight (they get a 500) and keeps the loop alive."""
-        logger.error("engine step failed; aborting %d request(s)", len(self._routes), exc_info=error)
+        """A step failed outside any request's work (a failed batch ends only its own requests inside
+        ``engine.step``): retry; only when it keeps failing do the requests in flight end, with a 500."""
         self._step_failures += 1
-        routes, self._routes = self._routes, {}
-        try:
-            self.engine.abort_request(list(routes))
-        except Exception:
-            logger.exception("aborting after a failed step failed too")
-        batches: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
-        for group in set(routes.values()):
-            batches[group.loop].append((group, error))
-        for loop, items in batches.items():
-            _deliver(loop, items)
-        time.sleep(min(0.05 * self._step_failures, 1.0))  # no hot loop if the engine stays broken
-
-    def _shutdown(self) -> None:
-        routes, self._routes = self._routes, {}
-        if routes:
+        logger.error("engine step failed (%d in a row)", self._step_failures, exc_info=error)
+        if self._step_failures >= MAX_STEP_FAILURES:
+            failure = EngineStepError(f"The engine failed {self._step_failures} steps in a row "
+                                      f"({type(error).__name__}); see the server log")
+            failure.__cause__ = error
+            routes, self._routes = self._routes, {}
             try:
                 self.engine.abort_request(list(routes))
-                while self.engine.has_unfinished_requests():
-                    self.engine.step()
             except Exception:
-                logger.exception("draining the engine at shutdown failed")
-        error = EngineUnavailableError("The server is shutting down")
+                logger.exception("aborting after a failed step failed too")
+            self._fail_groups(set(routes.values()), failure)
+        time.sleep(min(0.05 * self._step_failures, 1.0))  # no hot loop if the engine stays broken
+
+    @staticmethod
+    def _fail_groups(groups, error: BaseException) -> None:
         batches: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
-        for group in set(routes.values()):
+        for group in groups:
             batches[group.loop].append((group, error))
         for loop, items in batches.items():
             _deliver(loop, items)
+
+    def _fail_all(self, error: BaseException) -> None:
+        """Every request in flight and every queued command ends with ``error``."""
+        routes, self._routes = self._routes, {}
+        self._fail_groups(set(routes.values()), error)
         with self._cv:
             commands, self._commands = self._commands, []
         for _, fut in commands:
             if fut is not None and fut.set_running_or_notify_cancel():
                 fut.set_exception(error)
+
+    def _shutdown(self) -> None:
+        if self._routes:
+            try:
+                self.engine.abort_request(list(self._routes))
+                while self.engine.has_unfinished_requests():
+                    self.engine.step()
+            except Exception:
+                logger.exception("draining the engine at shutdown failed")
+        self._fail_all(EngineUnavailableError("The server is shutting down"))
 
     def publish(self, adapters: bool = False) -> None:
         """Refresh the snapshots; only from the engine thread, or before it starts."""

@@ -79,8 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="runtime-loaded adapters must live under these directories")
     sec.add_argument("--max-request-body-bytes", type=int, default=None,
                      help="larger bodies get 413 (default 10 MiB)")
-    # Accepted so that vLLM command lines run unchanged; they have no effect here.
-    for flag in ("--disable-log-requests", "--disable-log-stats", "--disable-frontend-multiprocessing"):
+    s.add_argument("--disable-log-stats", action="store_true", help="no periodic throughput/queue/KV-cache log line")
+    s.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="only 1: loraplex runs on one device")
+    lora.add_argument("--fully-sharded-loras", action="store_true",
+                      help="refused: it shards LoRA over tensor-parallel ranks (vLLM's flag)")
+    # Accepted so that vLLM command lines run unchanged: they turn off what loraplex does not do anyway
+    # (it logs no request bodies and runs the API server in the engine's process).
+    for flag in ("--disable-log-requests", "--disable-frontend-multiprocessing"):
         s.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
     return parser
 
@@ -161,7 +166,9 @@ def serve(args) -> int:
             max_cpu_loras=args.max_cpu_loras, max_gpu_loras=args.max_gpu_loras,
             lora_memory_fraction=args.lora_memory_fraction, lora_loader=args.lora_loader,
             num_lora_loader_workers=args.num_lora_loader_workers,
-            max_lora_bypass_steps=args.max_lora_bypass_steps, lora_dtype=args.lora_dtype)
+            max_lora_bypass_steps=args.max_lora_bypass_steps, lora_dtype=args.lora_dtype,
+            fully_sharded_loras=args.fully_sharded_loras, tensor_parallel_size=args.tensor_parallel_size,
+            disable_log_stats=args.disable_log_stats)
     except ValueError as e:
         raise SystemExit(f"loraplex: {e}")
     print(f"loraplex: loading {model} ...", file=sys.stderr, flush=True)

@@ -6,6 +6,7 @@ so a malformed request never reaches the engine.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 
 from loraplex.sampling_params import SamplingParams
@@ -50,7 +51,8 @@ def _get(body: dict, name: str, kind: str, default=None):
         "str": isinstance(value, str),
         "bool": isinstance(value, bool),
         "int": isinstance(value, int) and not isinstance(value, bool),
-        "number": isinstance(value, (int, float)) and not isinstance(value, bool),
+        # json.loads reads NaN and Infinity: no sampling knob means anything at either.
+        "number": isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
         "dict": isinstance(value, dict),
         "list": isinstance(value, list),
     }[kind]
@@ -76,6 +78,34 @@ def _int_list(body: dict, name: str) -> list[int] | None:
     return value
 
 
+# The fields each endpoint reads. Any other is refused by name (vLLM logs and ignores it): a client that sends
+# guided_json must learn that its output will not be constrained.
+_SAMPLING_FIELDS = frozenset({
+    "model", "stream", "stream_options", "n", "best_of", "temperature", "top_p", "top_k", "min_p", "seed",
+    "min_tokens", "presence_penalty", "frequency_penalty", "repetition_penalty", "ignore_eos", "stop",
+    "stop_token_ids", "skip_special_tokens", "include_stop_str_in_output", "logit_bias", "tools", "response_format",
+    "user",  # the OpenAI API's end-user id: informational only, in vLLM too
+})
+COMPLETION_FIELDS = _SAMPLING_FIELDS | {"prompt", "max_tokens", "logprobs", "echo", "suffix", "prompt_logprobs"}
+CHAT_FIELDS = _SAMPLING_FIELDS | {"messages", "max_tokens", "max_completion_tokens", "logprobs", "top_logprobs",
+                                  "chat_template_kwargs", "add_generation_prompt", "tool_choice",
+                                  "prompt_logprobs"}
+_WHY_UNSUPPORTED = {
+    "guided_": "structured outputs (guided decoding) are not implemented",
+    "structured_outputs": "structured outputs (guided decoding) are not implemented",
+    "tool": "tool calling is not implemented",
+    "functions": "function calling is not implemented",
+    "function_call": "function calling is not implemented",
+}
+
+
+def _known_fields(body: dict, known: frozenset) -> None:
+    for name in body:
+        if name not in known:
+            why = next((w for prefix, w in _WHY_UNSUPPORTED.items() if name.startswith(prefix)), "unknown field")
+            raise APIError(400, f"'{name}' is not supported by loraplex ({why})", param=name)
+
+
 def _unsupported(body: dict, **checks) -> None:
     for name, is_default in checks.items():
         if name in body and body[name] is not None and not is_default(body[name]):
@@ -93,17 +123,47 @@ class GenerateRequest:
     chat_kwargs: dict = field(default_factory=dict)
     logprobs: bool = False
     top_logprobs: int = 0
+    echo: bool = False       # completions: the prompt (and, with logprobs, its logprobs) before the completion
+    echo_only: bool = False  # echo with max_tokens 0: the prompt alone (one token is generated and not shown)
 
 
-def _sampling(body: dict, max_tokens, logprobs, max_logprobs: int) -> SamplingParams:
-    if logprobs is not None and not 0 <= logprobs <= max_logprobs:
-        raise APIError(400, f"'logprobs' must be in [0, {max_logprobs}], got {logprobs}", param="logprobs")
+def _validation_error(message: str, param: str, value=None) -> APIError:
+    """vLLM's VLLMValidationError body: the message names the parameter (and the value)."""
+    extras = f"parameter={param}" + (f", value={value}" if value is not None else "")
+    return APIError(400, f"{message} ({extras})", param=param)
+
+
+def _check_logprobs(value, kind: str, param: str, max_logprobs: int) -> None:
+    """vLLM's bounds on a logprobs count; kind is "sample" or "prompt". -1 (the whole vocabulary) is over
+    the limit unless max_logprobs covers the vocabulary, which loraplex does not offer."""
+    if value is None:
+        return
+    if value < 0 and value != -1:
+        raise _validation_error(f"`{param}` must be a positive value or -1.", param, value)
+    if value == -1 or value > max_logprobs:
+        shown = "-1 (the whole vocabulary)" if value == -1 else value
+        raise _validation_error(f"Requested {kind} logprobs of {shown}, which is greater than max allowed: "
+                                f"{max_logprobs}", param, value)
+
+
+def _prompt_logprobs(body: dict, stream: bool, max_logprobs: int) -> int | None:
+    value = _get(body, "prompt_logprobs", "int")
+    if value is not None and stream and (value > 0 or value == -1):
+        raise _validation_error("`prompt_logprobs` are not available when `stream=True`.", "prompt_logprobs")
+    _check_logprobs(value, "prompt", "prompt_logprobs", max_logprobs)
+    return value
+
+
+def _sampling(body: dict, max_tokens, logprobs, max_logprobs: int, prompt_logprobs: int | None = None
+              ) -> SamplingParams:
+    _check_logprobs(logprobs, "sample", "logprobs", max_logprobs)
+    _check_logprobs(prompt_logprobs, "prompt", "prompt_logprobs", max_logprobs)
     n = _get(body, "n", "int", 1)
     best_of = _get(body, "best_of", "int")
     if best_of is not None and best_of != n:
         raise APIError(400, "'best_of' different from 'n' is not supported by loraplex", param="best_of")
     kwargs = dict(
-        n=n, max_tokens=max_tokens, logprobs=logprobs, stop=_stop(body),
+        n=n, max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs, stop=_stop(body),
         temperature=_get(body, "temperature", "number", 1.0), top_p=_get(body, "top_p", "number", 1.0),
         top_k=_get(body, "top_k", "int", 0), min_p=_get(body, "min_p", "number", 0.0),
         seed=_get(body, "seed", "int"), min_tokens=_get(body, "min_tokens", "int", 0),
@@ -126,7 +186,8 @@ def _sampling(body: dict, max_tokens, logprobs, max_logprobs: int) -> SamplingPa
 
 def _common(body: dict) -> tuple[str | None, bool, bool]:
     _unsupported(body, logit_bias=lambda v: not v, suffix=lambda v: not v, echo=lambda v: v is False,
-                 tools=lambda v: not v, response_format=lambda v: isinstance(v, dict) and v.get("type") == "text")
+                 tools=lambda v: not v, response_format=lambda v: isinstance(v, dict) and v.get("type") == "text",
+                 tool_choice=lambda v: v == "none")
     model = _get(body, "model", "str")
     stream = _get(body, "stream", "bool", False)
     options = _get(body, "stream_options", "dict", {})
@@ -139,7 +200,9 @@ def _common(body: dict) -> tuple[str | None, bool, bool]:
 
 
 def parse_completion(body: dict, max_logprobs: int) -> GenerateRequest:
-    model, stream, include_usage = _common(body)
+    _known_fields(body, COMPLETION_FIELDS)
+    echo = _get(body, "echo", "bool", False)
+    model, stream, include_usage = _common({k: v for k, v in body.items() if k != "echo"})
     prompt = body.get("prompt")
     if prompt is None:
         raise APIError(400, "'prompt' is required", param="prompt")
@@ -153,9 +216,17 @@ def parse_completion(body: dict, max_logprobs: int) -> GenerateRequest:
         prompts = list(prompt)
     else:
         raise _bad("prompt", "a string, an array of strings, an array of token ids or an array of those", prompt)
-    params = _sampling(body, _get(body, "max_tokens", "int", 16), _get(body, "logprobs", "int"), max_logprobs)
+    logprobs = _get(body, "logprobs", "int")
+    _check_logprobs(logprobs, "sample", "logprobs", max_logprobs)
+    prompt_logprobs = _prompt_logprobs(body, stream, max_logprobs)
+    if prompt_logprobs is None and echo:
+        prompt_logprobs = logprobs  # as vLLM: echo with logprobs shows the prompt tokens' logprobs
+    max_tokens = _get(body, "max_tokens", "int", 16)
+    # vLLM: echo with max_tokens 0 scores the prompt; it runs one step and answers the prompt alone.
+    echo_only = echo and max_tokens == 0
+    params = _sampling(body, 1 if echo_only else max_tokens, logprobs, max_logprobs, prompt_logprobs)
     return GenerateRequest(model, params, stream, include_usage, prompts=prompts,
-                           logprobs=params.logprobs is not None)
+                           logprobs=logprobs is not None, top_logprobs=logprobs or 0, echo=echo, echo_only=echo_only)
 
 
 def _message(i: int, m) -> dict:
@@ -175,6 +246,7 @@ def _message(i: int, m) -> dict:
 
 
 def parse_chat(body: dict, max_logprobs: int) -> GenerateRequest:
+    _known_fields(body, CHAT_FIELDS)
     model, stream, include_usage = _common(body)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -183,9 +255,12 @@ def parse_chat(body: dict, max_logprobs: int) -> GenerateRequest:
     max_tokens = _get(body, "max_completion_tokens", "int", _get(body, "max_tokens", "int"))
     want_logprobs = _get(body, "logprobs", "bool", False)
     top = _get(body, "top_logprobs", "int")
-    if top is not None and not want_logprobs:
-        raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
-    params = _sampling(body, max_tokens, (top or 0) if want_logprobs else None, max_logprobs)
+    if top is not None and top < 0 and top != -1:
+        raise _validation_error("`top_logprobs` must be a positive value or -1.", "top_logprobs", top)
+    if top is not None and top != 0 and not want_logprobs:
+        raise _validation_error("when using `top_logprobs`, `logprobs` must be set to true.", "top_logprobs")
+    params = _sampling(body, max_tokens, (top or 0) if want_logprobs else None, max_logprobs,
+                       _prompt_logprobs(body, stream, max_logprobs))
     kwargs = dict(_get(body, "chat_template_kwargs", "dict", {}))
     kwargs["add_generation_prompt"] = _get(body, "add_generation_prompt", "bool", True)
     return GenerateRequest(model, params, stream, include_usage, messages=messages, chat_kwargs=kwargs,

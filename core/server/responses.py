@@ -54,20 +54,42 @@ def _top(entry: dict, k: int) -> list:
     return ranked[:k]
 
 
-def completion_logprobs(token_ids: list[int], entries: list[dict], k: int, offset: int) -> dict:
+def _with_token_first(entry: dict, tid: int, k: int) -> list:
+    """vLLM's top_logprobs of one position: the token itself, then the others by rank; k + 1 at most."""
+    others = sorted(((t, lp) for t, lp in entry.items() if t != tid and lp.rank is not None),
+                    key=lambda kv: kv[1].rank)
+    return [(tid, entry[tid])] + others[:k]
+
+
+def completion_logprobs(token_ids: list[int], entries: list, k: int, offset: int,
+                        unscored_text: str | None = None) -> dict:
+    """Legacy completions logprobs. An entry is None for the first prompt token of an echo (it has no
+    logprob); unscored_text is that token's text."""
     tokens, token_lps, tops, offsets = [], [], [], []
     for tid, entry in zip(token_ids, entries):
-        chosen = entry[tid]
-        text = _token_text(chosen, tid)
-        tokens.append(text)
-        token_lps.append(max(chosen.logprob, -9999.0))
-        # vLLM lists the sampled token next to the top-k ones.
-        top = {_token_text(lp, t): max(lp.logprob, -9999.0) for t, lp in _top(entry, k)}
-        top.setdefault(text, token_lps[-1])
-        tops.append(top)
+        if entry is None:
+            text = unscored_text if unscored_text is not None else f"token_id:{tid}"
+            tokens.append(text)
+            token_lps.append(None)
+            tops.append(None)
+        else:
+            text = _token_text(entry[tid], tid)
+            tokens.append(text)
+            token_lps.append(max(entry[tid].logprob, -9999.0))
+            tops.append({_token_text(lp, t): max(lp.logprob, -9999.0) for t, lp in _with_token_first(entry, tid, k)})
         offsets.append(offset)
         offset += len(text)
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def prompt_logprobs_json(prompt_logprobs: list | None) -> list | None:
+    """RequestOutput.prompt_logprobs as vLLM serialises it: per prompt token None (the first) or
+    {token_id: {"logprob", "rank", "decoded_token"}}, -inf clamped to -9999.0."""
+    if prompt_logprobs is None:
+        return None
+    return [None if entry is None else {
+        tid: {"logprob": max(lp.logprob, -9999.0), "rank": lp.rank, "decoded_token": lp.decoded_token}
+        for tid, lp in entry.items()} for entry in prompt_logprobs]
 
 
 def chat_logprobs(token_ids: list[int], entries: list[dict], k: int) -> dict:
@@ -84,13 +106,17 @@ def chat_logprobs(token_ids: list[int], entries: list[dict], k: int) -> dict:
 class Choices:
     """Turns engine outputs of one HTTP request into OpenAI choices (index = prompt * n + sample)."""
 
-    def __init__(self, kind: str, model: str, ids: list[str], n: int, logprobs: bool, top_logprobs: int):
+    def __init__(self, kind: str, model: str, ids: list[str], n: int, logprobs: bool, top_logprobs: int,
+                 echo: list | None = None, echo_only: bool = False):
         self.kind, self.model, self.n = kind, model, n
         self.id, self.created = new_id(kind), int(time.time())
         self.prompt_index = {rid: i for i, rid in enumerate(ids)}
         self.logprobs, self.k = logprobs, top_logprobs
+        # Completions' echo: per prompt (its text, its first token's text), filled when the request is built.
+        self.echo, self.echo_only = echo, echo_only
         self.sent_text: dict[int, int] = {}
         self.sent_tokens: dict[int, int] = {}
+        self.echoed: dict[int, int] = {}  # streamed choice -> length of the prompt text it echoed
         self.finished: set[int] = set()
 
     def _logprobs(self, o, start: int, text_offset: int):
@@ -101,6 +127,20 @@ class Choices:
             return chat_logprobs(ids, entries, self.k)
         return completion_logprobs(ids, entries, self.k, text_offset)
 
+    def _echoed(self, out, o, text: str, tok_start: int) -> tuple[str, dict | None]:
+        """A completion choice's text and logprobs with the prompt before them (vLLM's echo); the completion
+        part from token tok_start and text as given; none of it with echo_only."""
+        prompt_text, first_text = self.echo[self.prompt_index[out.request_id]]
+        ids = list(out.prompt_token_ids)
+        entries = list(out.prompt_logprobs) if out.prompt_logprobs is not None else [None] * len(ids)
+        if not self.echo_only:
+            ids += o.token_ids[tok_start:]
+            entries += (o.logprobs or [])[tok_start:]
+        text = prompt_text + ("" if self.echo_only else text)
+        if not self.logprobs:
+            return text, None
+        return text, completion_logprobs(ids, entries, self.k, 0, first_text)
+
     def _head(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
@@ -108,18 +148,26 @@ class Choices:
     def response(self, outputs: list) -> dict:
         choices = []
         for out in outputs:
+            prompt_lps = prompt_logprobs_json(out.prompt_logprobs)
             for o in out.outputs:
                 index = self.prompt_index[out.request_id] * self.n + o.index
-                common = {"index": index, "logprobs": self._logprobs(o, 0, 0), "finish_reason": o.finish_reason,
+                text, logprobs = o.text, self._logprobs(o, 0, 0)
+                if self.echo is not None:
+                    text, logprobs = self._echoed(out, o, o.text, 0)
+                common = {"index": index, "logprobs": logprobs, "finish_reason": o.finish_reason,
                           "stop_reason": o.stop_reason}
                 if self.kind == "chat":
                     choices.append({**common, "message": {"role": "assistant", "content": o.text,
                                                           "tool_calls": []}})
                 else:
-                    choices.append({**common, "text": o.text, "prompt_logprobs": None})
+                    choices.append({**common, "text": text, "prompt_logprobs": prompt_lps})
         choices.sort(key=lambda c: c["index"])
-        obj = "chat.completion" if self.kind == "chat" else "text_completion"
-        return {**self._head(obj), "choices": choices, "usage": usage(outputs)}
+        if self.kind == "chat":
+            # vLLM puts a chat request's prompt logprobs at the top level, not in a choice.
+            prompt_lps = prompt_logprobs_json(outputs[0].prompt_logprobs) if outputs else None
+            return {**self._head("chat.completion"), "choices": choices, "usage": usage(outputs),
+                    "prompt_logprobs": prompt_lps}
+        return {**self._head("text_completion"), "choices": choices, "usage": usage(outputs)}
 
     # ---------------------------------------------------------------- stream
     def first_events(self) -> list[str]:
@@ -137,12 +185,20 @@ class Choices:
                 continue  # with n > 1, a finished sample reappears while its siblings run
             text_start, tok_start = self.sent_text.get(index, 0), self.sent_tokens.get(index, 0)
             delta = o.text[text_start:]
-            if not delta and o.finish_reason is None and (not self.logprobs or len(o.token_ids) == tok_start):
+            must_echo = self.echo is not None and index not in self.echoed
+            if self.echo_only and not must_echo:
+                delta, tok_start = "", len(o.token_ids)  # the prompt was the whole answer
+            if (not delta and o.finish_reason is None and not must_echo
+                    and (not self.logprobs or len(o.token_ids) == tok_start)):
                 continue
             if o.finish_reason is not None:
                 self.finished.add(index)
             # Text can lag tokens (held back while it might be a stop string's start); logprobs follow tokens.
-            logprobs = self._logprobs(o, tok_start, text_start)
+            if must_echo:
+                delta, logprobs = self._echoed(out, o, delta, tok_start)
+                self.echoed[index] = len(self.echo[self.prompt_index[out.request_id]][0])
+            else:
+                logprobs = self._logprobs(o, tok_start, text_start + self.echoed.get(index, 0))
             self.sent_text[index], self.sent_tokens[index] = len(o.text), len(o.token_ids)
             choice = {"index": index, "logprobs": logprobs, "finish_reason": o.finish_reason,
                       "stop_reason": o.stop_reason}

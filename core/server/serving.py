@@ -37,8 +37,9 @@ def _chat_ids(engine, req: GenerateRequest) -> list[int]:
     return list(ids)
 
 
-def request_builder(req: GenerateRequest, lora_name: str | None, models):
-    """``build(engine)`` for ``AsyncEngine.generate``: one engine request per prompt."""
+def request_builder(req: GenerateRequest, lora_name: str | None, models, echo: list | None = None):
+    """``build(engine)`` for ``AsyncEngine.generate``: one engine request per prompt. With ``req.echo``, ``echo``
+    receives (prompt text, first prompt token's text) per prompt, decoded here, in the engine thread."""
 
     def build(engine):
         lora = models.lora_request(engine, lora_name)
@@ -55,6 +56,12 @@ def request_builder(req: GenerateRequest, lora_name: str | None, models):
                     prompts.append({"prompt_token_ids": list(p)})
         for p in prompts:
             _check_length(engine, p["prompt_token_ids"], req.params.max_tokens)
+        if req.echo:
+            tok = engine.tokenizer
+            if tok is None:
+                raise APIError(400, "This server has no tokenizer: 'echo' needs one", param="echo")
+            echo[:] = [(p["prompt"] if p.get("prompt") is not None else tok.decode(p["prompt_token_ids"]),
+                        tok.decode(p["prompt_token_ids"][:1])) for p in prompts]
         return [(p, req.params, lora) for p in prompts]
 
     return build
@@ -70,9 +77,10 @@ async def generate(request, req: GenerateRequest, kind: str, state):
     lora_name = await state.models.lora_for(req.model)
     model_label = req.model or state.models.base_name
     request.state.model_label = model_label  # only now: a name known to exist
-    group = await state.aengine.generate(request_builder(req, lora_name, state.models))
+    echo: list = []
+    group = await state.aengine.generate(request_builder(req, lora_name, state.models, echo))
     choices = Choices(kind, req.model or state.models.base_name, group.ids, req.params.n, req.logprobs,
-                      req.top_logprobs)
+                      req.top_logprobs, echo if req.echo else None, req.echo_only)
     if req.stream:
         return EventStream(_stream(group, choices, req, model_label, state), on_close=group.abort)
     # The body is read: the next receive() returns only when the client disconnects.

@@ -11,6 +11,7 @@ import torch
 
 from helpers import make_peft_adapter
 from loraplex import EngineArgs, LLMEngine, SamplingParams
+from loraplex.errors import EngineStepError
 from loraplex.lora.request import LoRARequest
 
 PROMPTS = ["Hello, my name is", "a", "The quick brown fox", "1 2 3 4", "héllo wörld", "Once upon a time", "zz",
@@ -113,7 +114,7 @@ def test_async_scheduling_default_follows_cuda_graphs(tiny_llama, monkeypatch):
 
 
 def test_failed_look_ahead_launch(tiny_llama):
-    """A look-ahead launch that fails ends the requests it carried; a request it left out (sure to stop) has not
+    """A look-ahead launch that fails ends the requests it carried (with an EngineStepError); a request it left out (sure to stop) has not
     advanced, so it is recomputed and finishes; the engine then serves new requests."""
     engine = LLMEngine.from_engine_args(EngineArgs(model=str(tiny_llama), device="cpu", max_model_len=64,
                                                    async_scheduling=True))
@@ -128,12 +129,18 @@ def test_failed_look_ahead_launch(tiny_llama):
     engine.runner.launch = failing_second
     for i, max_tokens in enumerate((1, 4, 5)):
         engine.add_request(str(i), "hello", SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
-    with pytest.raises(RuntimeError, match="fell off"):
-        engine.step()
-    finals = {}
+    finals, errors = {}, {}
     while engine.has_unfinished_requests():
-        finals.update({o.request_id: o.outputs[0].finish_reason for o in engine.step() if o.finished})
+        for o in engine.step():
+            if o.finished:
+                finals[o.request_id] = o.outputs[0].finish_reason
+                errors[o.request_id] = o.error
     assert finals == {"0": "length", "1": "abort", "2": "abort"}
+    # The failed step's requests end with its error (the type only; the cause chained); the other is untouched.
+    assert errors["0"] is None
+    for rid in ("1", "2"):
+        assert isinstance(errors[rid], EngineStepError) and "RuntimeError" in str(errors[rid])
+        assert "fell off" in str(errors[rid].__cause__)
     bm = engine.scheduler.block_manager
     assert bm.num_free_blocks == bm.num_usable_blocks
     engine.add_request("again", "hello", SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))

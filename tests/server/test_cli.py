@@ -47,6 +47,14 @@ def test_bad_model_is_a_clear_error(tmp_path):
     assert "loraplex: cannot load model" in out.stderr and "Traceback" not in out.stderr
 
 
+def test_refused_vllm_flags_name_themselves(tiny_llama):
+    for flags, name in ((["--fully-sharded-loras"], "fully_sharded_loras"),
+                        (["--tensor-parallel-size", "2"], "tensor_parallel_size"),
+                        (["--lora-dtype", "int4"], "lora_dtype")):
+        out = run_cli("serve", str(tiny_llama), "--port", "0", *flags)
+        assert out.returncode != 0 and f"EngineArgs.{name}" in out.stderr and "Traceback" not in out.stderr
+
+
 class Served:
     def __init__(self, args, env):
         self.proc = subprocess.Popen(cli() + args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -185,6 +185,8 @@ def test_engine_failure_is_500_and_server_recovers(tiny_llama):
     with ServerThread(create_app(engine, api_key="", served_model_name="tiny")) as srv:
         r = httpx.post(srv.url + "/v1/completions", json={**OK, "max_tokens": 8, "ignore_eos": True})
         err = error_of(r, 500)
-        assert err["type"] == "InternalServerError" and "device fell off the bus" in err["message"]
+        assert err["type"] == "InternalServerError"
+        # The exception's type, never its text: that may come from another request's parameters.
+        assert err["message"] == "The engine step that ran this request failed (RuntimeError)"
         assert httpx.get(srv.url + "/health").status_code == 200
         assert httpx.post(srv.url + "/v1/completions", json=OK).status_code == 200
