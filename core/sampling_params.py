@@ -85,6 +85,8 @@ class SamplingParams:
             raise bad("top_k", f"must be <= {_INT64[1]}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise bad("stop", "must be non-empty strings")
+        if self.stop and not self.detokenize:
+            raise bad("stop", "needs detokenize=True: stop strings are matched in the text")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", "must be non-negative ints")
 

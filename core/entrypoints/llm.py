@@ -6,7 +6,7 @@ from typing import Any, Sequence
 
 from loraplex.engine.llm_engine import LLMEngine
 from loraplex.engine_args import EngineArgs
-from loraplex.errors import InvalidRequestError
+from loraplex.errors import InvalidRequestError, UnsupportedArgumentError
 from loraplex.lora.request import LoRARequest
 from loraplex.outputs import RequestOutput
 from loraplex.sampling_params import SamplingParams
@@ -80,11 +80,30 @@ class LLM:
             bar.close()
         return [done[i] for i in ids]
 
-    def chat(self, messages, sampling_params=None, lora_request=None, chat_template: str | None = None,
-             add_generation_prompt: bool = True, use_tqdm: bool = False, **template_kwargs) -> list[RequestOutput]:
-        """Apply the tokenizer's chat template to one conversation or a list of them, then generate."""
+    def chat(self, messages, sampling_params=None, use_tqdm: bool = False, lora_request=None,
+             chat_template: str | None = None, chat_template_content_format: str = "auto",
+             add_generation_prompt: bool = True, continue_final_message: bool = False, tools: list | None = None,
+             chat_template_kwargs: dict | None = None, mm_processor_kwargs: dict | None = None
+             ) -> list[RequestOutput]:
+        """Apply the tokenizer's chat template to one conversation or a list of them, then generate.
+
+        vLLM's signature. ``tools`` and ``chat_template_kwargs`` reach the template; the model's output is
+        not parsed for tool calls. ``mm_processor_kwargs`` is refused: the model is text-only.
+        """
+        if mm_processor_kwargs:
+            raise UnsupportedArgumentError("mm_processor_kwargs", "this model is text-only")
+        if chat_template_content_format not in ("auto", "string"):
+            raise UnsupportedArgumentError("chat_template_content_format",
+                                           "only 'auto' and 'string' (message content is text)")
+        if continue_final_message and add_generation_prompt:
+            raise InvalidRequestError("continue_final_message and add_generation_prompt cannot both be True")
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         tok = self.get_tokenizer()
+        template_kwargs = dict(chat_template_kwargs or {})
+        if tools is not None:
+            template_kwargs["tools"] = tools
+        if continue_final_message:
+            template_kwargs["continue_final_message"] = True
         prompts = []
         for conv in conversations:
             ids = tok.apply_chat_template(conv, chat_template=chat_template, tokenize=True,

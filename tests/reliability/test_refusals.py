@@ -104,3 +104,21 @@ def test_server_refuses_non_finite_numbers(server):
 def test_server_accepts_what_it_serves(server):
     ok = {**CHAT, "user": "someone", "tool_choice": "none", "response_format": {"type": "text"}, "tools": []}
     assert httpx.post(server.url + "/v1/chat/completions", json=ok, timeout=30).status_code == 200
+
+
+def test_chat_takes_vllms_arguments(llm):
+    messages = [{"role": "user", "content": "hi"}]
+    greedy = SamplingParams(temperature=0, max_tokens=3)
+    base = llm.chat(messages, greedy)[0].outputs[0].token_ids
+    assert llm.chat(messages, greedy, chat_template_kwargs={"unused": 1}, tools=None)[0].outputs[0].token_ids == base
+    with pytest.raises(UnsupportedArgumentError, match="mm_processor_kwargs"):
+        llm.chat(messages, greedy, mm_processor_kwargs={"size": 3})
+    with pytest.raises(UnsupportedArgumentError, match="chat_template_content_format"):
+        llm.chat(messages, greedy, chat_template_content_format="openai")
+    with pytest.raises(TypeError):
+        llm.chat(messages, greedy, add_generation_promt=False)  # a typo is not a template variable
+
+
+def test_stop_strings_need_detokenize():
+    with pytest.raises(InvalidRequestError, match="detokenize"):
+        SamplingParams(stop=["x"], detokenize=False)
