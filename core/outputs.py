@@ -32,6 +32,11 @@ class CompletionOutput:
 
 @dataclass
 class RequestOutput:
+    """One request's result after a step. With the default ``RequestOutputKind.CUMULATIVE`` each output holds
+    everything so far; with DELTA, ``outputs`` holds only the samples with something new, each with only the new
+    text, token ids and logprobs (``prompt_logprobs`` once); with FINAL_ONLY, outputs are empty until the
+    final, cumulative one. ``metrics["first_token_time"]``: time.monotonic() of the first generated token."""
+
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]

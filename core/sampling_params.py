@@ -1,12 +1,29 @@
 """SamplingParams: how to sample one request. Same names and defaults as vLLM."""
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass, field
 
 from loraplex.errors import InvalidRequestError
 
 _INT64 = (-2**63, 2**63 - 1)
+
+
+class RequestOutputKind(enum.Enum):
+    """What each ``RequestOutput`` of a request carries (vLLM's enum, same names and values).
+
+    CUMULATIVE (the default, what ``LLM.generate`` and ``LLMEngine.step()`` give): every output holds the
+    whole text, token ids and logprobs so far. DELTA: each output holds only what is new since the previous
+    one (the tokens, their logprobs and the text that became visible; a finished sample appears once more,
+    with its finish reason, then never again; prompt logprobs come once), so a stream costs O(new) per step.
+    FINAL_ONLY: nothing until the request finishes (unfinished steps give an output with no ``outputs``),
+    then one cumulative output. The server asks DELTA for streams and FINAL_ONLY for whole responses.
+    """
+
+    CUMULATIVE = 0
+    DELTA = 1
+    FINAL_ONLY = 2
 
 
 @dataclass
@@ -31,6 +48,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     detokenize: bool = True
     extra_args: dict = field(default_factory=dict)
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
         if self.stop is None:
@@ -89,6 +107,8 @@ class SamplingParams:
             raise bad("stop", "needs detokenize=True: stop strings are matched in the text")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", "must be non-negative ints")
+        if not isinstance(self.output_kind, RequestOutputKind):
+            raise bad("output_kind", "must be a RequestOutputKind")
 
     @property
     def is_greedy(self) -> bool:

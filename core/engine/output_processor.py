@@ -1,21 +1,54 @@
-"""Detokenize, apply stop conditions, and build RequestOutputs."""
+"""Detokenize, apply stop conditions, and build RequestOutputs.
+
+What an output carries follows the request's ``SamplingParams.output_kind`` (see ``RequestOutputKind``):
+CUMULATIVE copies everything so far into every output (O(T) per step, as ``LLM.generate`` expects); DELTA
+gives only what is new since the request's previous output (O(new) per step: the server's streams);
+FINAL_ONLY builds the cumulative output once, when the request finishes (the server's whole responses).
+"""
 from __future__ import annotations
 
 from loraplex.engine.detokenizer import IncrementalDetokenizer
 from loraplex.outputs import CompletionOutput, Logprob, RequestOutput
+from loraplex.sampling_params import RequestOutputKind
 from loraplex.sequence import PromptLogprobsSlot, Sequence
+
+
+class _Sent:
+    """What the DELTA outputs of one request have carried so far, per sample."""
+
+    __slots__ = ("tokens", "chars", "reported", "prompt_logprobs")
+
+    def __init__(self, n: int):
+        self.tokens = [0] * n  # token ids (and logprobs) given
+        self.chars = [0] * n  # characters of the visible text given
+        self.reported = [False] * n  # its finish given: the sample is left out from then on
+        self.prompt_logprobs = False
+
+
+def _visible_len(det, finished: bool) -> int:
+    """len(det.visible_text(finished)) without building that string (IncrementalDetokenizer's rule)."""
+    if finished or det.max_stop_len <= 1:
+        return len(det.text)
+    return max(0, len(det.text) - det.max_stop_len + 1)
+
+
+def _metrics(seqs: list[Sequence]) -> dict:
+    first = [s.first_token_time for s in seqs if s.first_token_time is not None]
+    return {"first_token_time": min(first)} if first else {}
 
 
 class OutputProcessor:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.meta: dict[str, tuple] = {}  # request_id -> (prompt text, prompt ids, lora_request)
+        self.sent: dict[str, _Sent] = {}  # DELTA requests only
 
     def register(self, request_id: str, prompt: str | None, prompt_ids: list[int], lora_request) -> None:
         self.meta[request_id] = (prompt, prompt_ids, lora_request)
 
     def forget(self, request_id: str) -> None:
         self.meta.pop(request_id, None)
+        self.sent.pop(request_id, None)
 
     def attach_prompt_logprobs(self, seqs: list[Sequence]) -> None:
         """One slot for a request's sequences (vLLM's prompt_logprobs), when its params ask for them."""
@@ -86,7 +119,13 @@ class OutputProcessor:
             seq.finish("length")
 
     def make_output(self, request_id: str, seqs: list[Sequence]) -> RequestOutput:
+        kind = seqs[0].params.output_kind
+        if kind is RequestOutputKind.DELTA:
+            return self._delta_output(request_id, seqs)
         prompt, prompt_ids, lora_request = self.meta[request_id]
+        if kind is RequestOutputKind.FINAL_ONLY and not all(s.is_finished for s in seqs):
+            # LLMEngine.step() reports every request it touched: a FINAL_ONLY one gets an empty placeholder.
+            return RequestOutput(request_id, prompt, prompt_ids, [], False, lora_request, metrics=_metrics(seqs))
         outs = []
         for s in seqs:
             ids = list(s.output_token_ids)  # like vLLM, a final EOS stays in token_ids (never in the text)
@@ -99,4 +138,46 @@ class OutputProcessor:
         finished = all(s.is_finished for s in seqs)
         slot = seqs[0].prompt_logprobs
         return RequestOutput(request_id, prompt, prompt_ids, outs, finished, lora_request,
-                             prompt_logprobs=list(slot.value) if slot is not None and slot.value is not None else None)
+                             prompt_logprobs=list(slot.value) if slot is not None and slot.value is not None else None,
+                             metrics=_metrics(seqs))
+
+    def _delta_output(self, request_id: str, seqs: list[Sequence]) -> RequestOutput:
+        """What is new since this request's previous output: per sample the new token ids, their logprobs and
+        the text that became visible (text held back while it may start a stop string comes once it cannot,
+        or at the finish; visible text never shrinks, so nothing given is taken back). Only samples with
+        something new appear, a finished one once more with its finish reason. The engine hands over its
+        logprob entries, so it keeps none of a DELTA request's. O(new) per step."""
+        prompt, prompt_ids, lora_request = self.meta[request_id]
+        sent = self.sent.get(request_id)
+        if sent is None:
+            sent = self.sent[request_id] = _Sent(len(seqs))
+        outs = []
+        for s in seqs:
+            i = s.index
+            if sent.reported[i]:
+                continue
+            start, ids = sent.tokens[i], s.output_token_ids
+            new_ids = ids[start:]
+            text, det = "", s.detokenizer
+            if det is not None:
+                end = _visible_len(det, s.is_finished)
+                if end > sent.chars[i]:
+                    text = det.text[sent.chars[i]:end]
+                    sent.chars[i] = end
+            if not new_ids and not text and not s.is_finished:
+                continue
+            logprobs = None
+            if s.logprobs is not None:
+                logprobs, s.logprobs = s.logprobs, []  # exactly the entries of new_ids
+            sent.tokens[i], sent.reported[i] = len(ids), s.is_finished
+            outs.append(CompletionOutput(
+                index=i, text=text, token_ids=new_ids,
+                cumulative_logprob=s.cumulative_logprob if logprobs is not None else None,
+                logprobs=logprobs, finish_reason=s.finish_reason, stop_reason=s.stop_reason,
+                lora_request=lora_request))
+        prompt_logprobs = None
+        slot = seqs[0].prompt_logprobs
+        if not sent.prompt_logprobs and slot is not None and slot.value is not None:
+            prompt_logprobs, sent.prompt_logprobs = slot.value, True
+        return RequestOutput(request_id, prompt, prompt_ids, outs, all(s.is_finished for s in seqs), lora_request,
+                             prompt_logprobs=prompt_logprobs, metrics=_metrics(seqs))

@@ -9,7 +9,17 @@ from loraplex.engine_args import EngineArgs
 from loraplex.errors import InvalidRequestError, UnsupportedArgumentError
 from loraplex.lora.request import LoRARequest
 from loraplex.outputs import RequestOutput
-from loraplex.sampling_params import SamplingParams
+from loraplex.sampling_params import RequestOutputKind, SamplingParams
+
+
+def _final_only(params):
+    """generate() returns whole outputs: as vLLM, it asks the engine for the final output only (which also
+    spares the cumulative copies per step), whatever output_kind the caller set."""
+    if not isinstance(params, SamplingParams) or params.output_kind is RequestOutputKind.FINAL_ONLY:
+        return params
+    params = params.clone()
+    params.output_kind = RequestOutputKind.FINAL_ONLY
+    return params
 
 
 class LLM:
@@ -36,7 +46,8 @@ class LLM:
                                                  and all(isinstance(t, int) for t in prompts)):
             prompts = [prompts]
         prompts = list(prompts)
-        params = self._per_prompt(sampling_params or SamplingParams(), len(prompts), "sampling_params")
+        params = [_final_only(p) for p in self._per_prompt(sampling_params or SamplingParams(), len(prompts),
+                                                             "sampling_params")]
         loras = self._per_prompt(lora_request, len(prompts), "lora_request")
         prios = self._per_prompt(priority or 0, len(prompts), "priority")
         ids = []

@@ -11,6 +11,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
+import regex
 import torch
 
 from loraplex.errors import LoRALoadError, LoRARankError
@@ -34,11 +35,21 @@ def _parse_key(key: str) -> tuple[int, str, str] | None:
     return _PARSED[key]
 
 
-def _pattern_value(patterns: dict, module_key: str, default):
+# An adapter's patterns are regexes from whoever wrote the adapter: matched with the `regex` module (no
+# catastrophic backtracking on the usual culprits) under a timeout, and bounded in size and number.
+MAX_PATTERNS, MAX_PATTERN_CHARS, PATTERN_TIMEOUT_S = 1024, 512, 0.05
+
+
+def _pattern_value(patterns: dict, module_key: str, default, name: str = "?"):
     """PEFT's rule: a pattern matches a module when the module's dotted name ends with it."""
     for pattern, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", module_key):
-            return value
+        try:
+            if regex.match(rf"(.*\.)?({pattern})$", module_key, timeout=PATTERN_TIMEOUT_S):
+                return value
+        except TimeoutError:
+            raise LoRALoadError(f"adapter '{name}': alpha_pattern {pattern[:40]!r} takes too long to match", name)
+        except regex.error as e:
+            raise LoRALoadError(f"adapter '{name}': alpha_pattern {pattern[:40]!r} is not a valid regex: {e}", name)
     return default
 
 
@@ -56,11 +67,29 @@ def validate_config(config: dict, name: str) -> None:
     if config.get("modules_to_save"):
         fail(f"modules_to_save={config['modules_to_save']!r} is not supported (it would replace base weights)")
     r = config.get("r")
-    if not isinstance(r, int) or r < 1:
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
         fail(f"r must be a positive int, got {r!r}")
+    alpha = config.get("lora_alpha", r)
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
+        fail(f"lora_alpha must be a finite number, got {alpha!r}")
+    for key, kinds in (("alpha_pattern", (int, float)), ("rank_pattern", (int,))):
+        patterns = config.get(key) or {}
+        if not isinstance(patterns, dict) or len(patterns) > MAX_PATTERNS:
+            fail(f"{key} must be an object of at most {MAX_PATTERNS} patterns")
+        for pattern, value in patterns.items():
+            if not isinstance(pattern, str) or len(pattern) > MAX_PATTERN_CHARS:
+                fail(f"{key} keys must be strings of at most {MAX_PATTERN_CHARS} characters")
+            if not isinstance(value, kinds) or isinstance(value, bool) or not math.isfinite(value):
+                fail(f"{key}[{pattern[:40]!r}] must be a finite number, got {value!r}")
+    if not isinstance(config.get("use_rslora", False), bool):
+        fail(f"use_rslora must be a bool, got {config.get('use_rslora')!r}")
     targets = config.get("target_modules")
+    if targets is not None and not isinstance(targets, (str, list, tuple)):
+        fail(f"target_modules must be a string or a list of strings, got {type(targets).__name__}")
     if isinstance(targets, (list, tuple, set)):
         for t in targets:
+            if not isinstance(t, str):
+                fail(f"target_modules must be strings, got {t!r}")
             if t.split(".")[-1] not in _ALL_MODULES:
                 fail(f"target module {t!r} does not exist in the model (LoRA-capable modules: "
                      f"{', '.join(_ALL_MODULES)})")
@@ -178,7 +207,7 @@ def plan_adapter(layout: PageLayout, config: dict, tensors: dict[str, torch.Tens
             raise LoRALoadError(f"{where}: weights must be floating point, got {a.dtype} / {b.dtype}", name)
         if rank > max_lora_rank:
             raise LoRARankError(f"{where}: rank {rank} exceeds max_lora_rank {max_lora_rank}", name)
-        alpha = _pattern_value(config.get("alpha_pattern"), f"model.layers.{layer}.{module}", alpha_default)
+        alpha = _pattern_value(config.get("alpha_pattern"), f"model.layers.{layer}.{module}", alpha_default, name)
         scale = alpha / math.sqrt(rank) if rslora else alpha / rank
         pieces.append(_Piece(f"{layer}.{module}", a, b, float(scale), seg.a_span(module), (b_lo, b_hi)))
         max_rank = max(max_rank, rank)

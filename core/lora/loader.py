@@ -190,7 +190,8 @@ def _drive(ref, jobs) -> None:
         try:
             conn.send(("load", id(version), {"lora_name": req.lora_name, "lora_int_id": req.lora_int_id,
                                              "lora_path": req.lora_path, "base_model_name": req.base_model_name,
-                                             "load_inplace": req.load_inplace}))
+                                             "load_inplace": req.load_inplace,
+                                             "allowed_paths": req.allowed_paths}))
             while True:
                 msg = conn.recv()
                 if msg[0] == "rank":

@@ -33,7 +33,7 @@ def serve(conn) -> None:
     import torch
 
     from loraplex.lora.adapter import pack_pages, plan_adapter
-    from loraplex.lora.peft_loader import loraplex_load_adapter
+    from loraplex.lora.peft_loader import check_allowed, loraplex_load_adapter
     from loraplex.lora.request import LoRARequest
 
     _, layout, max_rank, dtype_name, num_threads = conn.recv()
@@ -55,6 +55,7 @@ def serve(conn) -> None:
         req = None
         try:
             req = LoRARequest(**fields)
+            check_allowed(req)  # every read, reloads after an eviction too (allowed_paths)
             result = pm.hook.loraplex_load_adapter(lora_request=req) if pm is not None else None
             config, tensors = result if result is not None else loraplex_load_adapter(req)
             plan = plan_adapter(layout, config, tensors, req.lora_name, max_rank)

@@ -176,13 +176,16 @@ class LoRAManager:
 
     def _load_job(self, m: LoRAModel):
         """Loader thread: read, validate, pack. Returns (host buffer, rank, bytes read)."""
+        from loraplex.lora.peft_loader import check_allowed, loraplex_load_adapter
+
         req = m.request
+        # Every read from storage, reloads after a CPU-cache eviction included: the allowlist the request
+        # carries (the server's --allowed-lora-paths) is checked now, not only at its first load.
+        check_allowed(req)
         result = None
         if self.pm is not None:
             result = self.pm.hook.loraplex_load_adapter(lora_request=req)
         if result is None:
-            from loraplex.lora.peft_loader import loraplex_load_adapter
-
             result = loraplex_load_adapter(req)
         config, tensors = result
         plan = plan_adapter(self.layout, config, tensors, m.name, self.max_lora_rank)

@@ -15,6 +15,11 @@ class LoRARequest:
     # Not compared: two requests are the same adapter when their name and id agree.
     tensors: dict | None = field(default=None, repr=False, compare=False)
     config: dict | None = field(default=None, repr=False, compare=False)
+    # The directories this adapter's files must lie in, after following symlinks (the server's
+    # --allowed-lora-paths, set on runtime loads): checked by the loader at every read from storage,
+    # reloads after a cache eviction included. None: no restriction (and a path that is not a local
+    # directory but looks like ``org/name`` may be downloaded from the Hugging Face Hub).
+    allowed_paths: tuple[str, ...] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.lora_name, str) or not self.lora_name:
@@ -24,6 +29,11 @@ class LoRARequest:
         if self.lora_path is None:
             self.lora_path = ""
         self.lora_path = str(self.lora_path)
+        if self.allowed_paths is not None:
+            if isinstance(self.allowed_paths, (str, bytes)) or not all(
+                    isinstance(p, str) and p for p in self.allowed_paths):
+                raise ValueError("LoRARequest.allowed_paths must be a sequence of directory paths")
+            self.allowed_paths = tuple(self.allowed_paths)
 
     # vLLM names kept for code written against it.
     @property

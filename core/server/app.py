@@ -19,6 +19,8 @@ from loraplex import __version__, envs
 from loraplex.server import routes_admin, routes_openai
 from loraplex.server.async_engine import AsyncEngine
 from loraplex.server.errors import EXCEPTION_HANDLERS, APIError, error_response
+from loraplex.server.frontend import Frontend
+from loraplex.server.limits import RequestLimits
 from loraplex.server.metrics import ServerMetrics
 from loraplex.server.models import ModelRegistry
 from loraplex.server.protocol import DEFAULT_MAX_BODY_BYTES
@@ -33,6 +35,8 @@ class ServerState:
     metrics: ServerMetrics
     max_body_bytes: int
     max_logprobs: int
+    limits: RequestLimits = RequestLimits()
+    frontend: Frontend | None = None  # tokenizes and renders chat templates off the engine thread
 
 
 def _authorize(request, keys: tuple[str, ...], user_keys: tuple[str, ...]) -> None:
@@ -71,6 +75,9 @@ async def health(request) -> Response:
     aengine = request.state.server.aengine
     if not aengine.is_running:
         return error_response(APIError(503, "The engine loop is not running"))
+    stuck = aengine.stuck_for()
+    if stuck is not None:
+        return error_response(APIError(503, f"The engine is stuck: one step has run for {stuck:.0f} s"))
     if not aengine.is_healthy:
         return error_response(APIError(503, "The engine is failing its steps; see the server log"))
     state = aengine.state
@@ -103,7 +110,8 @@ def _build_engine(engine_or_args, progress: bool):
 def create_app(engine_or_args, *, served_model_name: str | list[str] | None = None, api_key: str | None = None,
                admin_api_key: str | None = None, allowed_lora_paths: list[str] | None = None,
                lora_modules: list | None = None, allow_runtime_lora_updating: bool | None = None,
-               max_request_body_bytes: int | None = None, lora_resolution=None, progress: bool = False) -> Starlette:
+               max_request_body_bytes: int | None = None, lora_resolution=None, progress: bool = False,
+               limits: RequestLimits | None = None) -> Starlette:
     """A vLLM-compatible OpenAI server over one engine.
 
     ``None`` for ``api_key``, ``admin_api_key``, ``allowed_lora_paths``, ``allow_runtime_lora_updating``
@@ -128,9 +136,12 @@ def create_app(engine_or_args, *, served_model_name: str | list[str] | None = No
     for spec in lora_modules or []:
         models.preload(engine, spec)
     aengine.publish(adapters=True)
+    limits = limits or RequestLimits()
+    aengine.max_step_seconds = limits.max_step_seconds
     state = ServerState(aengine, models, ServerMetrics(aengine),
-                        max_request_body_bytes or envs.max_request_body_bytes() or DEFAULT_MAX_BODY_BYTES,
-                        engine.args.max_logprobs)
+                        max_request_body_bytes or envs.max_request_body_bytes()
+                        or limits.body_bytes(engine.max_model_len, DEFAULT_MAX_BODY_BYTES),
+                        engine.args.max_logprobs, limits, Frontend(engine, limits))
 
     user_keys = tuple(k for k in (api_key, admin_api_key) if k) if api_key else ()
     admin_keys = (admin_api_key,) if admin_api_key else user_keys
@@ -160,6 +171,7 @@ def create_app(engine_or_args, *, served_model_name: str | list[str] | None = No
             yield {"server": state}
         finally:
             aengine.stop()
+            state.frontend.close()
 
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=EXCEPTION_HANDLERS)
     app.state.server = state

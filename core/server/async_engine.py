@@ -4,7 +4,8 @@ Every engine call (add_request, abort, add_lora, remove_lora, step, tokenizer us
 thread: callers submit commands, which run between two steps. So a command never races a step, and
 an HTTP handler never blocks the event loop on the engine. Outputs travel back per step with one
 ``call_soon_threadsafe`` per event loop, into the asyncio queue of the ``RequestGroup`` that the
-request belongs to.
+request belongs to. Streams ask DELTA outputs (O(new tokens) per step) and a stream whose client stops
+reading is aborted once ``MAX_UNDELIVERED_TOKENS`` wait in its queue.
 
 The thread also publishes ``state`` (queue lengths, adapter cache counters, the loaded adapters),
 a snapshot replaced as a whole, so metrics and /v1/models read it without touching the engine.
@@ -22,12 +23,22 @@ from collections import defaultdict
 from typing import Callable
 
 from loraplex.errors import EngineStepError
-from loraplex.server.errors import EngineUnavailableError
+from loraplex.server.errors import APIError, EngineUnavailableError
 
 logger = logging.getLogger("loraplex.server")
 
 # After this many consecutive failed steps the engine is reported unhealthy.
 MAX_STEP_FAILURES = 3
+
+# A stream's outputs (DELTA: O(new tokens) each) wait in its group's queue until the response takes them. Past
+# this many generated tokens waiting there, in outputs of unfinished requests, the client is taken as not
+# reading: the group's requests are aborted (KV blocks and adapter slots freed), what waited is dropped, and the
+# stream ends with a 408 error event. The response takes every waiting output each event-loop turn whenever
+# the client's socket accepts data, so a client that reads stays far below; with logprobs=20 the bound keeps
+# about 40 MB per stream at most (a request of fewer tokens holds at most its own output). A request of many
+# sequences (prompts x n) may fall MIN_UNDELIVERED_STEPS steps behind all the same. docs/server.md.
+MAX_UNDELIVERED_TOKENS = 8192
+MIN_UNDELIVERED_STEPS = 128
 
 
 class RequestGroup:
@@ -43,12 +54,46 @@ class RequestGroup:
         self.first_token_at: float | None = None
         self.finished_at: float | None = None
         self._closed = False
+        self.num_seqs = 1  # sequences of the group (prompts x n), set by the server: they scale the bound
+        self._undelivered = 0  # generated tokens waiting in the queue, in unfinished outputs
+        self._overflowed = False
+
+    @property
+    def max_undelivered(self) -> int:
+        return max(MAX_UNDELIVERED_TOKENS, MIN_UNDELIVERED_STEPS * self.num_seqs)
 
     def _feed(self, item) -> None:
-        if item is not None and not isinstance(item, BaseException) and self.first_token_at is None:
-            if any(o.token_ids for o in item.outputs):
-                self.first_token_at = time.monotonic()
+        if self._overflowed:
+            return  # aborted for a client that stopped reading: nothing more is kept for it
+        if item is not None and not isinstance(item, BaseException):
+            if self.first_token_at is None:
+                first = (getattr(item, "metrics", None) or {}).get("first_token_time")
+                if first is not None:  # the engine's clock: FINAL_ONLY outputs show no tokens before the end
+                    self.first_token_at = first
+                elif any(o.token_ids for o in item.outputs):
+                    self.first_token_at = time.monotonic()
+            if not item.finished:
+                if not item.outputs:
+                    return  # a FINAL_ONLY request's progress: nothing to deliver
+                self._undelivered += sum(len(o.token_ids) for o in item.outputs)
+                if self._undelivered > self.max_undelivered:
+                    self._overflow()
+                    return
         self.queue.put_nowait(item)
+
+    def _overflow(self) -> None:
+        """The client stopped reading: free what waits for it and what the engine holds for it."""
+        self._overflowed = True
+        dropped = self.queue.qsize()
+        while not self.queue.empty():
+            self.queue.get_nowait()
+        self._undelivered = 0
+        logger.warning("a stream's client stopped reading: %d outputs waited undelivered; request(s) %s aborted",
+                       dropped, ", ".join(self.ids))
+        self.queue.put_nowait(APIError(
+            408, f"The client stopped reading the stream: more than {self.max_undelivered} generated tokens "
+                 "waited undelivered, so the request was aborted"))
+        self.abort()
 
     @property
     def done(self) -> bool:
@@ -60,10 +105,12 @@ class RequestGroup:
             if isinstance(item, BaseException):
                 # The rest of the group cannot be answered any more: stop it (a no-op after a failed step).
                 pending = [rid for rid in self.ids if rid not in self.final]
-                self._closed = True
-                if pending:
+                if pending and not self._closed:
                     self._aengine.abort(pending)
+                self._closed = True
                 raise item
+            if not item.finished:
+                self._undelivered -= sum(len(o.token_ids) for o in item.outputs)
             if item.finished:
                 self.final[item.request_id] = item
                 if self.done:
@@ -71,7 +118,7 @@ class RequestGroup:
             yield item
 
     async def collect(self) -> list:
-        """Final outputs, one per prompt, in prompt order."""
+        """Final outputs, one per prompt, in prompt order (whole ones for FINAL_ONLY or CUMULATIVE requests)."""
         async for _ in self:
             pass
         return [self.final[rid] for rid in self.ids]
@@ -96,6 +143,8 @@ class AsyncEngine:
         self._stopping = False
         self._step_failures = 0
         self._is_dead = False
+        self._step_started: float | None = None  # monotonic start of the step in progress (watchdog)
+        self.max_step_seconds = 60.0
         self._prefix = uuid.uuid4().hex[:8]
         self._counter = itertools.count()
         self.state: dict = {}
@@ -130,7 +179,15 @@ class AsyncEngine:
 
     @property
     def is_healthy(self) -> bool:
-        return self.is_running and self._step_failures < MAX_STEP_FAILURES
+        return self.is_running and self._step_failures < MAX_STEP_FAILURES and self.stuck_for() is None
+
+    def stuck_for(self) -> float | None:
+        """Seconds the step in progress has run, once past ``max_step_seconds`` (else None); any thread."""
+        started = self._step_started
+        if started is None:
+            return None
+        elapsed = time.monotonic() - started
+        return elapsed if elapsed > self.max_step_seconds else None
 
     def _notify(self) -> None:
         with self._cv:
@@ -235,11 +292,14 @@ class AsyncEngine:
                 fut.set_result(result)
 
     def _step(self) -> None:
+        self._step_started = time.monotonic()
         try:
             outputs = self.engine.step()
         except Exception as e:
             self._step_failed(e)
             return
+        finally:
+            self._step_started = None
         self._step_failures = 0
         batches: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
         for out in outputs:

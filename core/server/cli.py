@@ -11,6 +11,9 @@ import sys
 import time
 
 from loraplex import __version__, envs
+from loraplex.server.limits import RequestLimits
+
+SWITCH_INTERVAL_S = 0.0005
 
 logger = logging.getLogger("loraplex.server")
 
@@ -79,6 +82,18 @@ def build_parser() -> argparse.ArgumentParser:
                      help="runtime-loaded adapters must live under these directories")
     sec.add_argument("--max-request-body-bytes", type=int, default=None,
                      help="larger bodies get 413 (default 10 MiB)")
+    sec.add_argument("--trust-request-chat-template", action="store_true",
+                     help="serve requests that bring their own chat template (rendered in a bounded worker process)")
+    sec.add_argument("--max-n", type=int, default=RequestLimits.max_n, help="largest n (samples per prompt)")
+    sec.add_argument("--max-prompt-chars", type=int, default=None,
+                     help="characters of prompt text per request, checked before tokenizing "
+                          "(default 32 per token of max_model_len, at least 65536)")
+    sec.add_argument("--max-request-tokens", type=int, default=None,
+                     help="tokens one request may generate: prompts x n x max_tokens (default 32 x max_model_len)")
+    sec.add_argument("--header-timeout", type=float, default=10.0,
+                     help="seconds a connection may take to send a request's headers (slow clients are closed)")
+    sec.add_argument("--max-step-seconds", type=float, default=RequestLimits.max_step_seconds,
+                     help="a step running longer marks the engine stuck: /health answers 503")
     s.add_argument("--disable-log-stats", action="store_true", help="no periodic throughput/queue/KV-cache log line")
     s.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="only 1: loraplex runs on one device")
     lora.add_argument("--fully-sharded-loras", action="store_true",
@@ -133,6 +148,11 @@ def _banner(url: str, model: str, adapters: list[str], api_key: bool) -> str:
 def serve(args) -> int:
     import uvicorn
 
+    # The engine thread shares the GIL with the event loop. At CPython's default 5 ms switch interval, a busy
+    # event loop (a flood of requests, even refused ones) makes every GIL hand-back in a step wait up to 5 ms;
+    # 0.5 ms keeps the engine's pace under load at a small cost in switching.
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
+
     from loraplex import EngineArgs, LLMEngine
     from loraplex.server.app import create_app
     from loraplex.server.models import parse_lora_module
@@ -169,6 +189,10 @@ def serve(args) -> int:
             max_lora_bypass_steps=args.max_lora_bypass_steps, lora_dtype=args.lora_dtype,
             fully_sharded_loras=args.fully_sharded_loras, tensor_parallel_size=args.tensor_parallel_size,
             disable_log_stats=args.disable_log_stats)
+        limits = RequestLimits(max_n=args.max_n, max_prompt_chars=args.max_prompt_chars,
+                               max_request_tokens=args.max_request_tokens,
+                               trust_request_chat_template=args.trust_request_chat_template,
+                               max_step_seconds=args.max_step_seconds)
     except ValueError as e:
         raise SystemExit(f"loraplex: {e}")
     print(f"loraplex: loading {model} ...", file=sys.stderr, flush=True)
@@ -183,7 +207,7 @@ def serve(args) -> int:
     try:
         app = create_app(engine, served_model_name=served, api_key=api_key, admin_api_key=args.admin_api_key,
                          allowed_lora_paths=args.allowed_lora_paths, lora_modules=modules,
-                         max_request_body_bytes=args.max_request_body_bytes, progress=True)
+                         max_request_body_bytes=args.max_request_body_bytes, progress=True, limits=limits)
     except Exception as e:
         raise SystemExit(f"loraplex: cannot preload --lora-modules: {type(e).__name__}: {e}")
     if args.host in ("0.0.0.0", "::", "") and not api_key:
@@ -199,8 +223,10 @@ def serve(args) -> int:
             port = self.servers[0].sockets[0].getsockname()[1] if self.servers else args.port
             print(_banner(f"http://{display}:{port}", base_name, names, bool(api_key)), flush=True)
 
+    from loraplex.server.http_protocol import protocol_class
+
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
-                            timeout_graceful_shutdown=10)
+                            timeout_graceful_shutdown=10, http=protocol_class(args.header_timeout))
     try:
         Server(config).run()
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown

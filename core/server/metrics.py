@@ -59,9 +59,10 @@ class ServerMetrics:
     def count(self, model: str | None, status: int) -> None:
         self.requests.labels(model or UNKNOWN_MODEL, str(status)).inc()
 
-    def observe(self, model: str, group, outputs: list) -> None:
-        self.prompt_tokens.labels(model).inc(sum(len(o.prompt_token_ids) for o in outputs))
-        self.generation_tokens.labels(model).inc(sum(len(c.token_ids) for o in outputs for c in o.outputs))
+    def observe(self, model: str, group, usage: dict) -> None:
+        """``usage``: the response's usage counts (a stream's outputs are deltas: no output holds them all)."""
+        self.prompt_tokens.labels(model).inc(usage["prompt_tokens"])
+        self.generation_tokens.labels(model).inc(usage["completion_tokens"])
         if group.first_token_at is not None:
             self.ttft.labels(model).observe(group.first_token_at - group.created)
         if group.finished_at is not None:

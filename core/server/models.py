@@ -15,6 +15,7 @@ import os
 import time
 
 from loraplex.errors import LoRAError, LoRANotFoundError
+from loraplex.lora.peft_loader import locate
 from loraplex.lora.request import LoRARequest
 from loraplex.server.errors import APIError
 
@@ -139,22 +140,56 @@ class ModelRegistry:
         engine.add_lora(LoRARequest(name, next(self._ids), path, base_model_name=base))
         logger.info("loaded LoRA adapter %r from %s", name, path)
 
+    @staticmethod
+    def check_value(param: str, value) -> str:
+        """A name or path from a request: a non-empty string the OS can take (never a 500 further on)."""
+        if not isinstance(value, str) or not value:
+            raise APIError(400, f"'{param}' must be a non-empty string", param=param)
+        if "\x00" in value:
+            raise APIError(400, f"'{param}' must not contain NUL bytes", param=param)
+        try:
+            os.fsencode(value)
+        except UnicodeError:
+            raise APIError(400, f"'{param}' is not a valid path string (it holds a lone surrogate)",
+                           param=param) from None
+        return value
+
+    def locate(self, name: str, path: str) -> str:
+        """The path a runtime load reads: with --allowed-lora-paths a relative path is looked up under the
+        allowed roots (never the CWD) and one that is not there is a 404, never a Hub repo id. Without it the
+        path is used as given (vLLM's behaviour): relative to the server's CWD, and one that is no local
+        directory but looks like ``org/name[/sub]`` is downloaded from the Hugging Face Hub (peft_loader)."""
+        if not self.allowed_roots:
+            return path
+        located = locate(path, self.allowed_roots)
+        if located is None:
+            raise APIError(404, f"Loading lora {name} failed: No adapter found for {path} under the directories "
+                           "allowed by --allowed-lora-paths", "NotFoundError", param="lora_path")
+        return located
+
     def check_path(self, path: str) -> None:
         if not self.allowed_roots:
             return
         real = os.path.realpath(os.path.expanduser(path))
-        # Files inside are checked too: a symlinked weight file could expose any file on the host.
+        # Files inside are checked too: a symlinked weight file could expose any file on the host. The loader
+        # checks the files it opens again at every (re)load (LoRARequest.allowed_paths).
         inside = [real]
         if os.path.isdir(real):
-            inside += [os.path.realpath(e.path) for e in os.scandir(real)]
+            try:
+                inside += [os.path.realpath(e.path) for e in os.scandir(real)]
+            except OSError:
+                pass  # unreadable: the loader fails it with its own error
         if not all(_inside(p, self.allowed_roots) for p in inside):
             raise APIError(403, f"lora_path '{path}' is outside the directories allowed by --allowed-lora-paths",
                            param="lora_path")
 
     async def load(self, name: str, path: str, load_inplace: bool) -> None:
+        name, path = self.check_value("lora_name", name), self.check_value("lora_path", path)
         if name in self.aliases:
             raise APIError(400, f"The lora adapter '{name}' conflicts with a served base model.", "InvalidUserInput")
+        path = self.locate(name, path)
         self.check_path(path)
+        allowed = tuple(self.allowed_roots) or None
 
         def add(engine):
             if engine.lora_manager is None:
@@ -164,7 +199,8 @@ class ModelRegistry:
                 raise APIError(400, f"The lora adapter '{name}' has already been loaded. If you want to load the "
                                "adapter in place, set 'load_inplace' to True.", "InvalidUserInput")
             lora_id = current.lora_int_id if current is not None else next(self._ids)
-            return engine.add_lora_async(LoRARequest(name, lora_id, path, load_inplace=load_inplace))
+            return engine.add_lora_async(LoRARequest(name, lora_id, path, load_inplace=load_inplace,
+                                                     allowed_paths=allowed))
 
         try:
             # Loaded by the loader threads, not the engine thread: running streams keep their pace.

@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 
 from loraplex.sampling_params import SamplingParams
 from loraplex.server.errors import APIError
+from loraplex.server.limits import RequestLimits
+
+DEFAULT_LIMITS = RequestLimits()
 
 DEFAULT_MAX_BODY_BYTES = 10 * 2**20
 _MISSING = object()
@@ -29,6 +32,8 @@ async def read_json(request, max_bytes: int) -> dict:
         data = json.loads(body)
     except ValueError as e:  # also UnicodeDecodeError
         raise APIError(400, f"Invalid JSON body: {e}") from None
+    except RecursionError:
+        raise APIError(400, "Invalid JSON body: nested too deeply") from None
     if not isinstance(data, dict):
         raise APIError(400, f"The request body must be a JSON object, got {type(data).__name__}")
     return data
@@ -88,7 +93,7 @@ _SAMPLING_FIELDS = frozenset({
 })
 COMPLETION_FIELDS = _SAMPLING_FIELDS | {"prompt", "max_tokens", "logprobs", "echo", "suffix", "prompt_logprobs"}
 CHAT_FIELDS = _SAMPLING_FIELDS | {"messages", "max_tokens", "max_completion_tokens", "logprobs", "top_logprobs",
-                                  "chat_template_kwargs", "add_generation_prompt", "tool_choice",
+                                  "chat_template_kwargs", "chat_template", "add_generation_prompt", "tool_choice",
                                   "prompt_logprobs"}
 _WHY_UNSUPPORTED = {
     "guided_": "structured outputs (guided decoding) are not implemented",
@@ -104,6 +109,48 @@ def _known_fields(body: dict, known: frozenset) -> None:
         if name not in known:
             why = next((w for prefix, w in _WHY_UNSUPPORTED.items() if name.startswith(prefix)), "unknown field")
             raise APIError(400, f"'{name}' is not supported by loraplex ({why})", param=name)
+
+
+def _text(value: str, param: str) -> str:
+    """A JSON string may hold a lone surrogate (\\ud800), which no tokenizer can encode."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise APIError(400, f"'{param}' is not valid Unicode (it holds a lone surrogate)", param=param) from None
+    return value
+
+
+def _check_limits(req: "GenerateRequest", limits: RequestLimits, max_model_len: int | None) -> None:
+    """The per-request caps (docs/security.md): all before tokenizing, so a huge request costs nothing."""
+    p = req.params
+    if p.n > limits.max_n:
+        raise APIError(400, f"'n' must be at most {limits.max_n}, got {p.n}", param="n")
+    if len(req.prompts) > limits.max_prompts:
+        raise APIError(400, f"at most {limits.max_prompts} prompts per request, got {len(req.prompts)}",
+                       param="prompt")
+    if len(p.stop) > limits.max_stop:
+        raise APIError(400, f"at most {limits.max_stop} stop strings, got {len(p.stop)}", param="stop")
+    if any(len(s) > limits.max_stop_chars for s in p.stop):
+        raise APIError(400, f"a stop string may have at most {limits.max_stop_chars} characters", param="stop")
+    for s in p.stop:
+        _text(s, "stop")
+    if max_model_len is None:
+        return
+    max_chars = limits.prompt_chars(max_model_len)
+    if req.messages is not None:
+        size = sum(len(m["content"]) for m in req.messages)
+        if size > max_chars:
+            raise APIError(400, f"the messages hold {size} characters; at most {max_chars} are accepted "
+                           f"(max_model_len {max_model_len})", param="messages")
+    for i, prompt in enumerate(req.prompts):
+        if isinstance(prompt, str) and len(prompt) > max_chars:
+            raise APIError(400, f"prompt {i} has {len(prompt)} characters; at most {max_chars} are accepted "
+                           f"(max_model_len {max_model_len})", param="prompt")
+    num_prompts = max(len(req.prompts), 1)
+    work = num_prompts * p.n * (p.max_tokens or max_model_len)
+    if work > limits.request_tokens(max_model_len):
+        raise APIError(400, f"this request may generate {work} tokens (prompts x n x max_tokens); at most "
+                       f"{limits.request_tokens(max_model_len)} are accepted", param="max_tokens")
 
 
 def _unsupported(body: dict, **checks) -> None:
@@ -199,7 +246,8 @@ def _common(body: dict) -> tuple[str | None, bool, bool]:
     return model or None, stream, include_usage
 
 
-def parse_completion(body: dict, max_logprobs: int) -> GenerateRequest:
+def parse_completion(body: dict, max_logprobs: int, limits: RequestLimits = DEFAULT_LIMITS,
+                     max_model_len: int | None = None) -> GenerateRequest:
     _known_fields(body, COMPLETION_FIELDS)
     echo = _get(body, "echo", "bool", False)
     model, stream, include_usage = _common({k: v for k, v in body.items() if k != "echo"})
@@ -207,13 +255,13 @@ def parse_completion(body: dict, max_logprobs: int) -> GenerateRequest:
     if prompt is None:
         raise APIError(400, "'prompt' is required", param="prompt")
     if isinstance(prompt, str):
-        prompts = [prompt]
+        prompts = [_text(prompt, "prompt")]
     elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         prompts = [prompt]
     elif isinstance(prompt, list) and prompt and all(
             isinstance(p, str) or (isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool)
                                                                      for t in p)) for p in prompt):
-        prompts = list(prompt)
+        prompts = [_text(p, "prompt") if isinstance(p, str) else p for p in prompt]
     else:
         raise _bad("prompt", "a string, an array of strings, an array of token ids or an array of those", prompt)
     logprobs = _get(body, "logprobs", "int")
@@ -225,8 +273,10 @@ def parse_completion(body: dict, max_logprobs: int) -> GenerateRequest:
     # vLLM: echo with max_tokens 0 scores the prompt; it runs one step and answers the prompt alone.
     echo_only = echo and max_tokens == 0
     params = _sampling(body, 1 if echo_only else max_tokens, logprobs, max_logprobs, prompt_logprobs)
-    return GenerateRequest(model, params, stream, include_usage, prompts=prompts,
-                           logprobs=logprobs is not None, top_logprobs=logprobs or 0, echo=echo, echo_only=echo_only)
+    req = GenerateRequest(model, params, stream, include_usage, prompts=prompts,
+                          logprobs=logprobs is not None, top_logprobs=logprobs or 0, echo=echo, echo_only=echo_only)
+    _check_limits(req, limits, max_model_len)
+    return req
 
 
 def _message(i: int, m) -> dict:
@@ -242,10 +292,11 @@ def _message(i: int, m) -> dict:
         content = "\n".join(texts)
     elif content is not None and not isinstance(content, str):
         raise _bad(f"messages[{i}].content", "a string or an array of text parts", content)
-    return {**m, "content": content if content is not None else ""}
+    return {**m, "content": _text(content, f"messages[{i}].content") if content is not None else ""}
 
 
-def parse_chat(body: dict, max_logprobs: int) -> GenerateRequest:
+def parse_chat(body: dict, max_logprobs: int, limits: RequestLimits = DEFAULT_LIMITS,
+               max_model_len: int | None = None) -> GenerateRequest:
     _known_fields(body, CHAT_FIELDS)
     model, stream, include_usage = _common(body)
     messages = body.get("messages")
@@ -262,9 +313,22 @@ def parse_chat(body: dict, max_logprobs: int) -> GenerateRequest:
     params = _sampling(body, max_tokens, (top or 0) if want_logprobs else None, max_logprobs,
                        _prompt_logprobs(body, stream, max_logprobs))
     kwargs = dict(_get(body, "chat_template_kwargs", "dict", {}))
+    template = _get(body, "chat_template", "str")
+    if template is not None:
+        kwargs["chat_template"] = template
+    if "chat_template" in kwargs:
+        param = "chat_template" if template is not None else "chat_template_kwargs"
+        if not limits.trust_request_chat_template:
+            # vLLM's default too (GHSA-6fvq-23cw-5628): a template is code, and it would run on the server.
+            raise APIError(400, "Chat template is passed with request, but --trust-request-chat-template is not "
+                           "set. Refused request with untrusted chat template.", param=param)
+        if not isinstance(kwargs["chat_template"], str):
+            raise _bad(param, "a string", kwargs["chat_template"])
     kwargs["add_generation_prompt"] = _get(body, "add_generation_prompt", "bool", True)
-    return GenerateRequest(model, params, stream, include_usage, messages=messages, chat_kwargs=kwargs,
-                           logprobs=want_logprobs, top_logprobs=top or 0)
+    req = GenerateRequest(model, params, stream, include_usage, messages=messages, chat_kwargs=kwargs,
+                          logprobs=want_logprobs, top_logprobs=top or 0)
+    _check_limits(req, limits, max_model_len)
+    return req
 
 
 def parse_load_lora(body: dict) -> tuple[str, str, bool]:

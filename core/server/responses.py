@@ -1,7 +1,8 @@
 """OpenAI response shapes (vLLM's fields) for completions and chat, whole and streamed.
 
-The engine reports cumulative text and token ids per output; ``Choices`` remembers what each choice
-already sent and turns every new RequestOutput into deltas.
+Whole responses read each request's final output (``RequestOutputKind.FINAL_ONLY``). Streams read DELTA
+outputs (only the new text, token ids and logprobs of a step); ``Choices`` turns each into events and counts
+the tokens for usage, since no output holds them all.
 """
 from __future__ import annotations
 
@@ -114,28 +115,33 @@ class Choices:
         self.logprobs, self.k = logprobs, top_logprobs
         # Completions' echo: per prompt (its text, its first token's text), filled when the request is built.
         self.echo, self.echo_only = echo, echo_only
+        # Streams only: completion characters each choice sent (its logprobs' text_offset), the prompt text
+        # it echoed, the choices that finished; per request its prompt length and prompt logprobs (a DELTA
+        # output carries them once); completion tokens, for usage.
         self.sent_text: dict[int, int] = {}
-        self.sent_tokens: dict[int, int] = {}
-        self.echoed: dict[int, int] = {}  # streamed choice -> length of the prompt text it echoed
+        self.echoed: dict[int, int] = {}
         self.finished: set[int] = set()
+        self.prompt_tokens: dict[str, int] = {}
+        self.prompt_lps: dict[str, list] = {}
+        self.completion_tokens = 0
 
-    def _logprobs(self, o, start: int, text_offset: int):
-        if not self.logprobs or o.logprobs is None:
+    def _logprobs(self, ids: list[int], entries: list | None, text_offset: int):
+        if not self.logprobs or entries is None:
             return None
-        ids, entries = o.token_ids[start:], o.logprobs[start:]
         if self.kind == "chat":
             return chat_logprobs(ids, entries, self.k)
         return completion_logprobs(ids, entries, self.k, text_offset)
 
-    def _echoed(self, out, o, text: str, tok_start: int) -> tuple[str, dict | None]:
+    def _echoed(self, rid: str, prompt_ids: list[int], prompt_lps: list | None, ids: list[int],
+                entries: list | None, text: str) -> tuple[str, dict | None]:
         """A completion choice's text and logprobs with the prompt before them (vLLM's echo); the completion
-        part from token tok_start and text as given; none of it with echo_only."""
-        prompt_text, first_text = self.echo[self.prompt_index[out.request_id]]
-        ids = list(out.prompt_token_ids)
-        entries = list(out.prompt_logprobs) if out.prompt_logprobs is not None else [None] * len(ids)
+        part (ids, entries, text) as given; none of it with echo_only."""
+        prompt_text, first_text = self.echo[self.prompt_index[rid]]
+        completion_ids, ids = ids, list(prompt_ids)
+        completion_entries, entries = entries, list(prompt_lps) if prompt_lps is not None else [None] * len(ids)
         if not self.echo_only:
-            ids += o.token_ids[tok_start:]
-            entries += (o.logprobs or [])[tok_start:]
+            ids += completion_ids
+            entries += completion_entries or []
         text = prompt_text + ("" if self.echo_only else text)
         if not self.logprobs:
             return text, None
@@ -151,9 +157,10 @@ class Choices:
             prompt_lps = prompt_logprobs_json(out.prompt_logprobs)
             for o in out.outputs:
                 index = self.prompt_index[out.request_id] * self.n + o.index
-                text, logprobs = o.text, self._logprobs(o, 0, 0)
+                text, logprobs = o.text, self._logprobs(o.token_ids, o.logprobs, 0)
                 if self.echo is not None:
-                    text, logprobs = self._echoed(out, o, o.text, 0)
+                    text, logprobs = self._echoed(out.request_id, out.prompt_token_ids, out.prompt_logprobs,
+                                                  o.token_ids, o.logprobs, o.text)
                 common = {"index": index, "logprobs": logprobs, "finish_reason": o.finish_reason,
                           "stop_reason": o.stop_reason}
                 if self.kind == "chat":
@@ -178,28 +185,34 @@ class Choices:
             for i in range(len(self.prompt_index) * self.n)]
 
     def events(self, out) -> list[str]:
+        """The events of one DELTA output (``RequestOutputKind.DELTA``)."""
+        rid = out.request_id
+        self.prompt_tokens[rid] = len(out.prompt_token_ids)
+        if out.prompt_logprobs is not None:
+            self.prompt_lps[rid] = out.prompt_logprobs
         events = []
         for o in out.outputs:
-            index = self.prompt_index[out.request_id] * self.n + o.index
+            index = self.prompt_index[rid] * self.n + o.index
+            self.completion_tokens += len(o.token_ids)
             if index in self.finished:
-                continue  # with n > 1, a finished sample reappears while its siblings run
-            text_start, tok_start = self.sent_text.get(index, 0), self.sent_tokens.get(index, 0)
-            delta = o.text[text_start:]
+                continue  # a DELTA output never repeats a finished sample; this guards the events anyway
+            text_start = self.sent_text.get(index, 0)
+            delta, ids, entries = o.text, o.token_ids, o.logprobs
             must_echo = self.echo is not None and index not in self.echoed
             if self.echo_only and not must_echo:
-                delta, tok_start = "", len(o.token_ids)  # the prompt was the whole answer
-            if (not delta and o.finish_reason is None and not must_echo
-                    and (not self.logprobs or len(o.token_ids) == tok_start)):
-                continue
+                delta, ids, entries = "", [], []  # the prompt was the whole answer
+            if not delta and o.finish_reason is None and not must_echo and (not self.logprobs or not ids):
+                continue  # nothing to show: without logprobs, tokens whose text is held back are not shown
             if o.finish_reason is not None:
                 self.finished.add(index)
             # Text can lag tokens (held back while it might be a stop string's start); logprobs follow tokens.
             if must_echo:
-                delta, logprobs = self._echoed(out, o, delta, tok_start)
-                self.echoed[index] = len(self.echo[self.prompt_index[out.request_id]][0])
+                delta, logprobs = self._echoed(rid, out.prompt_token_ids, self.prompt_lps.get(rid), ids, entries,
+                                               delta)
+                self.echoed[index] = len(self.echo[self.prompt_index[rid]][0])
             else:
-                logprobs = self._logprobs(o, tok_start, text_start + self.echoed.get(index, 0))
-            self.sent_text[index], self.sent_tokens[index] = len(o.text), len(o.token_ids)
+                logprobs = self._logprobs(ids, entries, text_start + self.echoed.get(index, 0))
+            self.sent_text[index] = text_start + len(o.text)
             choice = {"index": index, "logprobs": logprobs, "finish_reason": o.finish_reason,
                       "stop_reason": o.stop_reason}
             if self.kind == "chat":
@@ -210,6 +223,12 @@ class Choices:
                 events.append(sse({**self._head("text_completion"), "choices": [choice]}))
         return events
 
-    def usage_event(self, outputs: list) -> str:
+    def stream_usage(self) -> dict:
+        """A stream's usage, from the DELTA outputs it showed."""
+        prompt = sum(self.prompt_tokens.values())
+        return {"prompt_tokens": prompt, "completion_tokens": self.completion_tokens,
+                "total_tokens": prompt + self.completion_tokens}
+
+    def usage_event(self, usage: dict) -> str:
         obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
-        return sse({**self._head(obj), "choices": [], "usage": usage(outputs)})
+        return sse({**self._head(obj), "choices": [], "usage": usage})

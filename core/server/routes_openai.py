@@ -22,6 +22,7 @@ async def chat_completions(request) -> Response:
 async def _generate(request, kind: str) -> Response:
     state = request.state.server
     body = await read_json(request, state.max_body_bytes)
-    req = (parse_chat if kind == "chat" else parse_completion)(body, state.max_logprobs)
+    req = (parse_chat if kind == "chat" else parse_completion)(body, state.max_logprobs, state.limits,
+                                                               state.models.max_model_len)
     result = await serving.generate(request, req, kind, state)
     return result if isinstance(result, Response) else JSONResponse(result)

@@ -1,8 +1,8 @@
-"""Generation: build engine requests (in the engine thread), then answer whole or streamed.
+"""Generation: tokenize (off the engine thread), add the engine requests, then answer whole or streamed.
 
-Tokenization and chat templating run in the engine thread with the engine's own tokenizer, both
-because the tokenizer is not safe to share across threads and so that a prompt is tokenized
-exactly as ``LLM.generate`` / ``LLM.chat`` tokenize it.
+Tokenizing and chat templating run in the frontend's threads (``loraplex.server.frontend``), with copies
+of the engine's tokenizer, so a prompt is tokenized exactly as ``LLM.generate`` / ``LLM.chat`` tokenize
+it, and a long prompt or template costs its own request time, not every tenant's.
 """
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ import asyncio
 import contextlib
 
 from loraplex.errors import PromptTooLongError
+from loraplex.sampling_params import RequestOutputKind
 from loraplex.server.errors import APIError, sse_error
 from loraplex.server.protocol import GenerateRequest
-from loraplex.server.responses import DONE, Choices, EventStream
+from loraplex.server.responses import DONE, Choices, EventStream, usage
 
 
-def _check_length(engine, ids: list[int], max_tokens: int | None) -> None:
-    limit = engine.max_model_len
+def _check_length(limit: int, ids: list[int], max_tokens: int | None) -> None:
     if max_tokens is not None and len(ids) + max_tokens > limit:
         raise PromptTooLongError(
             f"This model's maximum context length is {limit} tokens. However, you requested "
@@ -24,44 +24,41 @@ def _check_length(engine, ids: list[int], max_tokens: int | None) -> None:
             "Please reduce the length of the messages or completion.")
 
 
-def _chat_ids(engine, req: GenerateRequest) -> list[int]:
-    tok = engine.tokenizer
-    if tok is None:
-        raise APIError(400, "This server was started without a tokenizer; chat needs one")
-    try:
-        ids = tok.apply_chat_template(req.messages, tokenize=True, **req.chat_kwargs)
-    except Exception as e:  # jinja errors, a tokenizer without a chat template, bad template kwargs
-        raise APIError(400, f"Cannot apply the chat template: {type(e).__name__}: {e}", param="messages") from None
-    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-        ids = ids["input_ids"]
-    return list(ids)
+async def prepare_prompts(req: GenerateRequest, state) -> tuple[list[dict], list]:
+    """The engine prompts of ``req`` (token ids, and the text where there is one) and, with ``req.echo``,
+    (prompt text, first prompt token's text) per prompt; computed in a frontend thread."""
+    frontend, max_model_len = state.frontend, state.models.max_model_len
 
-
-def request_builder(req: GenerateRequest, lora_name: str | None, models, echo: list | None = None):
-    """``build(engine)`` for ``AsyncEngine.generate``: one engine request per prompt. With ``req.echo``, ``echo``
-    receives (prompt text, first prompt token's text) per prompt, decoded here, in the engine thread."""
-
-    def build(engine):
-        lora = models.lora_request(engine, lora_name)
+    def work(tok):
         if req.messages is not None:
-            prompts = [{"prompt_token_ids": _chat_ids(engine, req)}]
+            prompts = [{"prompt_token_ids": frontend.chat_ids(tok, req.messages, req.chat_kwargs)}]
         else:
             prompts = []
             for p in req.prompts:
                 if isinstance(p, str):
-                    if engine.tokenizer is None:
+                    if tok is None:
                         raise APIError(400, "This server has no tokenizer: send token ids", param="prompt")
-                    prompts.append({"prompt": p, "prompt_token_ids": engine.tokenizer.encode(p)})
+                    prompts.append({"prompt": p, "prompt_token_ids": tok.encode(p)})
                 else:
                     prompts.append({"prompt_token_ids": list(p)})
         for p in prompts:
-            _check_length(engine, p["prompt_token_ids"], req.params.max_tokens)
+            _check_length(max_model_len, p["prompt_token_ids"], req.params.max_tokens)
+        echo = []
         if req.echo:
-            tok = engine.tokenizer
             if tok is None:
                 raise APIError(400, "This server has no tokenizer: 'echo' needs one", param="echo")
-            echo[:] = [(p["prompt"] if p.get("prompt") is not None else tok.decode(p["prompt_token_ids"]),
-                        tok.decode(p["prompt_token_ids"][:1])) for p in prompts]
+            echo = [(p["prompt"] if p.get("prompt") is not None else tok.decode(p["prompt_token_ids"]),
+                     tok.decode(p["prompt_token_ids"][:1])) for p in prompts]
+        return prompts, echo
+
+    return await frontend.run(work)
+
+
+def request_builder(prompts: list[dict], req: GenerateRequest, lora_name: str | None, models):
+    """``build(engine)`` for ``AsyncEngine.generate``: one engine request per (already tokenized) prompt."""
+
+    def build(engine):
+        lora = models.lora_request(engine, lora_name)
         return [(p, req.params, lora) for p in prompts]
 
     return build
@@ -77,8 +74,11 @@ async def generate(request, req: GenerateRequest, kind: str, state):
     lora_name = await state.models.lora_for(req.model)
     model_label = req.model or state.models.base_name
     request.state.model_label = model_label  # only now: a name known to exist
-    echo: list = []
-    group = await state.aengine.generate(request_builder(req, lora_name, state.models, echo))
+    # A stream shows each step's news: DELTA outputs, O(new tokens) each. A whole response needs only the end.
+    req.params.output_kind = RequestOutputKind.DELTA if req.stream else RequestOutputKind.FINAL_ONLY
+    prompts, echo = await prepare_prompts(req, state)
+    group = await state.aengine.generate(request_builder(prompts, req, lora_name, state.models))
+    group.num_seqs = len(group.ids) * req.params.n  # scales the bound on what a stalled stream may hold
     choices = Choices(kind, req.model or state.models.base_name, group.ids, req.params.n, req.logprobs,
                       req.top_logprobs, echo if req.echo else None, req.echo_only)
     if req.stream:
@@ -92,7 +92,7 @@ async def generate(request, req: GenerateRequest, kind: str, state):
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
-    state.metrics.observe(model_label, group, outputs)
+    state.metrics.observe(model_label, group, usage(outputs))
     return choices.response(outputs)
 
 
@@ -103,10 +103,10 @@ async def _stream(group, choices: Choices, req: GenerateRequest, model_label: st
         async for out in group:
             for event in choices.events(out):
                 yield event
-        outputs = [group.final[rid] for rid in group.ids]
-        state.metrics.observe(model_label, group, outputs)
+        counts = choices.stream_usage()
+        state.metrics.observe(model_label, group, counts)
         if req.include_usage:
-            yield choices.usage_event(outputs)
+            yield choices.usage_event(counts)
     except Exception as exc:  # the status line is gone already: report in-band, as vLLM does
         yield sse_error(exc)
     yield DONE
