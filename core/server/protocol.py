@@ -120,6 +120,17 @@ def _text(value: str, param: str) -> str:
     return value
 
 
+def _precheck(body: dict, limits: RequestLimits) -> None:
+    """The count caps, on the raw body, before any per-element work: 10,000 stop strings must cost one len()."""
+    stop, n, prompt = body.get("stop"), body.get("n"), body.get("prompt")
+    if isinstance(stop, list) and len(stop) > limits.max_stop:
+        raise APIError(400, f"at most {limits.max_stop} stop strings, got {len(stop)}", param="stop")
+    if isinstance(n, int) and not isinstance(n, bool) and n > limits.max_n:
+        raise APIError(400, f"'n' must be at most {limits.max_n}, got {n}", param="n")
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) and len(prompt) > limits.max_prompts:
+        raise APIError(400, f"at most {limits.max_prompts} prompts per request, got {len(prompt)}", param="prompt")
+
+
 def _check_limits(req: "GenerateRequest", limits: RequestLimits, max_model_len: int | None) -> None:
     """The per-request caps (docs/security.md): all before tokenizing, so a huge request costs nothing."""
     p = req.params
@@ -249,6 +260,7 @@ def _common(body: dict) -> tuple[str | None, bool, bool]:
 def parse_completion(body: dict, max_logprobs: int, limits: RequestLimits = DEFAULT_LIMITS,
                      max_model_len: int | None = None) -> GenerateRequest:
     _known_fields(body, COMPLETION_FIELDS)
+    _precheck(body, limits)
     echo = _get(body, "echo", "bool", False)
     model, stream, include_usage = _common({k: v for k, v in body.items() if k != "echo"})
     prompt = body.get("prompt")
@@ -298,6 +310,7 @@ def _message(i: int, m) -> dict:
 def parse_chat(body: dict, max_logprobs: int, limits: RequestLimits = DEFAULT_LIMITS,
                max_model_len: int | None = None) -> GenerateRequest:
     _known_fields(body, CHAT_FIELDS)
+    _precheck(body, limits)
     model, stream, include_usage = _common(body)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
