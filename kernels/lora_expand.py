@@ -40,7 +40,9 @@ def _lora_expand_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    UPCAST: tl.constexpr,  # fp32 math (fp32 lora_b, or the interpreter, whose bf16 arithmetic is wrong)
+    # fp32 math: fp32 lora_b, lora_b of another dtype than out (EngineArgs.lora_dtype: the activations keep fp32
+    # rather than dropping to lora_b's), or the interpreter, whose bf16 arithmetic is wrong
+    UPCAST: tl.constexpr,
 ):
     pid_mn = tl.program_id(0)
     pid_n = pid_mn % NUM_N_BLOCKS
@@ -117,6 +119,6 @@ def lora_expand_triton(buf: torch.Tensor, lora_b: torch.Tensor, out: torch.Tenso
         MAX_RANK=max_rank, MAX_LORAS=max_loras, MAX_LORAS_P=max(2, tu.next_power_of_2(max_loras)),
         NUM_SLICES=num_slices, NUM_SPLITS=num_splits, NUM_N_BLOCKS=num_n_blocks,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
-        UPCAST=interpret or lora_b.dtype == torch.float32,
+        UPCAST=interpret or lora_b.dtype == torch.float32 or lora_b.dtype != out.dtype,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

@@ -62,6 +62,7 @@ class LoRAKernelMeta:
         self._arange = torch.arange(max_num_tokens, dtype=torch.int32, device=device)
         self.num_prepares = 0  # bumped by prepare: host-side readers cache per step (see active_slots)
         self._host_view: tuple[int, list] | None = None
+        self._ref_segments: tuple[int, list] | None = None  # lora_ops' torch path: this step's token tiles
 
     @classmethod
     def allocate(cls, max_num_tokens: int, max_loras: int, device, max_rank: int = 16,

@@ -9,7 +9,8 @@ Weights are paged (see lora_meta.py): ``lora_a`` is [num_slices, num_pages, in_d
 page ``meta.page_table[slot, j]``; the kernels gather rows through it.
 
 The torch reference is also the CPU production path: it reads the per-slot token counts on the host (one sync,
-so it is not CUDA-graph capturable) and does one gathered matmul per active slot. The Triton path never syncs.
+so it is not CUDA-graph capturable) and multiplies each active slot's gathered rows in fixed 16-row tiles, so that
+a token's result does not depend on its batch mates (REF_TILE_ROWS). The Triton path never syncs.
 
 Both are registered as torch custom ops (``torch.ops.loraplex.lora_shrink`` / ``lora_expand``), so that
 torch.compile treats them as opaque mutating calls and CUDA graphs capture them. Importing this module does not
@@ -70,8 +71,10 @@ def check_shrink_args(x: torch.Tensor, lora_a: torch.Tensor, out: torch.Tensor, 
     if lora_a.dim() != 3 or lora_a.shape[2] != x.shape[1]:
         raise ValueError(f"lora_shrink: lora_a must be [num_slices, num_pages, in_dim={x.shape[1]}], "
                          f"got {tuple(lora_a.shape)}")
-    if lora_a.dtype != x.dtype:
-        raise ValueError(f"lora_shrink: lora_a is {lora_a.dtype} but x is {x.dtype}")
+    if lora_a.dtype not in _FLOAT_DTYPES:
+        # lora_a may differ from x (EngineArgs.lora_dtype): both are read as they are and multiplied in fp32.
+        raise ValueError(f"lora_shrink: lora_a is {lora_a.dtype}, must be fp16/bf16/fp32 (any of them, whatever "
+                         f"x's dtype)")
     for name, t in (("lora_a", lora_a), ("out", out)):
         if t.device != x.device:
             raise ValueError(f"lora_shrink: {name} is on {t.device} but x is on {x.device}")
@@ -125,21 +128,68 @@ def _pages(t: torch.Tensor, dim: int, pages: list[int]) -> torch.Tensor:
     return t.index_select(dim, torch.tensor(pages, dtype=torch.int64, device=t.device))
 
 
+# Every matmul of the torch path has exactly this many rows: a slot's tokens are cut into tiles, the last one padded
+# (with row 0, whose results nobody reads). The CPU BLAS picks its kernel, and so its summation order, by shape (MKL
+# sgemm sums a row differently for M = 1, 2..3 and >= 4), so one matmul over "the tokens of this adapter" would
+# make a token's LoRA delta depend on how many other tokens share its adapter in the step. With one shape, a token's
+# row is computed the same way whatever the batch (measured row-position independent within a tile): see
+# docs/architecture.md, "Batch invariance".
+REF_TILE_ROWS = 16
+
+
+class _Segment(NamedTuple):
+    count: int  # tokens of the slot
+    rank: int
+    pages: list
+    ids: torch.Tensor  # [count] int64, the slot's token rows
+    padded: torch.Tensor  # [count rounded up to REF_TILE_ROWS] int64: ids, then row 0
+
+
+def _segments(meta) -> list[_Segment]:
+    """The active slots as tiles, built once per prepare on a LoRAKernelMeta (shared by every shrink and expand of
+    the step), per call on anything else."""
+    version = getattr(meta, "num_prepares", None)
+    cached = getattr(meta, "_ref_segments", None)
+    if version is not None and cached is not None and cached[0] == version:
+        return cached[1]
+    segs = []
+    for _, start, count, rank, pages in _active_slots(meta):
+        ids = meta.sorted_token_ids[start:start + count].long()
+        pad = -count % REF_TILE_ROWS
+        segs.append(_Segment(count, rank, pages, ids, torch.nn.functional.pad(ids, (0, pad)) if pad else ids))
+    if version is not None:
+        meta._ref_segments = (version, segs)
+    return segs
+
+
 def lora_shrink_ref(x: torch.Tensor, lora_a: torch.Tensor, out: torch.Tensor, meta, scale: float = 1.0) -> None:
-    """Torch shrink (fp32 math); same contract as :func:`lora_shrink`."""
+    """Torch shrink (fp32 math, whatever the dtypes of x and lora_a); same contract as :func:`lora_shrink`.
+
+    Batch-invariant: a token's result does not depend on the other tokens of the step (REF_TILE_ROWS)."""
     check_shrink_args(x, lora_a, out, meta)
     max_rank = meta.page_table.shape[1]
-    active = _active_slots(meta)
+    segments = _segments(meta)
     if out.dim() == 4:
         # Split-K layout: the whole sum goes to split 0, the other partials of adapter rows are zero.
-        for _, start, count, _, _ in active:
-            out[1:].index_fill_(2, meta.sorted_token_ids[start:start + count].long(), 0.0)
+        for seg in segments:
+            out[1:].index_fill_(2, seg.ids, 0.0)
         out = out[0]
-    for slot, start, count, rank, pages in active:
-        ids = meta.sorted_token_ids[start:start + count].long()  # [count]
-        xs = x.index_select(0, ids).float()  # [count, in_dim]
-        a = _pages(lora_a, 1, pages).float()  # [num_slices, rank, in_dim]
-        res = torch.matmul(xs, a.transpose(1, 2)).mul_(scale)  # [num_slices, count, rank]
+    num_slices, in_dim = lora_a.shape[0], lora_a.shape[2]
+    T = REF_TILE_ROWS
+    for count, rank, pages, ids, padded in segments:
+        xs = x.index_select(0, padded).float()  # [padded, in_dim]
+        # All slices in one product, in one layout whatever the pages' placement (a run of the pool or a gather).
+        a = _pages(lora_a, 1, pages).float()
+        if not a.is_contiguous():
+            a = a.contiguous()
+        a = a.view(num_slices * rank, in_dim).t()  # [in_dim, num_slices * rank]
+        if xs.shape[0] == T:
+            res = torch.mm(xs, a)
+        else:
+            res = torch.cat([torch.mm(xs[t:t + T], a) for t in range(0, xs.shape[0], T)])
+        if res.shape[0] != count:
+            res = res[:count]
+        res = res.view(count, num_slices, rank).permute(1, 0, 2) * scale  # [num_slices, count, rank]
         if rank < max_rank:
             # Rank columns past the adapter's rank are defined as zero.
             res = torch.nn.functional.pad(res, (0, max_rank - rank))
@@ -148,7 +198,10 @@ def lora_shrink_ref(x: torch.Tensor, lora_a: torch.Tensor, out: torch.Tensor, me
 
 def lora_expand_ref(buf: torch.Tensor, lora_b: torch.Tensor, out: torch.Tensor, meta,
                     slice_offsets: torch.Tensor) -> None:
-    """Torch expand (fp32 accumulate, one rounding into out's dtype); same contract as :func:`lora_expand`."""
+    """Torch expand (fp32 math whatever lora_b's and out's dtypes); same contract as :func:`lora_expand`.
+
+    A token's row becomes out + delta, accumulated in fp32 in fixed-shape tiles (batch-invariant, as the shrink)
+    and rounded into out's dtype once."""
     check_expand_args(buf, lora_b, out, meta, slice_offsets)
     if buf.dim() == 4:
         buf = buf.sum(0)  # split-K partials
@@ -156,17 +209,26 @@ def lora_expand_ref(buf: torch.Tensor, lora_b: torch.Tensor, out: torch.Tensor, 
     offsets = slice_offsets.tolist()
     if offsets[0] != 0 or offsets[-1] != out.shape[1] or any(b < a for a, b in zip(offsets, offsets[1:])):
         raise ValueError(f"lora_expand: slice_offsets must rise from 0 to total_out={out.shape[1]}, got {offsets}")
-    for slot, start, count, rank, pages in _active_slots(meta):
+    T = REF_TILE_ROWS
+    for count, rank, pages, ids, padded in _segments(meta):
         if rank == 0:
             continue
-        ids = meta.sorted_token_ids[start:start + count].long()  # [count]
-        low = buf.index_select(1, ids)[:, :, :rank]  # [num_slices, count, rank]
+        low = buf.index_select(1, padded)[:, :, :rank]  # [num_slices, padded, rank]
         b = _pages(lora_b, 0, pages).float()  # [rank, total_out]
-        rows = out.index_select(0, ids).float()  # [count, total_out], a copy: accumulate in place
+        if not b.is_contiguous():
+            b = b.contiguous()  # one layout whatever the pages' placement
+        rows = out.index_select(0, padded).float()  # [padded, total_out], a copy: accumulate in place
         for s in range(num_slices):
             lo, hi = offsets[s], offsets[s + 1]
             if hi > lo:
-                rows[:, lo:hi].addmm_(low[s], b[:, lo:hi])
+                r, u, w = rows[:, lo:hi], low[s], b[:, lo:hi]
+                if rows.shape[0] == T:
+                    r.addmm_(u, w)
+                else:
+                    for t in range(0, rows.shape[0], T):
+                        r[t:t + T].addmm_(u[t:t + T], w)
+        if rows.shape[0] != count:
+            rows = rows[:count]
         out.index_copy_(0, ids, rows.to(out.dtype))
 
 
@@ -252,8 +314,9 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, out: torch.Tensor, meta, 
     """out[s, t, j] = scale * x[t] . lora_a[s, page_table[slot(t), j]] for every token with an adapter, all slices
     at once.
 
-    x:      [num_tokens, in_dim] fp32/bf16/fp16
-    lora_a: [num_slices, num_pages, in_dim], x's dtype (any strides: the pool hands out views)
+    x:      [num_tokens, in_dim] fp32/bf16/fp16 (the model's dtype)
+    lora_a: [num_slices, num_pages, in_dim] fp32/bf16/fp16 (the pool's, EngineArgs.lora_dtype; any strides: the
+            pool hands out views). When it differs from x's dtype, both are multiplied in fp32.
     out:    [num_slices, num_tokens, max_rank] float32; rank columns >= lora_ranks[slot] are written as zeros;
             rows of tokens without an adapter (slot -1) are left untouched. A 4-D out [num_splits, ...] receives
             split-K partial sums (the result is out.sum(0)), which lora_expand adds up as it reads them.
@@ -272,8 +335,9 @@ def lora_expand(buf: torch.Tensor, lora_b: torch.Tensor, out: torch.Tensor, meta
     accumulate.
 
     buf:           [num_slices, num_tokens, max_rank] float32 (shrink's output), or [num_splits, ...] partials
-    lora_b:        [num_pages, total_out], B transposed, all slices packed along dim 1
-    out:           [num_tokens, total_out]; rows of tokens without an adapter are left untouched
+    lora_b:        [num_pages, total_out], B transposed, all slices packed along dim 1 (the pool's dtype)
+    out:           [num_tokens, total_out] (the model's dtype, may differ from lora_b's); rows of tokens without an
+                   adapter are left untouched
     slice_offsets: [num_slices + 1] int32 on out's device, 0 = off[0] <= ... <= off[-1] = total_out
     Only rank columns < lora_ranks[slot] are read.
     """

@@ -47,7 +47,9 @@ def _lora_shrink_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    UPCAST: tl.constexpr,  # fp32 math (fp32 inputs, or the interpreter, whose bf16 arithmetic is wrong)
+    # fp32 math: fp32 x or A, x and A of different dtypes (EngineArgs.lora_dtype; tl.dot takes one input dtype),
+    # or the interpreter, whose bf16 arithmetic is wrong
+    UPCAST: tl.constexpr,
 ):
     pid_mn = tl.program_id(0)
     slice_id = tl.program_id(1) % num_slices
@@ -108,7 +110,9 @@ def lora_shrink_triton(x: torch.Tensor, lora_a: torch.Tensor, out: torch.Tensor,
         raise ValueError(f"lora_shrink_triton: needs CUDA tensors (or TRITON_INTERPRET=1), got {x.device}")
     split_out = out if out.dim() == 4 else out.unsqueeze(0)  # [num_splits, num_slices, num_tokens, max_rank]
     num_splits = split_out.shape[0]
-    cfg = tu.shrink_config(num_tokens, in_dim, max_rank, interpret, x.element_size())
+    # Mixed dtypes (x in the model's, lora_a in lora_dtype) are both upcast and multiplied in fp32, as fp32 inputs.
+    upcast = interpret or x.dtype == torch.float32 or lora_a.dtype != x.dtype
+    cfg = tu.shrink_config(num_tokens, in_dim, max_rank, interpret, max(x.element_size(), lora_a.element_size()))
     per_split = tu.cdiv(in_dim, num_splits)
     block_k = min(cfg.BLOCK_K, max(16, tu.next_power_of_2(per_split)))  # a short split takes one K step
     k_split = tu.cdiv(per_split, block_k) * block_k
@@ -120,6 +124,6 @@ def lora_shrink_triton(x: torch.Tensor, lora_a: torch.Tensor, out: torch.Tensor,
         *x.stride(), *lora_a.stride(), *split_out.stride(), meta.page_table.stride(0), num_slices,
         IN_DIM=in_dim, K_SPLIT=k_split, EVEN_K=k_split * num_splits == in_dim, MAX_RANK=max_rank,
         MAX_LORAS=max_loras, MAX_LORAS_P=max(2, tu.next_power_of_2(max_loras)), NUM_N_BLOCKS=num_n_blocks,
-        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=block_k, UPCAST=interpret or x.dtype == torch.float32,
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=block_k, UPCAST=upcast,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

@@ -6,6 +6,7 @@ wrong page, poisons the result.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -482,3 +483,64 @@ def test_gpu_cuda_graph_replay(num_tokens):
         graph.replay()
         torch.cuda.synchronize()
         assert_close(static_y, _oracle(fresh, torch.zeros_like(static_y), 1.0), torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------------------------- lora_dtype
+# (x dtype = the model's, lora dtype = EngineArgs.lora_dtype). When they differ, both kernels multiply in fp32.
+MIXED = [(torch.float32, torch.bfloat16), (torch.float32, torch.float16), (torch.bfloat16, torch.float32),
+         (torch.float16, torch.float32), (torch.bfloat16, torch.float16), (torch.float16, torch.bfloat16)]
+_MIXED_PARAMS = [pytest.param("torch", x, w, id=f"torch-{x}-{w}".replace("torch.", "")) for x, w in MIXED] + [
+    pytest.param(b, x, w, id=f"{b}-{x}-{w}".replace("torch.", ""), marks=needs_triton)
+    for b in ("triton", "triton-decode") for x, w in MIXED[::2]]
+
+
+def _mixed_case(x_dtype, lora_dtype, seed=0, name="qkv_fp32", device=DEVICE) -> Case:
+    """CASES[name] with the pool in lora_dtype and x drawn in x_dtype (full precision of its own dtype)."""
+    n, k, sizes, ranks, slots, _, max_rank = CASES[name]
+    c = make_case(n, k, sizes, ranks, slots, lora_dtype, max_rank=max_rank, seed=seed, device=device)
+    x = torch.randn(n, k, generator=torch.Generator().manual_seed(seed + 100)).to(device, x_dtype)
+    return dataclasses.replace(c, x=x)
+
+
+@pytest.mark.parametrize("backend,x_dtype,lora_dtype", _MIXED_PARAMS)
+def test_mixed_dtypes(backend, x_dtype, lora_dtype, monkeypatch):
+    """x in the model's dtype, A/B in lora_dtype. The shrink meets fp32's tolerance (the stored values multiplied
+    exactly, neither operand rounded to the other's dtype); the expand meets y's (fp32 accumulation, one rounding
+    into y's dtype: an fp32 y keeps fp32's tolerance, so the activations were not dropped to lora_b's dtype)."""
+    c = _mixed_case(x_dtype, lora_dtype)
+    shrink, expand = _impls(backend)
+    out = torch.full((c.lora_a.shape[0], c.x.shape[0], c.max_rank), SENTINEL, device=DEVICE)
+    shrink(c.x, c.lora_a, out, c.meta, 0.5)
+    assert_close(out, naive_shrink(c, 0.5), torch.float32)
+    y = torch.randn(c.x.shape[0], sum(c.out_sizes), generator=torch.Generator().manual_seed(1)).to(DEVICE, x_dtype)
+    expected = naive_expand(c, naive_shrink(c, 0.5, fill=0.0), y)
+    expand(out, c.lora_b, y, c.meta, c.offsets)
+    assert_close(y, expected, x_dtype)
+    # The public entry point, split-K scratch and dispatch included.
+    y = torch.zeros(c.x.shape[0], sum(c.out_sizes), device=DEVICE, dtype=x_dtype)
+    add_lora(y, c.x, c.lora_a, c.lora_b, c.meta, c.offsets, scale=0.5, backend=_public_backend(backend, monkeypatch))
+    assert_close(y, _oracle(c, torch.zeros_like(y), 0.5), x_dtype)
+
+
+def test_mixed_dtype_checks():
+    c = _mixed_case(torch.float32, torch.bfloat16)
+    out = torch.zeros(3, 13, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="lora_a is torch.int8"):
+        lora_shrink(c.x, c.lora_a.to(torch.int8), out, c.meta, backend="torch")
+    with pytest.raises(ValueError, match="lora_b must be"):
+        lora_expand(out, c.lora_b.double(), torch.zeros(13, 112, device=DEVICE), c.meta, c.offsets, backend="torch")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "triton-decode"])
+@pytest.mark.parametrize("x_dtype,lora_dtype", MIXED)
+@pytest.mark.parametrize("num_tokens", [256, 32])
+def test_gpu_mixed_dtypes(backend, x_dtype, lora_dtype, num_tokens, monkeypatch):
+    """Compiled kernels over mixed dtypes, split-K partials as the runtime allocates them."""
+    name = _public_backend(backend, monkeypatch)
+    c = _gpu_case(num_tokens, 3072, (3072, 1024, 1024), [16, 8, 16], lora_dtype)
+    c = dataclasses.replace(c, x=c.x.to(x_dtype))
+    y0 = torch.randn(num_tokens, 5120, device=DEVICE).to(x_dtype)
+    expected = _oracle(c, y0, 0.5)
+    add_lora(y0, c.x, c.lora_a, c.lora_b, c.meta, c.offsets, scale=0.5, backend=name)
+    assert_close(y0, expected, x_dtype)
