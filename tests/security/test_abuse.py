@@ -265,12 +265,13 @@ def test_latency_under_attack_stays_within_2x(tiny_llama, tmp_path):
             time.sleep(0.2)
         _latencies(url, 5)  # warm-up
         alone = statistics.median(_latencies(url, 20))
-        # The attacker is a process of its own (as a remote one would be): in this process its thread would take
-        # the GIL from the well-behaved client being timed. Its bodies are encoded once, up front.
+        # The attacker is a process of its own, at the lowest CPU priority: a remote attacker spends its own CPU,
+        # not the server's, and on this machine its thread would take the GIL from the client being timed. It
+        # still sends as fast as it can; its bodies are encoded once, up front.
         abuse_file = tmp_path / "abuse.json"
         abuse_file.write_text(json.dumps(ABUSE))
         attacker = subprocess.Popen([sys.executable, "-c", _ATTACKER, url, str(abuse_file)], stdout=subprocess.PIPE,
-                                    text=True)
+                                    text=True, preexec_fn=lambda: os.nice(19))
         time.sleep(1.0)
         try:
             attacked = statistics.median(_latencies(url, 20))
@@ -278,9 +279,10 @@ def test_latency_under_attack_stays_within_2x(tiny_llama, tmp_path):
             attacker.terminate()
             report = attacker.communicate(timeout=30)[0].split()
         statuses = {int(code) for code in report[1:]}
-        assert int(report[0]) > 20 and statuses <= {400, 413}, report  # 413: the 9 MB body, from Content-Length
+        print(f"attacker: {report[0]} requests")
+        assert int(report[0]) > 100 and statuses <= {400, 413}, report  # 413: the 9 MB body, from Content-Length
         print(f"median latency alone {alone * 1000:.1f} ms, under attack {attacked * 1000:.1f} ms")
-        assert attacked < 2 * alone + 0.005, (alone, attacked)
+        assert attacked < 2 * alone, (alone, attacked)
     finally:
         proc.terminate()
         proc.wait(30)
