@@ -71,6 +71,11 @@ def make_tiny_model(out_dir, arch: str = "llama", seed: int = 0, **overrides) ->
         cfg = transformers.Qwen3Config(**{**common, "head_dim": 32, "num_attention_heads": 3, "num_key_value_heads": 1,
                                            "use_sliding_window": False})
         cls = transformers.Qwen3ForCausalLM
+    elif arch == "granite":
+        # Multipliers far from 1 (Granite 3.x ships e.g. 12, 0.0078, 0.22, 8), so each one shows in the output.
+        cfg = transformers.GraniteConfig(**{**common, "embedding_multiplier": 6.0, "attention_multiplier": 0.05,
+                                            "residual_multiplier": 0.5, "logits_scaling": 4.0})
+        cls = transformers.GraniteForCausalLM
     else:
         raise ValueError(arch)
     for key, value in overrides.items():

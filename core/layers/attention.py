@@ -24,12 +24,12 @@ class AttentionMetadata:
 
 class Attention(nn.Module):
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, sliding_window: int | None = None,
-                 backend: str = "auto"):
+                 backend: str = "auto", scale: float | None = None):
         super().__init__()
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
-        self.scale = head_dim ** -0.5
+        self.scale = head_dim ** -0.5 if scale is None else scale
         self.sliding_window = sliding_window
         self.backend = backend
         # Views into the engine's KV cache, attached by the model runner once it is sized.

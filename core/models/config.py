@@ -11,6 +11,8 @@ SUPPORTED_ARCHITECTURES = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    # Llama with four scalars: embeddings, attention scores, residual branches and logits (Granite 3.x).
+    "GraniteForCausalLM": "granite",
 }
 
 
@@ -34,6 +36,12 @@ class ModelConfig:
     sliding_window: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     hidden_act: str = "silu"
+    # Granite's multipliers (1.0 / None elsewhere): x = embed * embedding_multiplier; softmax scale
+    # attention_multiplier instead of head_dim ** -0.5; residual += branch * residual_multiplier; logits / logits_scaling.
+    embedding_multiplier: float = 1.0
+    attention_multiplier: float | None = None
+    residual_multiplier: float = 1.0
+    logits_scaling: float = 1.0
     # Fused Triton RMSNorm / rotary / SiLU·mul on CUDA (LORAPLEX_FUSED_OPS=1). Off by default: experimental.
     fused_ops: bool = False
 
@@ -52,7 +60,7 @@ class ModelConfig:
         if arch is None:
             model_type = getattr(hf_config, "model_type", None)
             by_type = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                       "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+                       "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "granite": "GraniteForCausalLM"}
             arch = by_type.get(model_type) if not archs else None
         if arch is None:
             raise UnsupportedModelError(
@@ -72,6 +80,8 @@ class ModelConfig:
             window = getattr(hf_config, "sliding_window", None)
         elif family in ("qwen2", "qwen3") and getattr(hf_config, "use_sliding_window", False):
             raise UnsupportedModelError("Qwen sliding-window attention (use_sliding_window=True) is not supported")
+        if getattr(hf_config, "mlp_bias", False):
+            raise UnsupportedModelError("mlp_bias=True (a bias on gate/up/down) is not supported")
         eos = getattr(hf_config, "eos_token_id", None)
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
         return cls(
@@ -93,4 +103,9 @@ class ModelConfig:
             sliding_window=window,
             eos_token_ids=eos_ids,
             hidden_act=act,
+            **({} if family != "granite" else dict(
+                embedding_multiplier=float(hf_config.embedding_multiplier),
+                attention_multiplier=float(hf_config.attention_multiplier),
+                residual_multiplier=float(hf_config.residual_multiplier),
+                logits_scaling=float(hf_config.logits_scaling))),
         )

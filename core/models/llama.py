@@ -1,4 +1,5 @@
-"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM) over a flat token batch and paged KV cache."""
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM, Granite) over a flat token batch and paged KV
+cache."""
 from __future__ import annotations
 
 import torch
@@ -38,7 +39,7 @@ class LlamaAttention(nn.Module):
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling,
                                       fused=cfg.fused_ops)
         self.attn = Attention(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
-                              cfg.sliding_window, attn_backend)
+                              cfg.sliding_window, attn_backend, scale=cfg.attention_multiplier)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         cfg = self.cfg
@@ -75,16 +76,22 @@ class LlamaDecoderLayer(nn.Module):
         self.self_attn = LlamaAttention(cfg, attn_backend, dtype, device)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device, cfg.fused_ops)
         self.mlp = LlamaMLP(cfg, dtype, device)
+        self.residual_multiplier = cfg.residual_multiplier
 
     def forward(self, positions, x, residual, meta):
-        # The residual stream travels beside the hidden states so each add fuses into the next norm.
+        # The residual stream travels beside the hidden states so each add fuses into the next norm; a branch's
+        # output is scaled (Granite) before it joins the stream.
+        m = self.residual_multiplier
         if residual is None:
             residual, x = x, self.input_layernorm(x)
         else:
             x, residual = self.input_layernorm(x, residual)
         x = self.self_attn(positions, x, meta)
+        if m != 1.0:
+            x = x * m
         x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
+        x = self.mlp(x)
+        return (x * m if m != 1.0 else x), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -118,6 +125,8 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         # input_ids, positions: [num_tokens] -> hidden states [num_tokens, hidden]
         x = self.embed_tokens(input_ids)
+        if self.cfg.embedding_multiplier != 1.0:
+            x = x * self.cfg.embedding_multiplier
         residual = None
         for layer in self.layers:
             x, residual = layer(positions, x, residual, meta)
@@ -125,4 +134,5 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [num_seqs, hidden] -> [num_seqs, vocab] in fp32 for sampling
-        return nn.functional.linear(hidden, self.lm_head_weight).float()
+        logits = nn.functional.linear(hidden, self.lm_head_weight).float()
+        return logits / self.cfg.logits_scaling if self.cfg.logits_scaling != 1.0 else logits
