@@ -7,6 +7,7 @@ from loraplex.errors import ConfigError, UnknownArgumentError
 
 _DTYPES = ("auto", "float32", "float16", "bfloat16", "half", "float", "fp32", "fp16", "bf16")
 _DEVICES = ("auto", "cpu", "cuda")
+_MODALITIES = ("image", "audio", "video")
 
 
 @dataclass
@@ -58,6 +59,11 @@ class EngineArgs:
     # Dtype of the adapter weights in host and device memory; "auto" = the model's. The kernels cast.
     lora_dtype: str = "auto"
     fully_sharded_loras: bool = False  # only False: nothing is sharded on one device
+    # Modality ("image", "audio", "video") -> adapter path applied to requests that carry it and name no adapter
+    # (vLLM's default_mm_loras). Needs a multi-modal model: a text-only one refuses it at start.
+    default_mm_loras: dict | None = None
+    # Modality -> most items per prompt (vLLM's limit_mm_per_prompt); like default_mm_loras, multi-modal only.
+    limit_mm_per_prompt: dict | None = None
     tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
@@ -137,6 +143,17 @@ class EngineArgs:
         self.lora_dtype = str(self.lora_dtype).lower().replace("torch.", "")
         if self.lora_dtype not in _DTYPES:
             raise bad("lora_dtype", f"must be one of {_DTYPES}")
+        for name, kind in (("default_mm_loras", str), ("limit_mm_per_prompt", int)):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not isinstance(value, dict) or any(k not in _MODALITIES for k in value) or any(
+                    not isinstance(v, kind) or isinstance(v, bool) or (kind is str and not v)
+                    or (kind is int and v < 0) for v in value.values()):
+                raise bad(name, f"must map modalities {_MODALITIES} to "
+                          f"{'adapter paths' if kind is str else 'ints >= 0'}")
+        if self.default_mm_loras and not self.enable_lora:
+            raise bad("default_mm_loras", "needs enable_lora=True")
 
     @classmethod
     def field_names(cls) -> set[str]:

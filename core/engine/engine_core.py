@@ -114,6 +114,11 @@ def build_engine_parts(args: EngineArgs, progress: bool = False) -> dict:
         raise ConfigError(f"EngineArgs.max_num_batched_tokens must be >= max_model_len ({max_model_len}), since "
                           f"a whole prompt is prefilled in one step, got {args.max_num_batched_tokens}",
                           "max_num_batched_tokens")
+    for name in ("default_mm_loras", "limit_mm_per_prompt"):
+        # Every architecture served today is text-only (multi-modal models: issue #16).
+        if getattr(args, name) and any(getattr(args, name).values()):
+            raise ConfigError(f"EngineArgs.{name} needs a multi-modal model; {model_config.architecture} is "
+                              f"text-only, got {getattr(args, name)!r}", name)
     tokenizer = None if args.skip_tokenizer_init else load_tokenizer(args, path)
     model = build_model(path, hf_config, dtype, device, load_format=args.load_format, progress=progress)
     plugin_manager = _plugin_manager()

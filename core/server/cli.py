@@ -96,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a step running longer marks the engine stuck: /health answers 503")
     s.add_argument("--disable-log-stats", action="store_true", help="no periodic throughput/queue/KV-cache log line")
     s.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="only 1: loraplex runs on one device")
+    lora.add_argument("--default-mm-loras", type=_json_object, default=None, metavar="JSON",
+                      help='modality -> adapter applied when a request carries it and names none, e.g. '
+                           '\'{"audio": "/path/to/lora"}\' (multi-modal models)')
+    s.add_argument("--limit-mm-per-prompt", type=_json_object, default=None, metavar="JSON",
+                   help='modality -> most items per prompt, e.g. \'{"image": 2}\' (multi-modal models)')
     lora.add_argument("--fully-sharded-loras", action="store_true",
                       help="refused: it shards LoRA over tensor-parallel ranks (vLLM's flag)")
     # Accepted so that vLLM command lines run unchanged: they turn off what loraplex does not do anyway
@@ -103,6 +108,16 @@ def build_parser() -> argparse.ArgumentParser:
     for flag in ("--disable-log-requests", "--disable-frontend-multiprocessing"):
         s.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
     return parser
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {text!r}")
+    return value
 
 
 def _demo(args) -> tuple[str, list[str], str]:
@@ -188,7 +203,8 @@ def serve(args) -> int:
             num_lora_loader_workers=args.num_lora_loader_workers,
             max_lora_bypass_steps=args.max_lora_bypass_steps, lora_dtype=args.lora_dtype,
             fully_sharded_loras=args.fully_sharded_loras, tensor_parallel_size=args.tensor_parallel_size,
-            disable_log_stats=args.disable_log_stats)
+            disable_log_stats=args.disable_log_stats, default_mm_loras=args.default_mm_loras,
+            limit_mm_per_prompt=args.limit_mm_per_prompt)
         limits = RequestLimits(max_n=args.max_n, max_prompt_chars=args.max_prompt_chars,
                                max_request_tokens=args.max_request_tokens,
                                trust_request_chat_template=args.trust_request_chat_template,

@@ -21,12 +21,26 @@ def llm(tiny_llama):
     (dict(lora_dtype="int8"), "lora_dtype"),
     (dict(enforce_eager="yes"), "enforce_eager"),
     (dict(max_loras=0), "max_loras"),
+    (dict(default_mm_loras={"smell": "/x"}, enable_lora=True), "default_mm_loras"),
+    (dict(default_mm_loras={"audio": ""}, enable_lora=True), "default_mm_loras"),
+    (dict(default_mm_loras={"audio": "/x"}), "default_mm_loras"),  # without enable_lora
+    (dict(limit_mm_per_prompt={"image": -1}), "limit_mm_per_prompt"),
 ])
 def test_engine_args_refused_by_name(kwargs, name):
     with pytest.raises(ConfigError) as info:
         EngineArgs(model="m", **kwargs)
     assert info.value.name == name and f"EngineArgs.{name}" in str(info.value)
     assert isinstance(info.value, ValueError)  # what vLLM code catches
+
+
+def test_multi_modal_arguments_need_a_multi_modal_model(tiny_llama):
+    """vLLM's default_mm_loras / limit_mm_per_prompt are arguments now (no TypeError), refused for a text-only
+    model by name at start."""
+    for kwargs in (dict(default_mm_loras={"audio": "/some/lora"}, enable_lora=True),
+                   dict(limit_mm_per_prompt={"image": 2})):
+        with pytest.raises(ConfigError, match="needs a multi-modal model; LlamaForCausalLM is text-only"):
+            LLM(model=str(tiny_llama), max_model_len=128, **kwargs)
+    LLM(model=str(tiny_llama), max_model_len=128, limit_mm_per_prompt={"image": 0})  # zero asks for nothing
 
 
 def test_unknown_engine_argument(tiny_llama):
