@@ -122,9 +122,12 @@ class LlamaForCausalLM(nn.Module):
             obj = getattr(obj, part)
         return obj
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        # input_ids, positions: [num_tokens] -> hidden states [num_tokens, hidden]
-        x = self.embed_tokens(input_ids)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        # input_ids, positions: [num_tokens] -> hidden states [num_tokens, hidden]. inputs_embeds [num_tokens, hidden]
+        # replaces the embedding lookup (a multi-modal prefill: token embeddings with encoder outputs scattered in at
+        # the placeholder positions); Granite's multiplier applies to it as well, as in HF.
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         if self.cfg.embedding_multiplier != 1.0:
             x = x * self.cfg.embedding_multiplier
         residual = None
