@@ -291,6 +291,9 @@ def parse_completion(body: dict, max_logprobs: int, limits: RequestLimits = DEFA
     return req
 
 
+_MEDIA_PARTS = ("image_url", "input_audio", "audio_url", "video_url", "image", "audio", "file")
+
+
 def _message(i: int, m) -> dict:
     if not isinstance(m, dict) or not isinstance(m.get("role"), str):
         raise _bad(f"messages[{i}]", "an object with a string 'role'", m)
@@ -298,6 +301,11 @@ def _message(i: int, m) -> dict:
     if isinstance(content, list):  # OpenAI content parts: only text is served here
         texts = []
         for part in content:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind in _MEDIA_PARTS:
+                # Every model served today is text-only (multi-modal models: issue #16).
+                raise APIError(400, f"'messages[{i}].content' holds a '{kind}' part, but the served model is "
+                               "text-only: multi-modal input is not supported", param=f"messages[{i}].content")
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
                 raise _bad(f"messages[{i}].content", "a string or an array of text parts", part)
             texts.append(part["text"])

@@ -109,6 +109,19 @@ def test_server_refuses_by_name(server, route, body, param):
     assert err["type"] == "BadRequestError" and err["param"] == param and param in err["message"]
 
 
+@pytest.mark.parametrize("part", [
+    {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
+    {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}},
+])
+def test_server_refuses_media_for_a_text_only_model(server, part):
+    body = {**CHAT, "messages": [{"role": "user", "content": [{"type": "text", "text": "what is this?"}, part]}]}
+    r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=30)
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["param"] == "messages[0].content" and f"'{part['type']}' part" in err["message"]
+    assert "text-only" in err["message"]
+
+
 def test_server_refuses_non_finite_numbers(server):
     r = httpx.post(server.url + "/v1/completions", content='{"model": "tiny", "prompt": "a", "temperature": Infinity}',
                    headers={"content-type": "application/json"}, timeout=30)
