@@ -20,40 +20,57 @@ logger = logging.getLogger("loraplex.server")
 DEFAULT_MAX_LORA_RANK = 16
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows a flag's default, unless its help already speaks of one or there is none to show."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if "default" in text or default is None or default is False or default == argparse.SUPPRESS \
+                or not action.option_strings:
+            return text
+        return f"{text} (default: {default})".lstrip()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraplex", description="Serve many LoRA adapters on one base LLM "
                                      "with vLLM's OpenAI-compatible API.")
     parser.add_argument("--version", action="version", version=f"loraplex {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     s = sub.add_parser("serve", help="start the OpenAI-compatible server",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       formatter_class=_HelpFormatter,
                        description="Start the OpenAI-compatible server. Without MODEL: the embedded demo model "
                        "and its demo adapters.")
     s.add_argument("model", nargs="?", default=None, help="model directory, GGUF file or hub id")
     s.add_argument("--model", dest="model_flag", default=None, help="same as the positional MODEL")
-    s.add_argument("--host", default="0.0.0.0", help="interface to bind (vLLM's default: all interfaces)")
+    s.add_argument("--host", default="0.0.0.0", help="interface to bind (0.0.0.0: all interfaces, as vLLM)")
     s.add_argument("--port", type=int, default=8000, help="port to bind (0: any free port)")
     s.add_argument("--uvicorn-log-level", default="info",
-                   choices=["critical", "error", "warning", "info", "debug", "trace"])
+                   choices=["critical", "error", "warning", "info", "debug", "trace"], help="uvicorn's log level")
     s.add_argument("--served-model-name", nargs="+", default=None,
                    help="name(s) the base model answers to (default: MODEL)")
-    s.add_argument("--tokenizer", default=None)
-    s.add_argument("--dtype", default="auto")
-    s.add_argument("--device", default="auto")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--max-model-len", type=int, default=None)
-    s.add_argument("--max-num-seqs", type=int, default=256)
-    s.add_argument("--max-num-batched-tokens", type=int, default=None)
-    s.add_argument("--max-logprobs", type=int, default=20)
-    s.add_argument("--block-size", type=int, default=16)
-    s.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    s.add_argument("--tokenizer", default=None, help="tokenizer directory or hub id (default: the model's)")
+    s.add_argument("--dtype", default="auto", help="auto (float32 on CPU; the checkpoint's half type, or bfloat16, "
+                   "on GPU), float32, float16, bfloat16")
+    s.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
+    s.add_argument("--seed", type=int, default=0, help="seed of the sampler (requests may bring their own)")
+    s.add_argument("--max-model-len", type=int, default=None,
+                   help="context length: prompt + generated tokens (default: the model's max_position_embeddings)")
+    s.add_argument("--max-num-seqs", type=int, default=256, help="sequences in one batch")
+    s.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="tokens in one step (default: max(max_model_len, 2048 on GPU / 512 on CPU, max_num_seqs))")
+    s.add_argument("--max-logprobs", type=int, default=20, help="largest logprobs / top_logprobs a request may ask")
+    s.add_argument("--block-size", type=int, default=16, help="KV cache block size: 8, 16, 32, 64 or 128")
+    s.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="share of GPU memory the engine may use (the KV cache is sized from it)")
     s.add_argument("--cpu-kv-cache-space", type=float, default=1.0, help="CPU KV cache in GiB")
     s.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     s.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="overlap host work with the GPU step (default: on with CUDA graphs)")
-    s.add_argument("--trust-remote-code", action="store_true")
+    s.add_argument("--trust-remote-code", action="store_true", help="passed to transformers")
     lora = s.add_argument_group("LoRA")
-    lora.add_argument("--enable-lora", action="store_true")
+    lora.add_argument("--enable-lora", action="store_true",
+                      help="serve adapters (on with --lora-modules or the demo)")
     lora.add_argument("--lora-modules", nargs="+", action="extend", default=[], metavar="MODULE",
                       help='adapters to preload: name=path or \'{"name": ..., "path": ..., "base_model_name": ...}\'')
     lora.add_argument("--max-loras", type=int, default=1, help="distinct adapters in one batch")
@@ -73,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="loader processes or threads that read and pack adapters off the engine thread")
     lora.add_argument("--max-lora-bypass-steps", type=int, default=16,
                       help="steps in which later adapter requests may pass one whose adapter is loaded")
-    lora.add_argument("--lora-dtype", default="auto")
+    lora.add_argument("--lora-dtype", default="auto",
+                      help="adapter weight dtype: auto (the model's), float16, bfloat16, float32")
     sec = s.add_argument_group("security and limits")
     sec.add_argument("--api-key", default=None, help="Bearer key for every /v1 route (env LORAPLEX_API_KEY)")
     sec.add_argument("--admin-api-key", default=None,

@@ -166,3 +166,17 @@ def test_serve_without_model_uses_the_demo():
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
     finally:
         served.stop()
+
+
+def test_serve_help_describes_every_flag_once():
+    """Every flag has a description, and a default shows once (none for flags whose help says it)."""
+    helptext = run_cli("serve", "--help").stdout
+    assert "(default: None)" not in helptext and helptext.count("(default: MODEL)") == 1
+    import re
+
+    from loraplex.server.cli import build_parser
+
+    serve = build_parser()._subparsers._group_actions[0].choices["serve"]
+    assert [a.option_strings for a in serve._actions if a.option_strings and not a.help] == []
+    for line_block in re.split(r"\n  (?=-)", helptext):
+        assert line_block.count("(default:") <= 1, line_block
