@@ -169,8 +169,10 @@ def _max_rank(modules: list[str]) -> int:
     return max(ranks, default=0)
 
 
-def _banner(url: str, model: str, adapters: list[str], api_key: bool) -> str:
-    auth = ' -H "Authorization: Bearer $LORAPLEX_API_KEY"' if api_key else ""
+def _banner(url: str, model: str, adapters: list[str], api_key: bool, key_from_env: bool = True) -> str:
+    # Name where the key lives: the environment variable, or the --api-key the operator typed.
+    key = "$LORAPLEX_API_KEY" if key_from_env else "<--api-key>"
+    auth = f' -H "Authorization: Bearer {key}"' if api_key else ""
     body = json.dumps({"model": adapters[0] if adapters else model, "prompt": "Hello, my name is",
                        "max_tokens": 32, "temperature": 0})
     return (f"loraplex: serving {model} on {url}" + (f" with adapters {', '.join(adapters)}" if adapters else "")
@@ -255,7 +257,7 @@ def serve(args) -> int:
             if self.should_exit:
                 return
             port = self.servers[0].sockets[0].getsockname()[1] if self.servers else args.port
-            print(_banner(f"http://{display}:{port}", base_name, names, bool(api_key)), flush=True)
+            print(_banner(f"http://{display}:{port}", base_name, names, bool(api_key), not args.api_key), flush=True)
 
     from loraplex.server.http_protocol import protocol_class
 

@@ -70,6 +70,15 @@ class ModelRegistry:
         return APIError(404, f"The model `{model}` does not exist. Valid aliases: {shown}", "NotFoundError",
                         param="model")
 
+    def known_label(self, model) -> str | None:
+        """The metrics label of a request's ``model`` when it names something served now (the base, an alias, a
+        loaded adapter), else None: names nobody serves must not mint metric series."""
+        if model is None:
+            return self.base_name
+        if isinstance(model, str) and (model in self.aliases or model in self.aengine.adapters):
+            return model
+        return None
+
     async def lora_for(self, model: str | None) -> str | None:
         """The adapter a request's ``model`` names, None for the base; resolves unknown names if allowed."""
         if model is None or model in self.aliases:

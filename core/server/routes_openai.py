@@ -22,6 +22,8 @@ async def chat_completions(request) -> Response:
 async def _generate(request, kind: str) -> Response:
     state = request.state.server
     body = await read_json(request, state.max_body_bytes)
+    # Known before the body is checked, so a 400 on a served model is counted under its name.
+    request.state.model_label = state.models.known_label(body.get("model"))
     req = (parse_chat if kind == "chat" else parse_completion)(body, state.max_logprobs, state.limits,
                                                                state.models.max_model_len)
     result = await serving.generate(request, req, kind, state)

@@ -180,3 +180,12 @@ def test_serve_help_describes_every_flag_once():
     assert [a.option_strings for a in serve._actions if a.option_strings and not a.help] == []
     for line_block in re.split(r"\n  (?=-)", helptext):
         assert line_block.count("(default:") <= 1, line_block
+
+
+def test_banner_names_where_the_key_lives():
+    from loraplex.server.cli import _banner
+
+    assert "Bearer $LORAPLEX_API_KEY" in _banner("http://h", "m", [], api_key=True, key_from_env=True)
+    from_flag = _banner("http://h", "m", [], api_key=True, key_from_env=False)
+    assert "Bearer <--api-key>" in from_flag and "$LORAPLEX_API_KEY" not in from_flag
+    assert "Authorization" not in _banner("http://h", "m", [], api_key=False)

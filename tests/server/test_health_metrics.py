@@ -37,12 +37,15 @@ def test_metrics_after_traffic(server):
         assert r.status_code == 200 and list(r.iter_lines())[-2] == "data: [DONE]"
     assert c.post("/v1/completions", json={"model": "nope", "prompt": "x"}).status_code == 404
     assert c.post("/v1/completions", json={"model": "a1", "prompt": "x", "n": 0}).status_code == 400
+    assert c.post("/v1/completions", json={"model": "nope", "prompt": "x", "n": 0}).status_code == 400
     r = c.get("/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     text = r.text
     assert sample(text, "loraplex_requests_total", model="a1", status="200") == 2
     assert sample(text, "loraplex_requests_total", model="a2", status="200") == 2
     assert sample(text, "loraplex_requests_total", model="<unknown>", status="404") == 1
+    # A 400 on a served model counts under its name; a name nobody serves mints no series.
+    assert sample(text, "loraplex_requests_total", model="a1", status="400") == 1
     assert sample(text, "loraplex_requests_total", model="<unknown>", status="400") == 1
     assert sample(text, "loraplex_generation_tokens_total", model="a1") == 10
     assert sample(text, "loraplex_prompt_tokens_total", model="tiny") == 3
