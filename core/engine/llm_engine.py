@@ -146,6 +146,15 @@ class LLMEngine:
                     seq.finish("abort")
                     self._aborted.add(str(rid))
 
+    def stop_sample(self, request_id: str, index: int, stop_reason=None) -> None:
+        """End one sample of a request now, as if it had hit a stop (the server's front end found a stop string
+        in its text); the request's other samples go on."""
+        for seq in self.requests.get(str(request_id), []):
+            if seq.index == index and not seq.is_finished:
+                self.scheduler.finish(seq)
+                seq.finish("stop", stop_reason)
+                self._aborted.add(str(request_id))  # reported in the next step's outputs
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._aborted) or self._pending is not None
 

@@ -38,8 +38,13 @@ def _metrics(seqs: list[Sequence]) -> dict:
 
 
 class OutputProcessor:
-    def __init__(self, tokenizer):
+    """``raw_logprobs``: keep logprobs as the runner gives them, ``(chosen, rank, top_ids, top_lps)`` per token
+    (``(chosen, ranks, top_ids, top_lps)`` lists for prompt logprobs), with no Logprob objects and no decoding:
+    the engine-core process hands them on, and the server's front end builds vLLM's objects (ServingCore)."""
+
+    def __init__(self, tokenizer, raw_logprobs: bool = False):
         self.tokenizer = tokenizer
+        self.raw_logprobs = raw_logprobs
         self.meta: dict[str, tuple] = {}  # request_id -> (prompt text, prompt ids, lora_request)
         self.sent: dict[str, _Sent] = {}  # DELTA requests only
 
@@ -66,6 +71,9 @@ class OutputProcessor:
         slot = seq.prompt_logprobs
         if slot.value is not None:
             return
+        if self.raw_logprobs:
+            slot.value = raw
+            return
         entries: list = [None]
         for tid, chosen, rank, top_ids, top_lps in zip(seq.prompt_token_ids[1:], *raw):
             # vLLM's order: the prompt token itself, then the top-k by rank.
@@ -88,7 +96,10 @@ class OutputProcessor:
 
     def append_token(self, seq: Sequence, token_id: int, logprob) -> None:
         seq.append_token(token_id)
-        if logprob is not None:
+        if logprob is not None and self.raw_logprobs:
+            seq.logprobs.append(logprob)
+            seq.cumulative_logprob += logprob[0]
+        elif logprob is not None:
             chosen, rank, top_ids, top_lps = logprob
             entry = {tid: Logprob(lp, r + 1, None) for r, (tid, lp) in enumerate(zip(top_ids, top_lps))}
             entry[token_id] = Logprob(chosen, rank, None)

@@ -17,12 +17,12 @@ from starlette.routing import Route
 
 from loraplex import __version__, envs
 from loraplex.server import routes_admin, routes_openai
-from loraplex.server.async_engine import AsyncEngine
+from loraplex.server.async_engine import AsyncEngine, EngineClient
 from loraplex.server.errors import EXCEPTION_HANDLERS, APIError, error_response
 from loraplex.server.frontend import Frontend
 from loraplex.server.limits import RequestLimits
 from loraplex.server.metrics import ServerMetrics
-from loraplex.server.models import ModelRegistry
+from loraplex.server.models import ModelRegistry, parse_lora_module
 from loraplex.server.protocol import DEFAULT_MAX_BODY_BYTES
 
 logger = logging.getLogger("loraplex.server")
@@ -30,7 +30,7 @@ logger = logging.getLogger("loraplex.server")
 
 @dataclass
 class ServerState:
-    aengine: AsyncEngine
+    aengine: EngineClient
     models: ModelRegistry
     metrics: ServerMetrics
     max_body_bytes: int
@@ -94,17 +94,25 @@ async def version(request) -> Response:
     return JSONResponse({"version": __version__})
 
 
-def _build_engine(engine_or_args, progress: bool):
+def _build_engine(engine_or_args, progress: bool, lora_modules: list):
+    """The engine client: an engine-core process for EngineArgs, a thread for an in-process LLMEngine."""
     from loraplex.engine.llm_engine import LLMEngine
     from loraplex.engine_args import EngineArgs
+    from loraplex.server.engine_proc import ProcEngineClient
 
-    if isinstance(engine_or_args, AsyncEngine):
+    if isinstance(engine_or_args, EngineClient):
+        if lora_modules and engine_or_args.is_running:
+            raise ValueError("lora_modules are preloaded before serving; this engine client is already running")
         return engine_or_args
     if isinstance(engine_or_args, EngineArgs):
-        engine_or_args = LLMEngine.from_engine_args(engine_or_args, progress=progress)
+        return ProcEngineClient.spawn(engine_or_args, lora_modules=lora_modules, progress=progress)
     if not isinstance(engine_or_args, LLMEngine):
-        raise TypeError(f"create_app needs an LLMEngine, EngineArgs or AsyncEngine, got {type(engine_or_args)}")
-    return AsyncEngine(engine_or_args)
+        raise TypeError(f"create_app needs an LLMEngine, EngineArgs or EngineClient, got {type(engine_or_args)}")
+    aengine = AsyncEngine(engine_or_args)
+    for name, path, base in lora_modules:
+        aengine.core.preload(name, path, base)
+    aengine.publish(adapters=True)
+    return aengine
 
 
 def create_app(engine_or_args, *, served_model_name: str | list[str] | None = None, api_key: str | None = None,
@@ -114,34 +122,47 @@ def create_app(engine_or_args, *, served_model_name: str | list[str] | None = No
                limits: RequestLimits | None = None) -> Starlette:
     """A vLLM-compatible OpenAI server over one engine.
 
+    ``engine_or_args``: ``EngineArgs`` start an engine-core process of its own (the API server and the engine
+    then share no GIL; ``loraplex serve`` does this); an ``LLMEngine`` runs in a thread of this process; an
+    ``EngineClient`` (``ProcEngineClient.spawn(...)``, ``AsyncEngine(engine)``) is used as it is.
     ``None`` for ``api_key``, ``admin_api_key``, ``allowed_lora_paths``, ``allow_runtime_lora_updating``
     and ``max_request_body_bytes`` means: take it from the environment (``loraplex.envs``); an empty
     key or list means "none", whatever the environment says.
     ``lora_modules`` entries are ``name=path`` strings, JSON strings, dicts or LoRARequests, loaded
     before the server accepts requests.
     """
-    aengine = _build_engine(engine_or_args, progress)
-    engine = aengine.engine
+    info = engine_or_args.info if isinstance(engine_or_args, EngineClient) else None
     if isinstance(served_model_name, str):
         served_model_name = [served_model_name]
-    names = list(served_model_name or [engine.args.served_model_name or engine.args.model])
+    names = list(served_model_name or [])
+    if not names:
+        if info is None:
+            args = engine_or_args if not hasattr(engine_or_args, "args") else engine_or_args.args
+            names = [getattr(args, "served_model_name", None) or getattr(args, "model", None)]
+        else:
+            names = [info["served_model_name"] or info["model"]]
+    model_root = info["model"] if info is not None else getattr(getattr(engine_or_args, "args", engine_or_args),
+                                                                "model", names[0])
+    aliases = set(names) | {model_root}
+    modules = []
+    for spec in lora_modules or []:
+        name, path, base = parse_lora_module(spec)
+        if name in aliases:
+            raise ValueError(f"--lora-modules: the adapter name '{name}' conflicts with a served base model")
+        modules.append((name, path, base))
+    aengine = _build_engine(engine_or_args, progress, modules)
     runtime = envs.allow_runtime_lora_updating() if allow_runtime_lora_updating is None else allow_runtime_lora_updating
     api_key = api_key if api_key is not None else envs.api_key()
     admin_api_key = admin_api_key if admin_api_key is not None else envs.admin_api_key()
-    models = ModelRegistry(aengine, names, engine.args.model, allow_runtime_updates=runtime,
+    models = ModelRegistry(aengine, names, model_root, allow_runtime_updates=runtime,
                            allowed_lora_paths=allowed_lora_paths if allowed_lora_paths is not None
                            else envs.allowed_lora_paths(), lora_resolution=lora_resolution)
-    if lora_modules and aengine.is_running:
-        raise ValueError("lora_modules are preloaded before serving; this AsyncEngine is already running")
-    for spec in lora_modules or []:
-        models.preload(engine, spec)
-    aengine.publish(adapters=True)
     limits = limits or RequestLimits()
     aengine.max_step_seconds = limits.max_step_seconds
     state = ServerState(aengine, models, ServerMetrics(aengine),
                         max_request_body_bytes or envs.max_request_body_bytes()
-                        or limits.body_bytes(engine.max_model_len, DEFAULT_MAX_BODY_BYTES),
-                        engine.args.max_logprobs, limits, Frontend(engine, limits))
+                        or limits.body_bytes(aengine.max_model_len, DEFAULT_MAX_BODY_BYTES),
+                        aengine.info["max_logprobs"], limits, Frontend(aengine.tokenizer, limits))
 
     user_keys = tuple(k for k in (api_key, admin_api_key) if k) if api_key else ()
     admin_keys = (admin_api_key,) if admin_api_key else user_keys
@@ -166,7 +187,7 @@ def create_app(engine_or_args, *, served_model_name: str | list[str] | None = No
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        aengine.start()
+        await aengine.astart()
         try:
             yield {"server": state}
         finally:

@@ -13,6 +13,7 @@ from http import HTTPStatus
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 
+from loraplex.engine.wire import EngineCoreError
 from loraplex.errors import (EngineStepError, InvalidRequestError, LoRAAlreadyLoadedError, LoRADisabledError, LoRAError,
                              LoRANotFoundError)
 
@@ -58,7 +59,7 @@ def to_api_error(exc: BaseException) -> APIError:
     # LoRALoadError covers LoRARankError: vLLM answers 500 for a rank too high; loraplex says 400.
     if isinstance(exc, (InvalidRequestError, LoRADisabledError, LoRAError)):
         return APIError(400, str(exc))
-    if isinstance(exc, EngineStepError):  # logged with its cause where it happened
+    if isinstance(exc, (EngineStepError, EngineCoreError)):  # logged with its cause where it happened
         return APIError(500, str(exc))
     if isinstance(exc, EngineUnavailableError):
         return APIError(503, str(exc) or "The engine is not running")

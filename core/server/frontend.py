@@ -109,13 +109,13 @@ class _TemplateSandbox:
 
 
 class Frontend:
-    def __init__(self, engine, limits):
-        self._tokenizer = engine.tokenizer
+    def __init__(self, tokenizer, limits):
+        self._tokenizer = tokenizer
         self._local = threading.local()
         self._pool = concurrent.futures.ThreadPoolExecutor(NUM_THREADS, thread_name_prefix="loraplex-frontend")
         self._sandbox = None
-        if limits.trust_request_chat_template and engine.tokenizer is not None:
-            self._sandbox = _TemplateSandbox(engine.tokenizer, limits.chat_template_timeout_s)
+        if limits.trust_request_chat_template and tokenizer is not None:
+            self._sandbox = _TemplateSandbox(tokenizer, limits.chat_template_timeout_s)
 
     def _own_tokenizer(self):
         tok = getattr(self._local, "tokenizer", None)

@@ -1,20 +1,18 @@
 """Which names the server answers to: the base model's aliases and the adapters in the engine.
 
 The engine's LoRA registry is the single source of truth; this module reads its snapshot (published
-by the engine thread) for fast checks and re-checks inside the engine thread when it acts, so an
-adapter unloaded in between gives a clean 404 rather than a silent reload.
+by the engine side) for fast checks, and the engine side checks again when it acts, so an adapter
+unloaded in between gives a clean 404 rather than a silent reload.
 """
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import itertools
 import json
 import logging
 import os
 import time
 
-from loraplex.errors import LoRAError, LoRANotFoundError
+from loraplex.errors import LoRAAlreadyLoadedError, LoRADisabledError, LoRAError, LoRANotFoundError
 from loraplex.lora.peft_loader import locate
 from loraplex.lora.request import LoRARequest
 from loraplex.server.errors import APIError
@@ -55,16 +53,15 @@ class ModelRegistry:
         self.base_name = served_names[0]
         self.aliases = set(served_names) | {model_root}
         self.model_root = model_root
-        self.max_model_len = aengine.engine.max_model_len
-        self.lora_enabled = aengine.engine.lora_manager is not None
+        self.max_model_len = aengine.max_model_len
+        self.lora_enabled = aengine.is_lora_enabled
         self.allow_runtime_updates = allow_runtime_updates
         self.allowed_roots = [os.path.realpath(os.path.expanduser(p)) for p in allowed_lora_paths or []]
         self._resolution = lora_resolution
-        self._ids = itertools.count(1)
         self.created = int(time.time())
 
     # ------------------------------------------------------------------ names
-    def _not_found(self, model: str) -> APIError:
+    def not_found(self, model: str) -> APIError:
         names = self.served_names + sorted(self.aengine.adapters)
         shown = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
         return APIError(404, f"The model `{model}` does not exist. Valid aliases: {shown}", "NotFoundError",
@@ -88,17 +85,7 @@ class ModelRegistry:
         if self.allow_runtime_updates and self.lora_enabled:
             await self._resolve(model)
             return model
-        raise self._not_found(model)
-
-    def lora_request(self, engine, name: str | None) -> LoRARequest | None:
-        """Engine thread: the current version's request; 404 if it was unloaded meanwhile."""
-        if name is None:
-            return None
-        current = engine.lora_manager.adapters.get(name) if engine.lora_manager is not None else None
-        if current is None:
-            raise self._not_found(name)
-        # The stored request may carry load_inplace=True; a generation must never trigger a reload.
-        return dataclasses.replace(current.request, load_inplace=False)
+        raise self.not_found(model)
 
     async def _resolve(self, name: str) -> None:
         if self._resolution is None:
@@ -109,18 +96,14 @@ class ModelRegistry:
             req = await self._resolution.resolve(self.base_name, name)
         except LoRANotFoundError as e:
             logger.info("adapter %r not resolved: %s", name, e)
-            raise self._not_found(name) from None
+            raise self.not_found(name) from None
         except LoRAError as e:
             raise APIError(400, f"LoRA adapter '{name}' was found but could not be loaded.") from e
         req = dataclasses.replace(req, lora_name=name, load_inplace=False)
-
-        def add(engine):
-            # Queued in the loader threads (a concurrent request may have queued or added it already): the
-            # engine keeps stepping while it loads.
-            return engine.add_lora_async(req)
-
         try:
-            await asyncio.wrap_future(await self.aengine.call(add))
+            # Queued in the loaders (a concurrent request may have queued or added it already): the engine keeps
+            # stepping while it loads.
+            await self.aengine.add_resolved(req)
         except LoRAError as e:
             logger.warning("resolved adapter %r at %s failed to load: %s", name, req.lora_path, e)
             raise APIError(400, f"LoRA adapter '{name}' was found but could not be loaded.") from e
@@ -141,13 +124,12 @@ class ModelRegistry:
         return {"object": "list", "data": data}
 
     # ------------------------------------------------------------------ adapter management
-    def preload(self, engine, spec) -> None:
-        """Before the engine thread starts: load a --lora-modules entry (errors stop the server)."""
+    def check_preload(self, spec) -> tuple[str, str, str | None]:
+        """A --lora-modules entry, parsed and checked against the served names (errors stop the server)."""
         name, path, base = parse_lora_module(spec)
         if name in self.aliases:
             raise ValueError(f"--lora-modules: the adapter name '{name}' conflicts with a served base model")
-        engine.add_lora(LoRARequest(name, next(self._ids), path, base_model_name=base))
-        logger.info("loaded LoRA adapter %r from %s", name, path)
+        return name, path, base
 
     @staticmethod
     def check_value(param: str, value) -> str:
@@ -198,31 +180,20 @@ class ModelRegistry:
             raise APIError(400, f"The lora adapter '{name}' conflicts with a served base model.", "InvalidUserInput")
         path = self.locate(name, path)
         self.check_path(path)
-        allowed = tuple(self.allowed_roots) or None
-
-        def add(engine):
-            if engine.lora_manager is None:
-                raise APIError(400, "LoRA is not enabled on this server; start it with --enable-lora")
-            current = engine.lora_manager.adapters.get(name)
-            if current is not None and not load_inplace:
-                raise APIError(400, f"The lora adapter '{name}' has already been loaded. If you want to load the "
-                               "adapter in place, set 'load_inplace' to True.", "InvalidUserInput")
-            lora_id = current.lora_int_id if current is not None else next(self._ids)
-            return engine.add_lora_async(LoRARequest(name, lora_id, path, load_inplace=load_inplace,
-                                                     allowed_paths=allowed))
-
+        if not self.lora_enabled:
+            raise APIError(400, "LoRA is not enabled on this server; start it with --enable-lora")
         try:
-            # Loaded by the loader threads, not the engine thread: running streams keep their pace.
-            await asyncio.wrap_future(await self.aengine.call(add))
+            # Loaded by the loaders, not the engine loop: running streams keep their pace.
+            await self.aengine.load_adapter(name, path, load_inplace, self.allowed_roots or None)
+        except LoRAAlreadyLoadedError as e:
+            raise APIError(400, str(e), "InvalidUserInput") from None
         except LoRANotFoundError:
             raise APIError(404, f"Loading lora {name} failed: No adapter found for {path}") from None
         except LoRAError as e:
             raise APIError(400, f"Loading lora {name} failed: {e}") from None
 
     async def unload(self, name: str) -> None:
-        def remove(engine):
-            if engine.lora_manager is None or name not in engine.lora_manager.adapters:
-                raise APIError(404, f"The lora adapter '{name}' cannot be found.", "NotFoundError")
-            engine.remove_lora(name)
-
-        await self.aengine.call(remove)
+        try:
+            await self.aengine.unload_adapter(name)
+        except (LoRANotFoundError, LoRADisabledError):
+            raise APIError(404, f"The lora adapter '{name}' cannot be found.", "NotFoundError") from None

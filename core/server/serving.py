@@ -1,7 +1,7 @@
 """Generation: tokenize (off the engine thread), add the engine requests, then answer whole or streamed.
 
 Tokenizing and chat templating run in the frontend's threads (``loraplex.server.frontend``), with copies
-of the engine's tokenizer, so a prompt is tokenized exactly as ``LLM.generate`` / ``LLM.chat`` tokenize
+of the engine's tokenizer (its own, loaded the same way, when the engine runs in another process), so a prompt is tokenized exactly as ``LLM.generate`` / ``LLM.chat`` tokenize
 it, and a long prompt or template costs its own request time, not every tenant's.
 """
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from loraplex.errors import PromptTooLongError
+from loraplex.errors import LoRANotFoundError, PromptTooLongError
 from loraplex.sampling_params import RequestOutputKind
 from loraplex.server.errors import APIError, sse_error
 from loraplex.server.protocol import GenerateRequest
@@ -54,16 +54,6 @@ async def prepare_prompts(req: GenerateRequest, state) -> tuple[list[dict], list
     return await frontend.run(work)
 
 
-def request_builder(prompts: list[dict], req: GenerateRequest, lora_name: str | None, models):
-    """``build(engine)`` for ``AsyncEngine.generate``: one engine request per (already tokenized) prompt."""
-
-    def build(engine):
-        lora = models.lora_request(engine, lora_name)
-        return [(p, req.params, lora) for p in prompts]
-
-    return build
-
-
 async def _wait_disconnect(receive) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
@@ -77,7 +67,10 @@ async def generate(request, req: GenerateRequest, kind: str, state):
     # A stream shows each step's news: DELTA outputs, O(new tokens) each. A whole response needs only the end.
     req.params.output_kind = RequestOutputKind.DELTA if req.stream else RequestOutputKind.FINAL_ONLY
     prompts, echo = await prepare_prompts(req, state)
-    group = await state.aengine.generate(request_builder(prompts, req, lora_name, state.models))
+    try:
+        group = await state.aengine.generate(prompts, req.params, lora_name)
+    except LoRANotFoundError:  # unloaded since lora_for() saw it
+        raise state.models.not_found(lora_name) from None
     group.num_seqs = len(group.ids) * req.params.n  # scales the bound on what a stalled stream may hold
     choices = Choices(kind, req.model or state.models.base_name, group.ids, req.params.n, req.logprobs,
                       req.top_logprobs, echo if req.echo else None, req.echo_only)
