@@ -39,7 +39,8 @@ def main(args, lora_modules: list, address: str, conn, progress: bool, log_level
         for name, path, base in lora_modules:
             core.preload(name, path, base)
     except BaseException as e:
-        logger.error("the engine process could not start (%s)", stage, exc_info=e)
+        # The starting process prints the one-line reason; the traceback is for --uvicorn-log-level debug.
+        logger.debug("the engine process could not start (%s)", stage, exc_info=e)
         conn.send(("error", stage, [type(e).__name__, str(e), {}] if stage == "model" else error_to_wire(e)))
         return
     import zmq
@@ -191,6 +192,9 @@ class CoreLoop:
         if not records:
             return
         per_client: dict[str, list] = {}
+        if any(record[1] for record in records):
+            # Before the outputs: a client that sees its request end then reads gauges that include its end.
+            self._broadcast_state()
         for record in records:
             client = self.owner.get(record[0])
             if client is None:

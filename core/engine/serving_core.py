@@ -57,7 +57,8 @@ class ServingCore:
         return {"model": e.args.model, "served_model_name": e.args.served_model_name, "tokenizer": e.args.tokenizer,
                 "model_path": str(e.model_path), "skip_tokenizer_init": e.args.skip_tokenizer_init,
                 "max_model_len": e.max_model_len, "max_logprobs": e.args.max_logprobs,
-                "is_lora_enabled": e.lora_manager is not None, "eos_token_ids": list(e.eos_token_ids)}
+                "is_lora_enabled": e.lora_manager is not None, "eos_token_ids": list(e.eos_token_ids),
+                "device": str(e.device)}
 
     def has_work(self) -> bool:
         return self.engine.has_unfinished_requests() or self.engine.has_pending_loras()

@@ -2,7 +2,7 @@
 
 Imported lazily so that ``loraplex --help`` works without starlette installed.
 """
-__all__ = ["create_app", "AsyncEngine"]
+__all__ = ["create_app", "AsyncEngine", "ProcEngineClient"]
 
 
 def __getattr__(name):
@@ -14,4 +14,8 @@ def __getattr__(name):
         from loraplex.server.async_engine import AsyncEngine
 
         return AsyncEngine
+    if name == "ProcEngineClient":
+        from loraplex.server.engine_proc import ProcEngineClient
+
+        return ProcEngineClient
     raise AttributeError(name)

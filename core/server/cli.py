@@ -121,10 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help='modality -> most items per prompt, e.g. \'{"image": 2}\' (multi-modal models)')
     lora.add_argument("--fully-sharded-loras", action="store_true",
                       help="refused: it shards LoRA over tensor-parallel ranks (vLLM's flag)")
-    # Accepted so that vLLM command lines run unchanged: they turn off what loraplex does not do anyway
-    # (it logs no request bodies and runs the API server in the engine's process).
-    for flag in ("--disable-log-requests", "--disable-frontend-multiprocessing"):
-        s.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
+    s.add_argument("--disable-frontend-multiprocessing", action="store_true",
+                   help="run the engine in a thread of the API server's process, not in an engine process of its own")
+    # Accepted so that vLLM command lines run unchanged: loraplex logs no request bodies anyway.
+    s.add_argument("--disable-log-requests", action="store_true", help=argparse.SUPPRESS)
     return parser
 
 
@@ -183,13 +183,10 @@ def _banner(url: str, model: str, adapters: list[str], api_key: bool, key_from_e
 def serve(args) -> int:
     import uvicorn
 
-    # The engine thread shares the GIL with the event loop. At CPython's default 5 ms switch interval, a busy
-    # event loop (a flood of requests, even refused ones) makes every GIL hand-back in a step wait up to 5 ms;
-    # 0.5 ms keeps the engine's pace under load at a small cost in switching.
-    sys.setswitchinterval(SWITCH_INTERVAL_S)
 
     from loraplex import EngineArgs, LLMEngine
     from loraplex.server.app import create_app
+    from loraplex.server.engine_proc import EngineStartError
     from loraplex.server.models import parse_lora_module
 
     modules = list(args.lora_modules)
@@ -233,19 +230,32 @@ def serve(args) -> int:
         raise SystemExit(f"loraplex: {e}")
     print(f"loraplex: loading {model} ...", file=sys.stderr, flush=True)
     started = time.monotonic()
-    try:
-        engine = LLMEngine.from_engine_args(engine_args, progress=True)
-    except Exception as e:  # a missing or unsupported model: one clear line, not a traceback
-        raise SystemExit(f"loraplex: cannot load model {model}: {type(e).__name__}: {e}")
-    print(f"loraplex: model loaded in {time.monotonic() - started:.1f}s (max_model_len={engine.max_model_len}, "
-          f"device={engine.device})", file=sys.stderr, flush=True)
     api_key = args.api_key or envs.api_key()
+    if args.disable_frontend_multiprocessing:  # vLLM's flag: the engine runs in the API server's process
+        # The engine thread shares the GIL with the event loop. At CPython's default 5 ms switch interval, a busy
+        # event loop (a flood of requests, even refused ones) makes every GIL hand-back in a step wait up to 5 ms;
+        # 0.5 ms keeps the engine's pace under load at a small cost in switching.
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
+        try:
+            engine = LLMEngine.from_engine_args(engine_args, progress=True)
+        except Exception as e:  # a missing or unsupported model: one clear line, not a traceback
+            raise SystemExit(f"loraplex: cannot load model {model}: {type(e).__name__}: {e}")
+    else:
+        engine = engine_args  # create_app starts the engine-core process
     try:
         app = create_app(engine, served_model_name=served, api_key=api_key, admin_api_key=args.admin_api_key,
                          allowed_lora_paths=args.allowed_lora_paths, lora_modules=modules,
                          max_request_body_bytes=args.max_request_body_bytes, progress=True, limits=limits)
+    except EngineStartError as e:
+        if e.stage == "model":
+            raise SystemExit(f"loraplex: cannot load model {model}: {e}")
+        raise SystemExit(f"loraplex: cannot preload --lora-modules: {e}")
     except Exception as e:
         raise SystemExit(f"loraplex: cannot preload --lora-modules: {type(e).__name__}: {e}")
+    aengine = app.state.server.aengine
+    where = "in this process" if args.disable_frontend_multiprocessing else f"in process {aengine.proc.pid}"
+    print(f"loraplex: model loaded in {time.monotonic() - started:.1f}s (max_model_len={aengine.max_model_len}, "
+          f"device={aengine.info['device']}, engine {where})", file=sys.stderr, flush=True)
     if args.host in ("0.0.0.0", "::", "") and not api_key:
         logger.warning("listening on all interfaces without --api-key: anyone who can reach this port can use it")
     display = "127.0.0.1" if args.host in ("0.0.0.0", "") else ("[::1]" if args.host == "::" else args.host)

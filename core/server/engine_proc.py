@@ -18,6 +18,7 @@ import tempfile
 import threading
 import time
 import uuid
+from pathlib import Path
 
 from loraplex.engine.wire import error_from_wire, lora_to_wire, pack, params_to_wire, unpack
 from loraplex.server.async_engine import EngineClient
@@ -88,7 +89,7 @@ class ProcEngineClient(EngineClient):
             raise EngineStartError(stage, type_name, message)
         _, info, state = reply
         # The front end's own copy, loaded as the engine loads its own: prompts tokenize as LLM.generate's do.
-        tokenizer = None if info["skip_tokenizer_init"] else load_tokenizer(args, info["model_path"])
+        tokenizer = None if info["skip_tokenizer_init"] else load_tokenizer(args, Path(info["model_path"]))
         return cls(info, tokenizer, proc, parent, address, state)
 
     # ------------------------------------------------------------------ lifecycle

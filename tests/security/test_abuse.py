@@ -293,10 +293,10 @@ def test_latency_under_attack_stays_bounded(tiny_llama, tmp_path):
         print(f"attacker: {report[0]} requests")
         assert int(report[0]) > 100 and statuses <= {400, 413}, report  # 413: the 9 MB body, from Content-Length
         print(f"median latency alone {alone * 1000:.1f} ms, under attack {attacked * 1000:.1f} ms")
-        # Issue #22 asks for 2x. Measured with interleaved rounds on the 2-core CI machine: 1.6-2.2x, so 2x is not
-        # met reliably; the rest is the event loop and the engine sharing one process and its GIL (issue #21 moves
-        # the engine core to its own process). This bound guards the fixes (the findings were freezes of seconds).
-        assert attacked < 3 * alone, (alone, attacked)
+        # Issue #22's bound. With the engine in a thread of the API server's process this measured 1.6-2.2x on the
+        # 2-core CI machine (the event loop and the engine shared one GIL); with the engine-core process that
+        # `loraplex serve` starts, 1.0-1.2x.
+        assert attacked < 2 * alone, (alone, attacked)
     finally:
         proc.terminate()
         proc.wait(30)

@@ -40,6 +40,17 @@ class ServerThread:
         self.thread.join(30)
 
 
+def engine_idle(aengine, timeout: float = 5.0) -> bool:
+    """True once the engine reports no request running or waiting, in the state either transport publishes (an
+    engine process sends it at least every few hundred milliseconds)."""
+    deadline = time.monotonic() + timeout
+    while aengine.state.get("num_running") or aengine.state.get("num_waiting"):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def make_engine(model_dir, **overrides):
     from loraplex import EngineArgs, LLMEngine
 
@@ -74,3 +85,72 @@ def greedy_chat(reference, messages, adapter=None, max_tokens: int = 8, **kw):
     params = SamplingParams(temperature=0, max_tokens=max_tokens, **kw)
     req = lora(*adapter) if adapter else None
     return reference.chat(messages, params, lora_request=req)[0].outputs[0]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class CLIServer:
+    """``loraplex serve`` as a real process on 127.0.0.1, healthy on enter, stopped (SIGTERM, then kill) on exit.
+    Its output goes to ``log`` (a path), read back by ``output()``; ``LORAPLEX_*`` / ``VLLM_*`` are not inherited."""
+
+    def __init__(self, *args: str, log, env: dict | None = None, start_timeout: float = 120.0):
+        import os
+        import sys
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        clean = {k: v for k, v in os.environ.items() if not k.startswith(("LORAPLEX_", "VLLM_"))}
+        self.argv = [sys.executable, "-m", "loraplex.server.cli", "serve", *args, "--host", "127.0.0.1",
+                     "--port", str(self.port)]
+        self.env = {**clean, **(env or {})}
+        self.start_timeout = start_timeout
+        self.proc = None
+
+    def __enter__(self) -> "CLIServer":
+        import subprocess
+
+        import httpx
+
+        self._out = open(self.log, "w")
+        self.proc = subprocess.Popen(self.argv, env=self.env, stdout=self._out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + self.start_timeout
+        while True:
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.__exit__()
+                raise RuntimeError(f"the server did not start:\n{self.output()}")
+            time.sleep(0.2)
+
+    def output(self) -> str:
+        with open(self.log) as f:
+            return f.read()
+
+    def engine_pid(self) -> int | None:
+        """The engine-core process's pid, from the start message."""
+        import re
+
+        m = re.search(r"engine in process (\d+)", self.output())
+        return int(m.group(1)) if m else None
+
+    def __exit__(self, *exc) -> None:
+        import subprocess
+
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._out.close()

@@ -5,7 +5,7 @@ import asyncio
 
 import httpx
 import pytest
-from server_helpers import ServerThread, drain, greedy
+from server_helpers import ServerThread, drain, engine_idle, greedy
 
 openai = pytest.importorskip("openai")
 
@@ -95,7 +95,7 @@ def _streams_with_churn(server, reference, adapters):
     for job, (text, finish) in zip(jobs, results):
         assert (text, finish) == (want[job].text, want[job].finish_reason), job
     aengine = server.app.state.server.aengine
-    assert not aengine.submit(lambda e: e.has_unfinished_requests()).result()
+    assert engine_idle(aengine)
     assert sorted(aengine.adapters) == ["a1", "a2", "a3", "a4"]
     metrics = httpx.get(server.url + "/metrics").text
     assert 'loraplex_requests_total{model="a3",status="200"} 13.0' in metrics
