@@ -109,3 +109,31 @@ class Timer:
     def __exit__(self, *exc):
         synchronize()
         self.seconds = time.perf_counter() - self.start
+
+
+def write_tokenizer(directory: Path, vocab_size: int = 32000, seed: int = 0) -> int:
+    """A byte-level BPE tokenizer trained here on synthetic text (no download), saved as an HF fast tokenizer
+    with a chat template; returns its vocabulary size, which the benchmark model's config then takes, so every
+    token a random model samples decodes to text (the server's per-token text work is real)."""
+    import random
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    rng = random.Random(seed)
+    syllables = [a + b for a in "bcdfghjklmnprstvwz" for b in "aeiou"] + list("aeiou")
+    words = ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(60000)]
+    lines = [" ".join(rng.choice(words) for _ in range(rng.randint(5, 30))).capitalize() + "."
+             for _ in range(120000)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(lines, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    fast.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                          "{% if add_generation_prompt %}assistant: {% endif %}")
+    directory.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(str(directory))
+    return len(fast)

@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of GPU memory the engine may use (the KV cache is sized from it)")
     s.add_argument("--cpu-kv-cache-space", type=float, default=1.0, help="CPU KV cache in GiB")
     s.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    s.add_argument("--load-format", choices=["auto", "safetensors", "dummy"], default="auto",
+                   help="dummy: random weights of the checkpoint's shape (benchmarks), nothing read from disk")
     s.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="overlap host work with the GPU step (default: on with CUDA graphs)")
     s.add_argument("--trust-remote-code", action="store_true", help="passed to transformers")
@@ -212,7 +214,7 @@ def serve(args) -> int:
             device=args.device, seed=args.seed, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
             gpu_memory_utilization=args.gpu_memory_utilization, cpu_kv_cache_space=args.cpu_kv_cache_space,
-            enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling,
+            enforce_eager=args.enforce_eager, load_format=args.load_format, async_scheduling=args.async_scheduling,
             max_logprobs=args.max_logprobs, trust_remote_code=args.trust_remote_code,
             enable_lora=args.enable_lora, max_loras=args.max_loras, max_lora_rank=max_rank,
             max_cpu_loras=args.max_cpu_loras, max_gpu_loras=args.max_gpu_loras,
