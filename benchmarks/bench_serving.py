@@ -226,7 +226,7 @@ def run_server(args, model: Path, adapters: list[Path], vocab: int, root: Path, 
     results = {}
     try:
         # Warm-up: CUDA graphs, every adapter resident, the event loop's paths.
-        asyncio.run(closed_loop(port, workload(2 * max(args.concurrency), vocab, args, seed=7),
+        asyncio.run(closed_loop(port, workload(max(args.concurrency), vocab, args, seed=7),
                                 max(args.concurrency), args.gen_len))
         for c in args.concurrency:
             reqs = workload(args.waves * c, vocab, args, seed=1000 + c)
@@ -258,11 +258,12 @@ def main() -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=32768)
     ap.add_argument("--max-loras", type=int, default=32)
     ap.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 32, 128, 256, 512])
-    ap.add_argument("--waves", type=int, default=3, help="requests per concurrency C: waves x C")
+    ap.add_argument("--waves", type=int, default=2, help="requests per concurrency C: waves x C")
     ap.add_argument("--rate", type=float, default=40.0, help="Poisson requests per second (0: skip)")
-    ap.add_argument("--rate-seconds", type=float, default=15.0)
-    ap.add_argument("--transports", default="process,thread",
-                    help="process: the engine-core process (default of serve); thread: --disable-frontend-multiprocessing")
+    ap.add_argument("--rate-seconds", type=float, default=10.0)
+    ap.add_argument("--transports", default="process,api2,thread",
+                    help="process: the engine-core process (serve's default); apiN: with --api-server-count N; "
+                         "thread: --disable-frontend-multiprocessing (the engine in the API server's process)")
     ap.add_argument("--server-args", nargs=argparse.REMAINDER, default=[])
     ap.add_argument("--json", default=None)
     ap.add_argument("--offline-worker", action="store_true", help=argparse.SUPPRESS)
@@ -279,7 +280,10 @@ def main() -> None:
     servers = {}
     base_server_args = list(args.server_args)
     for transport in args.transports.split(","):
-        args.server_args = base_server_args + (["--disable-frontend-multiprocessing"] if transport == "thread" else [])
+        extra = {"process": [], "thread": ["--disable-frontend-multiprocessing"]}.get(transport)
+        if extra is None:
+            extra = ["--api-server-count", transport.removeprefix("api")]
+        args.server_args = base_server_args + extra
         servers[transport] = run_server(args, model, adapters, vocab, root, transport)
     rows = []
     print(f"\n{'workload':<12} {'offline tok/s':>13} {'offline TTFT':>12}", end="")

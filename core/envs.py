@@ -175,3 +175,14 @@ def fused_ops() -> bool:
     """``LORAPLEX_FUSED_OPS``: fused Triton RMSNorm+residual, rotary+KV-cache write and SiLU·mul on CUDA
     (default on; ``0`` falls back to the eager torch ops). CPU always runs the torch ops."""
     return get_bool("FUSED_OPS", default=True)
+
+
+# --- metrics ---------------------------------------------------------------------------------
+
+# prometheus_client's own variable (not LORAPLEX_-prefixed): set by `serve --api-server-count N` for its API
+# server processes, whose counters then add up in /metrics.
+PROMETHEUS_MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def prometheus_multiproc_dir() -> str | None:
+    return os.environ.get(PROMETHEUS_MULTIPROC_DIR) or None

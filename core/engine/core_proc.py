@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import time
 
@@ -26,9 +27,14 @@ STATE_INTERVAL_S = 0.25  # at most this long between two state messages (queue g
 IDLE_POLL_MS = 100
 
 
-def main(args, lora_modules: list, address: str, conn, progress: bool, log_level: int = logging.INFO) -> None:
-    """Process entry point: build, preload, say ready (or why not) on ``conn``, serve until told or orphaned."""
+def main(args, lora_modules: list, address: str, conn, progress: bool, log_level: int = logging.INFO,
+         client_lifelines: list = ()) -> None:
+    """Process entry point: build, preload, say ready (or why not) on ``conn``, serve until told or orphaned.
+    ``client_lifelines``: pipe ends held open for the API servers of --api-server-count, which read EOF on theirs
+    when this process dies."""
     logging.basicConfig(level=log_level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # Ctrl-C reaches the whole process group: the API server stops this process in order (shutdown, lifeline).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     from loraplex.engine.llm_engine import LLMEngine
     from loraplex.engine.serving_core import ServingCore
 
@@ -54,6 +60,8 @@ def main(args, lora_modules: list, address: str, conn, progress: bool, log_level
         CoreLoop(core, ctx, commands, conn).run()
     finally:
         ctx.destroy(linger=1000)
+        for end in client_lifelines:
+            end.close()
 
 
 class CoreLoop:

@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help='modality -> most items per prompt, e.g. \'{"image": 2}\' (multi-modal models)')
     lora.add_argument("--fully-sharded-loras", action="store_true",
                       help="refused: it shards LoRA over tensor-parallel ranks (vLLM's flag)")
+    s.add_argument("--api-server-count", type=int, default=1,
+                   help="API server processes sharing the port over one engine process (tokenizing, detokenizing "
+                        "and SSE on several cores)")
     s.add_argument("--disable-frontend-multiprocessing", action="store_true",
                    help="run the engine in a thread of the API server's process, not in an engine process of its own")
     # Accepted so that vLLM command lines run unchanged: loraplex logs no request bodies anyway.
@@ -233,6 +236,18 @@ def serve(args) -> int:
     print(f"loraplex: loading {model} ...", file=sys.stderr, flush=True)
     started = time.monotonic()
     api_key = args.api_key or envs.api_key()
+    if args.host in ("0.0.0.0", "::", "") and not api_key:
+        logger.warning("listening on all interfaces without --api-key: anyone who can reach this port can use it")
+    display = "127.0.0.1" if args.host in ("0.0.0.0", "") else ("[::1]" if args.host == "::" else args.host)
+    base_name = (served or [model])[0]
+    if args.api_server_count < 1:
+        raise SystemExit(f"loraplex: --api-server-count must be >= 1, got {args.api_server_count}")
+    if args.api_server_count > 1:
+        if args.disable_frontend_multiprocessing:
+            raise SystemExit("loraplex: --api-server-count > 1 needs the engine in a process of its own; "
+                             "drop --disable-frontend-multiprocessing")
+        return _serve_api_servers(args, engine_args, modules, served, api_key, limits, model, started, display,
+                                  base_name, names)
     if args.disable_frontend_multiprocessing:  # vLLM's flag: the engine runs in the API server's process
         # The engine thread shares the GIL with the event loop. At CPython's default 5 ms switch interval, a busy
         # event loop (a flood of requests, even refused ones) makes every GIL hand-back in a step wait up to 5 ms;
@@ -258,10 +273,6 @@ def serve(args) -> int:
     where = "in this process" if args.disable_frontend_multiprocessing else f"in process {aengine.proc.pid}"
     print(f"loraplex: model loaded in {time.monotonic() - started:.1f}s (max_model_len={aengine.max_model_len}, "
           f"device={aengine.info['device']}, engine {where})", file=sys.stderr, flush=True)
-    if args.host in ("0.0.0.0", "::", "") and not api_key:
-        logger.warning("listening on all interfaces without --api-key: anyone who can reach this port can use it")
-    display = "127.0.0.1" if args.host in ("0.0.0.0", "") else ("[::1]" if args.host == "::" else args.host)
-    base_name = (served or [model])[0]
 
     class Server(uvicorn.Server):
         async def startup(self, sockets=None):
@@ -280,6 +291,38 @@ def serve(args) -> int:
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown
         pass
     return 0
+
+
+def _serve_api_servers(args, engine_args, modules, served, api_key, limits, model, started, display, base_name,
+                       names) -> int:
+    from loraplex.server.engine_proc import EngineStartError
+    from loraplex.server.launcher import serve_api_servers
+    from loraplex.server.models import parse_lora_module
+
+    try:
+        lora_modules = [parse_lora_module(m) for m in modules]
+    except ValueError as e:
+        raise SystemExit(f"loraplex: {e}")
+    if any(name in set(served or [model]) | {model} for name, _, _ in lora_modules):
+        raise SystemExit("loraplex: --lora-modules: an adapter name conflicts with a served base model")
+    app_kwargs = dict(served_model_name=served, api_key=api_key, admin_api_key=args.admin_api_key,
+                      allowed_lora_paths=args.allowed_lora_paths, max_request_body_bytes=args.max_request_body_bytes,
+                      limits=limits)
+    uvicorn_kwargs = dict(host=args.host, port=args.port, log_level=args.uvicorn_log_level,
+                          timeout_graceful_shutdown=10, header_timeout=args.header_timeout)
+
+    def on_started(port: int, engine_pid: int) -> None:
+        print(f"loraplex: model loaded in {time.monotonic() - started:.1f}s (engine in process {engine_pid}, "
+              f"{args.api_server_count} API server processes)", file=sys.stderr, flush=True)
+        print(_banner(f"http://{display}:{port}", base_name, names, bool(api_key), not args.api_key), flush=True)
+
+    try:
+        return serve_api_servers(args.api_server_count, engine_args, lora_modules, app_kwargs, uvicorn_kwargs,
+                                 on_started)
+    except EngineStartError as e:
+        if e.stage == "model":
+            raise SystemExit(f"loraplex: cannot load model {model}: {e}")
+        raise SystemExit(f"loraplex: cannot preload --lora-modules: {e}")
 
 
 def main(argv: list[str] | None = None) -> int:

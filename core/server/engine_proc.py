@@ -42,10 +42,95 @@ def _address(tag: str) -> str:
     return f"ipc://{tempfile.gettempdir()}/loraplex-{os.getpid()}-{tag}-{uuid.uuid4().hex[:8]}.sock"
 
 
-class ProcEngineClient(EngineClient):
-    def __init__(self, info: dict, tokenizer, proc, lifeline, address: str, state: dict):
-        super().__init__(info, tokenizer)
+class EngineCoreProcess:
+    """The engine-core process, and what its clients need to reach it.
+
+    ``lifeline``: this process's end of the pipe the core watches (closing it, or dying, stops the core).
+    ``client_lifelines``: with ``num_clients``, one pipe end per API server process to come, whose other end the
+    core holds: it reads EOF when the core dies. ``handle(i)``: what API server ``i`` attaches with."""
+
+    def __init__(self, proc, address: str, lifeline, info: dict, state: dict, client_lifelines: list):
         self.proc = proc
+        self.address = address
+        self.lifeline = lifeline
+        self.info = info
+        self.state = state
+        self.client_lifelines = client_lifelines
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @classmethod
+    def start(cls, args, lora_modules=(), progress: bool = False, num_clients: int = 0) -> "EngineCoreProcess":
+        """Start it and wait until it has built the engine and preloaded ``lora_modules``
+        (``[(name, path, base_model_name)]``); EngineStartError says why it could not."""
+        ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold CUDA or threads
+        address = _address("in")
+        parent, child = ctx.Pipe()
+        pipes = [ctx.Pipe() for _ in range(num_clients)]
+        proc = ctx.Process(target=_core_main, name="loraplex-engine-core",
+                           args=(args, list(lora_modules), address, child, progress, logging.getLogger().level,
+                                 [core_end for _, core_end in pipes]))
+        proc.start()
+        child.close()
+        for _, core_end in pipes:
+            core_end.close()  # only the core holds it now: its death is the clients' EOF
+        died = EngineStartError("model", "EngineProcessDied", "the engine process exited before it was ready")
+        while not parent.poll(0.5):
+            if not proc.is_alive():
+                raise died
+        try:
+            reply = parent.recv()
+        except EOFError:
+            proc.join(10)
+            raise died from None
+        if reply[0] == "error":
+            proc.join(30)
+            _, stage, (type_name, message, _attrs) = reply
+            raise EngineStartError(stage, type_name, message)
+        _, info, state = reply
+        return cls(proc, address, parent, info, state, [client_end for client_end, _ in pipes])
+
+    def handle(self, i: int) -> dict:
+        return {"info": self.info, "state": self.state, "address": self.address, "lifeline": self.client_lifelines[i]}
+
+    def stop(self, timeout: float = SHUTDOWN_TIMEOUT_S) -> None:
+        """Close the lifeline (the core aborts what runs and exits); kill it past ``timeout``."""
+        try:
+            self.lifeline.close()
+        except OSError:
+            pass
+        self.proc.join(timeout)
+        if self.proc.is_alive():
+            logger.warning("the engine process did not stop within %.0f s: killing it", timeout)
+            self.proc.kill()
+            self.proc.join(5)
+        _unlink(self.address)
+
+
+def _unlink(address: str) -> None:
+    try:
+        os.unlink(address[len("ipc://"):])
+    except OSError:
+        pass
+
+
+def _tokenizer(args, info: dict):
+    """The front end's own copy, loaded as the engine loads its own: prompts tokenize as LLM.generate's do."""
+    from loraplex.engine.engine_core import load_tokenizer
+
+    return None if info["skip_tokenizer_init"] else load_tokenizer(args, Path(info["model_path"]))
+
+
+class ProcEngineClient(EngineClient):
+    """One API server's client of the engine-core process. ``core``: the process, when this client started it
+    (``spawn``; it then stops it too); None when attached to one an outer process started (--api-server-count)."""
+
+    def __init__(self, info: dict, tokenizer, address: str, lifeline, state: dict,
+                 core: EngineCoreProcess | None = None):
+        super().__init__(info, tokenizer)
+        self.core = core
         self._lifeline = lifeline
         self._address = address
         self._out_address = _address("out")
@@ -59,38 +144,21 @@ class ProcEngineClient(EngineClient):
         self._is_dead = False
         self._is_stopping = False
 
+    @property
+    def proc(self):
+        return self.core.proc if self.core is not None else None
+
     @classmethod
     def spawn(cls, args, lora_modules=(), progress: bool = False) -> "ProcEngineClient":
-        """Start the engine process, wait until it has built the engine and preloaded ``lora_modules``
-        (``[(name, path, base_model_name)]``), load the tokenizer here, and return the client (not yet started)."""
-        from loraplex.engine.engine_core import load_tokenizer
+        """Start an engine process for this client alone; returns the client (not yet started: ``astart``)."""
+        core = EngineCoreProcess.start(args, lora_modules, progress)
+        return cls(core.info, _tokenizer(args, core.info), core.address, core.lifeline, core.state, core=core)
 
-        ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold CUDA or threads
-        address = _address("in")
-        parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_core_main, name="loraplex-engine-core",
-                           args=(args, list(lora_modules), address, child, progress, logging.getLogger().level))
-        proc.start()
-        child.close()
-        while not parent.poll(0.5):
-            if not proc.is_alive():
-                raise EngineStartError("model", "EngineProcessDied",
-                                       f"the engine process exited with code {proc.exitcode} before it was ready")
-        try:
-            reply = parent.recv()
-        except EOFError:
-            proc.join(10)
-            raise EngineStartError("model", "EngineProcessDied",
-                                   f"the engine process exited with code {proc.exitcode} before it was ready") \
-                from None
-        if reply[0] == "error":
-            proc.join(30)
-            _, stage, (type_name, message, _attrs) = reply
-            raise EngineStartError(stage, type_name, message)
-        _, info, state = reply
-        # The front end's own copy, loaded as the engine loads its own: prompts tokenize as LLM.generate's do.
-        tokenizer = None if info["skip_tokenizer_init"] else load_tokenizer(args, Path(info["model_path"]))
-        return cls(info, tokenizer, proc, parent, address, state)
+    @classmethod
+    def attach(cls, args, handle: dict) -> "ProcEngineClient":
+        """In an API server process: the client of a core that another process started (``handle(i)``)."""
+        return cls(handle["info"], _tokenizer(args, handle["info"]), handle["address"], handle["lifeline"],
+                   handle["state"])
 
     # ------------------------------------------------------------------ lifecycle
     async def astart(self) -> None:
@@ -117,32 +185,25 @@ class ProcEngineClient(EngineClient):
         raise RuntimeError("ProcEngineClient starts in the server's event loop: await astart()")
 
     def stop(self, timeout: float = SHUTDOWN_TIMEOUT_S) -> None:
-        """Ask the engine process to abort what runs and exit; kill it past ``timeout``."""
+        """Stop talking to the engine; stop the engine process too when this client started it."""
         self._is_stopping = True
-        if not self._is_dead and self._push is not None:
-            try:
-                self._send("shutdown")
-            except Exception:
-                pass
-        self.proc.join(timeout)
-        if self.proc.is_alive():
-            logger.warning("the engine process did not stop within %.0f s: killing it", timeout)
-            self.proc.kill()
-            self.proc.join(5)
+        if self.core is not None:
+            if not self._is_dead and self._push is not None:
+                try:
+                    self._send("shutdown")  # at once; the lifeline's close is the fallback
+                except Exception:
+                    pass
+            self.core.stop(timeout)
         if self._reader is not None:
             self._reader.cancel()
         for ctx in (self._ctx, self._push_ctx):
             if ctx is not None:
                 ctx.destroy(linger=0)
-        for path in (self._address, self._out_address):
-            try:
-                os.unlink(path[len("ipc://"):])
-            except OSError:
-                pass
+        _unlink(self._out_address)
 
     @property
     def is_running(self) -> bool:
-        return not self._is_dead and not self._is_stopping and self.proc.is_alive()
+        return not self._is_dead and not self._is_stopping and (self.proc is None or self.proc.is_alive())
 
     def stuck_for(self) -> float | None:
         """Seconds since the engine process last said anything, once past ``max_step_seconds`` (it sends its
@@ -152,14 +213,17 @@ class ProcEngineClient(EngineClient):
 
     def _watch(self) -> None:
         """Thread: wait for the lifeline to close (the engine process died), then fail everything."""
+        waits = [self._lifeline] + ([self.proc.sentinel] if self.proc is not None else [])
         try:
-            multiprocessing.connection.wait([self._lifeline, self.proc.sentinel])
+            multiprocessing.connection.wait(waits)
         except OSError:
             pass
         if self._is_stopping:
             return
-        self.proc.join(1)
-        code = self.proc.exitcode
+        code = None
+        if self.proc is not None:
+            self.proc.join(1)
+            code = self.proc.exitcode
         logger.critical("the engine process died (exit code %s): every request now gets 503", code)
         self._is_dead = True
         loop = self._loop
@@ -170,7 +234,7 @@ class ProcEngineClient(EngineClient):
                 pass
 
     def _died(self, code) -> None:
-        error = EngineUnavailableError(f"The engine process died (exit code {code})")
+        error = EngineUnavailableError("The engine process died" + (f" (exit code {code})" if code is not None else ""))
         calls, self._calls = self._calls, {}
         for fut in calls.values():
             if not fut.done():

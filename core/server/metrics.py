@@ -43,9 +43,21 @@ class _EngineCollector:
 
 
 class ServerMetrics:
+    """With ``PROMETHEUS_MULTIPROC_DIR`` set (several API server processes), the request counters are kept in
+    prometheus_client's shared files and a scrape adds up every process's; the engine's gauges come from this
+    process's snapshot, the same in each."""
+
     def __init__(self, aengine):
+        from loraplex import envs
+
         self.registry = CollectorRegistry()
         r = self.registry
+        multiproc_dir = envs.prometheus_multiproc_dir()
+        if multiproc_dir is not None:
+            from prometheus_client import multiprocess
+
+            multiprocess.MultiProcessCollector(self.registry, path=multiproc_dir)
+            r = CollectorRegistry()  # the counters' own: values live in the shared files, read by the collector
         self.requests = Counter("loraplex_requests", "Generation requests answered, by model and HTTP status.",
                                 ["model", "status"], registry=r)
         self.prompt_tokens = Counter("loraplex_prompt_tokens", "Prompt tokens processed.", ["model"], registry=r)
@@ -54,7 +66,7 @@ class ServerMetrics:
                               ["model"], buckets=_TTFT_BUCKETS, registry=r)
         self.e2e = Histogram("loraplex_e2e_request_latency_seconds", "Request latency, arrival to last token.",
                              ["model"], buckets=_E2E_BUCKETS, registry=r)
-        r.register(_EngineCollector(aengine))
+        self.registry.register(_EngineCollector(aengine))
 
     def count(self, model: str | None, status: int) -> None:
         self.requests.labels(model or UNKNOWN_MODEL, str(status)).inc()

@@ -92,3 +92,38 @@ def test_sigterm_stops_both_processes_in_bounded_time(tiny_llama, tmp_path):
         while _alive(pid) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not _alive(pid), "the engine process outlived the server"
+
+
+@pytest.mark.slow
+def test_api_server_count_two(tiny_llama, adapters, tmp_path):
+    """Two API server processes on one port over one engine: answers equal the offline engine's, adapters loaded
+    through one are served by both, /metrics adds up both processes' counters, and the engine's death is a 503
+    from both."""
+    with CLIServer(str(tiny_llama), "--max-model-len", "128", "--disable-log-stats", "--api-server-count", "2",
+                   "--enable-lora", "--max-lora-rank", "16", log=tmp_path / "log",
+                   env={"LORAPLEX_ALLOW_RUNTIME_LORA_UPDATING": "1"}) as srv:
+        deadline = time.monotonic() + 20
+        while "2 API server processes" not in srv.output():
+            assert time.monotonic() < deadline, srv.output()
+            time.sleep(0.1)
+        body = {"prompt": "Hello, my name is", "max_tokens": 8, "temperature": 0}
+        with httpx.Client(base_url=srv.url, timeout=30) as http:
+            r = http.post("/v1/load_lora_adapter", json={"lora_name": "a1", "lora_path": str(adapters["a1"])})
+            assert r.status_code == 200, r.text
+            # Fresh connections: the kernel spreads them over both processes; both serve the adapter at once.
+            texts = set()
+            for _ in range(12):
+                for model in ("a1", None):
+                    r = httpx.post(srv.url + "/v1/completions", json={**body, "model": model}, timeout=30)
+                    assert r.status_code == 200, r.text
+                    texts.add((model, r.json()["choices"][0]["text"]))
+            assert len(texts) == 2
+            metrics = http.get("/metrics").text
+            total = sum(float(x.split()[-1]) for x in metrics.splitlines()
+                        if x.startswith("loraplex_requests_total{") and 'status="200"' in x)
+            assert total == 24.0, metrics
+        pid = srv.engine_pid()
+        os.kill(pid, signal.SIGKILL)
+        time.sleep(2)
+        codes = {httpx.get(srv.url + "/health", timeout=5).status_code for _ in range(8)}
+        assert codes == {503}, codes
