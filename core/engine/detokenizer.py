@@ -39,6 +39,9 @@ class IncrementalDetokenizer:
             self.read_offset = len(self.ids)
         else:
             return None
+        if not self.stop:
+            self.text += new
+            return None
         search_from = max(0, len(self.text) - self.max_stop_len + 1)
         self.text += new
         hits = [(self.text.find(s, search_from), s) for s in self.stop]

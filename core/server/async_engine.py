@@ -99,22 +99,38 @@ class RequestGroup:
         return len(self.final) == len(self.ids)
 
     async def __aiter__(self):
+        async for items in self.batches():
+            for item in items:
+                yield item
+
+    async def batches(self):
+        """The group's outputs, in lists of all that waited together: a stream that fell behind catches up with
+        one write for several steps instead of one write per step."""
         while not self.done:
-            item = await self.queue.get()
-            if isinstance(item, BaseException):
-                # The rest of the group cannot be answered any more: stop it (a no-op after a failed step).
-                pending = [rid for rid in self.ids if rid not in self.final]
-                if pending and not self._closed:
-                    self._aengine.abort(pending)
-                self._closed = True
-                raise item
-            if not item.finished:
-                self._undelivered -= sum(len(o.token_ids) for o in item.outputs)
-            if item.finished:
-                self.final[item.request_id] = item
+            items = [await self.queue.get()]
+            while not self.queue.empty():
+                items.append(self.queue.get_nowait())
+            ready = []
+            for item in items:
+                if isinstance(item, BaseException):
+                    if ready:
+                        yield ready
+                    # The rest of the group cannot be answered any more: stop it (a no-op after a failed step).
+                    pending = [rid for rid in self.ids if rid not in self.final]
+                    if pending and not self._closed:
+                        self._aengine.abort(pending)
+                    self._closed = True
+                    raise item
+                if item.finished:
+                    self.final[item.request_id] = item
+                    if self.done:
+                        self.finished_at = time.monotonic()
+                else:
+                    self._undelivered -= sum(len(o.token_ids) for o in item.outputs)
+                ready.append(item)
                 if self.done:
-                    self.finished_at = time.monotonic()
-            yield item
+                    break
+            yield ready
 
     async def collect(self) -> list:
         """Final outputs, one per prompt, in prompt order (whole ones for FINAL_ONLY or CUMULATIVE requests)."""

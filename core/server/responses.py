@@ -124,6 +124,7 @@ class Choices:
         self.prompt_tokens: dict[str, int] = {}
         self.prompt_lps: dict[str, list] = {}
         self.completion_tokens = 0
+        self._prefix: str | None = None  # a stream event's JSON up to its choice (``_plain_event``)
 
     def _logprobs(self, ids: list[int], entries: list | None, text_offset: int):
         if not self.logprobs or entries is None:
@@ -213,6 +214,9 @@ class Choices:
             else:
                 logprobs = self._logprobs(ids, entries, text_start + self.echoed.get(index, 0))
             self.sent_text[index] = text_start + len(o.text)
+            if logprobs is None:  # the common event, formatted straight from its parts (per token: keep it cheap)
+                events.append(self._plain_event(index, delta, o.finish_reason, o.stop_reason))
+                continue
             choice = {"index": index, "logprobs": logprobs, "finish_reason": o.finish_reason,
                       "stop_reason": o.stop_reason}
             if self.kind == "chat":
@@ -222,6 +226,20 @@ class Choices:
                 choice["text"] = delta
                 events.append(sse({**self._head("text_completion"), "choices": [choice]}))
         return events
+
+    def _plain_event(self, index: int, delta: str, finish_reason, stop_reason) -> str:
+        """``sse()`` of a choice without logprobs, the same JSON text, without building and encoding dicts."""
+        if self._prefix is None:
+            obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
+            head = json.dumps(self._head(obj), ensure_ascii=False)
+            self._prefix = f'data: {head[:-1]}, "choices": [{{"index": '
+        tail = (f'{index}, "logprobs": null, "finish_reason": {json.dumps(finish_reason)}, '
+                f'"stop_reason": {json.dumps(stop_reason, ensure_ascii=False)}, ')
+        if self.kind == "chat":
+            content = f'{{"content": {json.dumps(delta, ensure_ascii=False)}}}' if delta or finish_reason is None \
+                else "{}"
+            return f'{self._prefix}{tail}"delta": {content}}}]}}\n\n'
+        return f'{self._prefix}{tail}"text": {json.dumps(delta, ensure_ascii=False)}}}]}}\n\n'
 
     def stream_usage(self) -> dict:
         """A stream's usage, from the DELTA outputs it showed."""

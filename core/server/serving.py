@@ -93,9 +93,10 @@ async def _stream(group, choices: Choices, req: GenerateRequest, model_label: st
     for event in choices.first_events():
         yield event
     try:
-        async for out in group:
-            for event in choices.events(out):
-                yield event
+        async for outs in group.batches():
+            events = [event for out in outs for event in choices.events(out)]
+            if events:
+                yield "".join(events)
         counts = choices.stream_usage()
         state.metrics.observe(model_label, group, counts)
         if req.include_usage:
