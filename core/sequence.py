@@ -56,6 +56,9 @@ class Sequence:
     num_preemptions: int = 0
     num_lora_bypasses: int = 0  # steps in which a later adapter request was admitted past it (scheduler aging)
     first_token_time: float | None = None
+    # Multi-modal inputs of the request, shared by its n sequences: the processor's tensors ("pixel_values") and,
+    # once the tower has run, "embeds" [num placeholder tokens, hidden] (kept for a prefill after preemption).
+    mm_inputs: dict | None = None
 
     @property
     def lora_name(self) -> str | None:

@@ -116,3 +116,44 @@ def make_peft_adapter(model_dir, out_dir, rank: int = 8, alpha: int | None = Non
 
 def read_adapter_config(adapter_dir) -> dict:
     return json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+
+
+def make_tiny_llava(out_dir, seed: int = 0) -> Path:
+    """A tiny random LLaVA checkpoint (CLIP tower 32x32 images in 8x8 patches -> 16 image tokens, 2-layer MLP
+    projector, Llama decoder) with its processor (PIL image processor: no torchvision) and an <image> token."""
+    import transformers
+    from transformers import AutoTokenizer, CLIPImageProcessorPil, LlavaProcessor
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _tiny_tokenizer(out_dir)
+    tok = AutoTokenizer.from_pretrained(out_dir)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<image>"]})
+    image_token_id = tok.convert_tokens_to_ids("<image>")
+    text = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                    rms_norm_eps=1e-5, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                    pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=4, image_size=32, patch_size=8, projection_dim=32)
+    cfg = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_id=image_token_id,
+                                   vision_feature_layer=-2, vision_feature_select_strategy="default")
+    torch.manual_seed(seed)
+    model = transformers.LlavaForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # random init is small: make every part matter for the tokens
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    model.save_pretrained(out_dir)
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=8,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    processor.save_pretrained(out_dir)
+    return out_dir
+
+
+def random_image(seed: int, size: int = 40):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))

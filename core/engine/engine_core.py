@@ -115,11 +115,22 @@ def build_engine_parts(args: EngineArgs, progress: bool = False) -> dict:
                           f"a whole prompt is prefilled in one step, got {args.max_num_batched_tokens}",
                           "max_num_batched_tokens")
     for name in ("default_mm_loras", "limit_mm_per_prompt"):
-        # Every architecture served today is text-only (multi-modal models: issue #16).
-        if getattr(args, name) and any(getattr(args, name).values()):
+        value = getattr(args, name) or {}
+        if value and not model_config.is_multimodal and any(value.values()):
             raise ConfigError(f"EngineArgs.{name} needs a multi-modal model; {model_config.architecture} is "
-                              f"text-only, got {getattr(args, name)!r}", name)
+                              f"text-only, got {value!r}", name)
+        unknown = [m for m in value if m not in model_config.modalities]
+        if model_config.is_multimodal and unknown:
+            raise ConfigError(f"EngineArgs.{name}: {model_config.architecture} takes "
+                              f"{', '.join(model_config.modalities)}, got {unknown}", name)
+    if args.default_mm_loras:
+        raise ConfigError("EngineArgs.default_mm_loras is not implemented yet (issue #16)", "default_mm_loras")
     tokenizer = None if args.skip_tokenizer_init else load_tokenizer(args, path)
+    processor = None
+    if model_config.is_multimodal and not args.skip_tokenizer_init:
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(str(path))  # expands placeholders, makes the tower's inputs
     model = build_model(path, hf_config, dtype, device, load_format=args.load_format, progress=progress)
     plugin_manager = _plugin_manager()
     lora_manager = None
@@ -149,7 +160,7 @@ def build_engine_parts(args: EngineArgs, progress: bool = False) -> dict:
                          lora_manager, args.seed, enforce_eager=args.enforce_eager)
     logger.info("engine ready in %.1fs: %s on %s (%s), %d KV blocks of %d tokens", time.perf_counter() - start,
                 model_config.architecture, device, dtype, blocks, args.block_size)
-    return dict(tokenizer=tokenizer, model=model, model_config=model_config, hf_config=hf_config, device=device,
+    return dict(tokenizer=tokenizer, processor=processor, model=model, model_config=model_config, hf_config=hf_config, device=device,
                 dtype=dtype, runner=runner, scheduler=scheduler, lora_manager=lora_manager,
                 plugin_manager=plugin_manager, max_model_len=max_model_len, eos_token_ids=eos, model_path=path,
                 num_kv_blocks=blocks)

@@ -26,8 +26,8 @@ logger = logging.getLogger("loraplex.engine")
 
 # Keys of a prompt dict (vLLM's TextPrompt / TokensPrompt). None: served; a string: why it is refused.
 _PROMPT_KEYS = {"prompt": None, "prompt_token_ids": None,
-                "multi_modal_data": "this model is text-only (multi-modal models are not served yet)",
-                "mm_processor_kwargs": "this model is text-only (multi-modal models are not served yet)",
+                "multi_modal_data": "this model is text-only",
+                "mm_processor_kwargs": "per-request processor arguments are not supported",
                 "cache_salt": "prefix caching is not implemented, so there is nothing to salt"}
 _UNKNOWN_PROMPT_KEY = "a prompt dict takes 'prompt' or 'prompt_token_ids'"
 
@@ -71,27 +71,69 @@ class LLMEngine:
         return self._tokenize(prompt)[1]
 
     def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
+        text, ids, _ = self._process(prompt)
+        return text, ids
+
+    def _process(self, prompt) -> tuple[str | None, list[int], dict | None]:
+        """(prompt text, token ids, multi-modal inputs or None) of a prompt as add_request takes it."""
+        if isinstance(prompt, dict) and prompt.get("multi_modal_data") is not None and self.model_config.is_multimodal:
+            return self._process_multimodal(prompt)
         if isinstance(prompt, dict):
             for key in prompt:
                 why = _PROMPT_KEYS.get(key, _UNKNOWN_PROMPT_KEY)
+                if key == "multi_modal_data" and prompt[key] is None:
+                    continue
                 if why is not None:
                     raise UnsupportedArgumentError(key, why)
             if "prompt_token_ids" in prompt:
                 ids = list(prompt["prompt_token_ids"])
                 if not all(isinstance(t, int) and 0 <= t < self.model_config.vocab_size for t in ids):
                     raise InvalidRequestError(f"prompt_token_ids must be ints in [0, {self.model_config.vocab_size})")
-                return prompt.get("prompt"), ids
+                return prompt.get("prompt"), ids, None
             if "prompt" in prompt:
                 prompt = prompt["prompt"]
             else:
                 raise InvalidRequestError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
         if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
-            return self._tokenize({"prompt_token_ids": list(prompt)})
+            return self._process({"prompt_token_ids": list(prompt)})
         if not isinstance(prompt, str):
             raise InvalidRequestError(f"prompt must be a string or {{'prompt_token_ids': [...]}}, got {type(prompt)}")
         if self.tokenizer is None:
             raise InvalidRequestError("the engine was built with skip_tokenizer_init=True: pass prompt_token_ids")
-        return prompt, self.tokenizer.encode(prompt)
+        return prompt, self.tokenizer.encode(prompt), None
+
+    def _process_multimodal(self, prompt: dict) -> tuple[str, list[int], dict]:
+        """The model's HF processor expands each placeholder and makes the tower's inputs (vLLM's
+        ``{"prompt": ..., "multi_modal_data": {"image": image or [images]}}``)."""
+        for key in prompt:
+            if key not in ("prompt", "multi_modal_data"):
+                raise UnsupportedArgumentError(key, "a multi-modal prompt takes 'prompt' and 'multi_modal_data'")
+        text, data = prompt.get("prompt"), prompt["multi_modal_data"]
+        if not isinstance(text, str):
+            raise InvalidRequestError("a multi-modal prompt needs a text 'prompt' with the model's placeholders "
+                                      "(the processor expands them)")
+        if not isinstance(data, dict):
+            raise InvalidRequestError(f"multi_modal_data must be a dict of modality -> data, got {type(data).__name__}")
+        allowed = self.model_config.modalities
+        for modality in data:
+            if modality not in allowed:
+                raise InvalidRequestError(f"multi_modal_data[{modality!r}]: this model takes {', '.join(allowed)}")
+        images = data.get("image")
+        images = [] if images is None else (list(images) if isinstance(images, (list, tuple)) else [images])
+        limit = (self.args.limit_mm_per_prompt or {}).get("image")
+        if limit is not None and len(images) > limit:
+            raise InvalidRequestError(f"At most {limit} image(s) may be provided in one prompt, got {len(images)}")
+        if self.processor is None:
+            raise InvalidRequestError("this engine has no processor (skip_tokenizer_init=True)")
+        try:
+            out = self.processor(text=text, images=images or None, return_tensors="pt")
+        except Exception as e:  # a wrong image type, a placeholder count that does not match the images...
+            raise InvalidRequestError(f"the model's processor refused the prompt: {type(e).__name__}: {e}") from None
+        ids = out["input_ids"][0].tolist()
+        num_placeholders = sum(1 for t in ids if t == self.model_config.image_token_id)
+        if images and num_placeholders == 0:
+            raise InvalidRequestError("the prompt has images but no image placeholder for them")
+        return text, ids, ({"pixel_values": out["pixel_values"]} if images else None)
 
     def add_request(self, request_id: str, prompt: Any, params: SamplingParams | None = None,
                     lora_request: LoRARequest | None = None, arrival_time: float | None = None,
@@ -109,7 +151,7 @@ class LLMEngine:
         if params.prompt_logprobs is not None and params.prompt_logprobs > self.args.max_logprobs:
             raise InvalidRequestError(f"Requested prompt logprobs of {params.prompt_logprobs}, which is greater "
                                       f"than max allowed: {self.args.max_logprobs}")
-        text, ids = self._tokenize(prompt)
+        text, ids, mm_inputs = self._process(prompt)
         if not ids:
             raise InvalidRequestError("the prompt is empty")
         max_len = self.max_model_len
@@ -127,7 +169,7 @@ class LLMEngine:
             lora_model = self.lora_manager.get_for_request(lora_request)
         arrival = arrival_time if arrival_time is not None else time.monotonic()
         seqs = [Sequence(request_id, i, ids, params, lora_request, lora_model, arrival_time=arrival,
-                         priority=priority) for i in range(params.n)]
+                         priority=priority, mm_inputs=mm_inputs) for i in range(params.n)]
         self.outputs.attach_prompt_logprobs(seqs)
         for seq in seqs:
             self.outputs.attach(seq)

@@ -173,7 +173,8 @@ class ModelRunner:
         else:
             ids, pos, meta, qsl, lora_idx = self._prepare(seqs, num_new, input_ids)
             self._set_lora(lora_idx)
-            hidden = self.model(ids, pos, meta)  # [num_tokens, hidden]
+            embeds = self._multimodal_embeds(ids, seqs, num_new, qsl) if self.cfg.is_multimodal else None
+            hidden = self.model(ids, pos, meta, inputs_embeds=embeds)  # [num_tokens, hidden]
             prompt = None
             if meta.max_query_len > 1:
                 prompt = self._prompt_logprobs(hidden, seqs, num_new, qsl, input_ids is not None)
@@ -182,6 +183,32 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden)  # [num_seqs, vocab]
             return self.sample(logits, seqs, num_new, prompt)
         return self.sample(logits, seqs, num_new)
+
+    def _multimodal_embeds(self, ids: torch.Tensor, seqs: list[Sequence], num_new: list[int],
+                           qsl: list[int]) -> torch.Tensor | None:
+        """The prefill's token embeddings with image features scattered in at the placeholder positions, or None
+        when no sequence of this step prefills placeholders. The tower runs once per request (its n sequences
+        share the features; a prefill after preemption reuses them)."""
+        rows = [i for i, s in enumerate(seqs) if s.mm_inputs is not None and s.num_computed_tokens < s.num_prompt_tokens
+                and num_new[i] > 1]
+        if not rows:
+            return None
+        embeds = self.model.embed_tokens(ids)  # [num_tokens, hidden]
+        image_token = self.cfg.image_token_id
+        for i in rows:
+            seq = seqs[i]
+            mm = seq.mm_inputs
+            if "embeds" not in mm:
+                mm["embeds"] = self.model.embed_images(mm["pixel_values"].to(self.device))
+            start = seq.num_computed_tokens
+            # Features of placeholders before this chunk were used by an earlier one.
+            offset = sum(1 for t in seq.prompt_token_ids[:start] if t == image_token)
+            mask = ids[qsl[i]:qsl[i + 1]] == image_token
+            count = int(mask.sum())
+            if count:
+                part = embeds[qsl[i]:qsl[i + 1]]
+                part[mask] = mm["embeds"][offset:offset + count].to(part.dtype)
+        return embeds
 
     def _prompt_logprobs(self, hidden: torch.Tensor, seqs: list[Sequence], num_new: list[int], qsl: list[int],
                          ahead: bool):

@@ -18,6 +18,8 @@ from loraplex.errors import LoRALoadError, LoRARankError
 from loraplex.lora.layout import PageLayout
 from loraplex.lora.request import LoRARequest
 
+# Module path parts of a multi-modal model's vision side (LLaVA's, in both checkpoint layouts).
+_TOWER_PARTS = ("vision_tower.", "vision_model.", "multi_modal_projector.")
 _KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
 _ALL_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -174,6 +176,11 @@ def plan_adapter(layout: PageLayout, config: dict, tensors: dict[str, torch.Tens
     rslora = bool(config.get("use_rslora", False))
     modules: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
+        tower = next((part for part in _TOWER_PARTS if part in key), None)
+        if tower is not None:
+            # Checked first: a vision tower's "layers.N.self_attn.q_proj" must never land on the decoder's.
+            raise LoRALoadError(f"adapter '{name}': LoRA on a multi-modal model's {tower.rstrip('.')} ({key}) is "
+                                "not supported yet; only the language model's projections are", name)
         parsed = _parse_key(key)
         if parsed is None:
             module = key.split(".lora_")[0].split(".")[-1] if ".lora_" in key else key

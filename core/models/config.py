@@ -1,6 +1,7 @@
 """ModelConfig: the parts of an HF config our Llama-family code needs, parsed once and validated."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from loraplex.errors import UnsupportedModelError
@@ -14,6 +15,8 @@ SUPPORTED_ARCHITECTURES = {
     # Llama with four scalars: embeddings, attention scores, residual branches and logits (Granite 3.x).
     "GraniteForCausalLM": "granite",
 }
+# Vision tower + projector + one of the decoders above (core/models/llava.py).
+MULTIMODAL_ARCHITECTURES = {"LlavaForConditionalGeneration": "llava"}
 
 
 @dataclass
@@ -44,6 +47,16 @@ class ModelConfig:
     logits_scaling: float = 1.0
     # Fused Triton RMSNorm / rotary / SiLU·mul on CUDA (LORAPLEX_FUSED_OPS=1). Off by default: experimental.
     fused_ops: bool = False
+    # Multi-modal models (LLaVA): the placeholder token that a processor expands, one per image feature row.
+    image_token_id: int | None = None
+
+    @property
+    def is_multimodal(self) -> bool:
+        return self.image_token_id is not None
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return ("image",) if self.image_token_id is not None else ()
 
     @property
     def q_size(self) -> int:
@@ -56,6 +69,17 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, hf_config) -> "ModelConfig":
         archs = list(getattr(hf_config, "architectures", None) or [])
+        if any(a in MULTIMODAL_ARCHITECTURES for a in archs) or (not archs and hf_config.model_type == "llava"):
+            # A vision tower and projector before a Llama-family decoder: the decoder's fields are text_config's.
+            text = cls.from_hf(hf_config.text_config)
+            image_token = getattr(hf_config, "image_token_id", None)
+            if image_token is None:
+                image_token = getattr(hf_config, "image_token_index", None)
+            strategy = getattr(hf_config, "vision_feature_select_strategy", "default")
+            if strategy not in ("default", "full"):
+                raise UnsupportedModelError(f"unsupported vision_feature_select_strategy {strategy!r}")
+            return dataclasses.replace(text, architecture="LlavaForConditionalGeneration",
+                                       image_token_id=int(image_token))
         arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
         if arch is None:
             model_type = getattr(hf_config, "model_type", None)
@@ -65,7 +89,7 @@ class ModelConfig:
         if arch is None:
             raise UnsupportedModelError(
                 f"unsupported architecture {archs or getattr(hf_config, 'model_type', '?')}; loraplex supports "
-                f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))}")
+                f"{', '.join(sorted(SUPPORTED_ARCHITECTURES | MULTIMODAL_ARCHITECTURES))}")
         family = SUPPORTED_ARCHITECTURES[arch]
         heads = hf_config.num_attention_heads
         kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads

@@ -11,6 +11,7 @@ import torch
 from loraplex.errors import UnsupportedModelError
 from loraplex.models.config import ModelConfig
 from loraplex.models.llama import LlamaForCausalLM
+from loraplex.models.llava import LlavaForConditionalGeneration
 
 logger = logging.getLogger("loraplex.models")
 
@@ -75,9 +76,21 @@ def load_weights(model: LlamaForCausalLM, path: Path, progress: bool = False) ->
         from tqdm import tqdm
 
         items = tqdm(items, desc="Loading weights", unit=" tensors", leave=False)
+    towers = {}
+    if isinstance(model, LlavaForConditionalGeneration):
+        towers = {"vision": model.vision_tower.state_dict(), "projector": model.multi_modal_projector.state_dict()}
     for name, tensor in items:
         if name.endswith("rotary_emb.inv_freq"):
             continue
+        if towers:
+            part, name = model.checkpoint_name(name)
+            if part != "lm":
+                target = towers[part].get(name)
+                if target is None:
+                    raise UnsupportedModelError(f"unexpected checkpoint tensor {name!r} in the {part} part")
+                target.copy_(tensor)
+                loaded.add(f"{part}:{name}")
+                continue
         if name == "lm_head.weight":
             if model.cfg.tie_word_embeddings:
                 continue
@@ -102,6 +115,10 @@ def load_weights(model: LlamaForCausalLM, path: Path, progress: bool = False) ->
                     raise UnsupportedModelError(f"unexpected checkpoint tensor {name!r}")
                 target.data.copy_(tensor)
         loaded.add(name)
+    for part, state in towers.items():
+        missing = [k for k in state if f"{part}:{k}" not in loaded and not k.endswith("position_ids")]
+        if missing:
+            raise UnsupportedModelError(f"checkpoint at {path} has no {part} weights {missing[:3]}")
     if "model.embed_tokens.weight" not in loaded:
         raise UnsupportedModelError(f"checkpoint at {path} has no model.embed_tokens.weight")
     if not model.cfg.tie_word_embeddings and "lm_head.weight" not in loaded:
@@ -116,9 +133,14 @@ def build_model(path: Path, hf_config, dtype: torch.dtype, device: torch.device,
     cfg = ModelConfig.from_hf(hf_config)
     cfg.fused_ops = envs.fused_ops()
     if load_format == "dummy":
+        if cfg.is_multimodal:
+            raise UnsupportedModelError("load_format='dummy' is not supported for multi-modal models yet")
         return build_dummy_model(cfg, dtype, device, attn_backend)
     with torch.device("cpu"):
-        model = LlamaForCausalLM(cfg, attn_backend=attn_backend, dtype=dtype, device="cpu")
+        if cfg.architecture == "LlavaForConditionalGeneration":
+            model = LlavaForConditionalGeneration(cfg, hf_config, attn_backend=attn_backend, dtype=dtype, device="cpu")
+        else:
+            model = LlamaForCausalLM(cfg, attn_backend=attn_backend, dtype=dtype, device="cpu")
     load_weights(model, path, progress)
     return model.to(device).eval()
 

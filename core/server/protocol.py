@@ -303,9 +303,10 @@ def _message(i: int, m) -> dict:
         for part in content:
             kind = part.get("type") if isinstance(part, dict) else None
             if kind in _MEDIA_PARTS:
-                # Every model served today is text-only (multi-modal models: issue #16).
-                raise APIError(400, f"'messages[{i}].content' holds a '{kind}' part, but the served model is "
-                               "text-only: multi-modal input is not supported", param=f"messages[{i}].content")
+                # The server takes text only so far; images reach LLaVA models through LLM.generate (issue #16).
+                raise APIError(400, f"'messages[{i}].content' holds a '{kind}' part, but the server is "
+                               "text-only: multi-modal input is not supported over HTTP yet",
+                               param=f"messages[{i}].content")
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
                 raise _bad(f"messages[{i}].content", "a string or an array of text parts", part)
             texts.append(part["text"])

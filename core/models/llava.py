@@ -1,0 +1,63 @@
+"""LLaVA (``LlavaForConditionalGeneration``): a vision tower and a projector in front of our Llama-family decoder.
+
+The tower and the projector are transformers' own modules built from the checkpoint's config (CLIP, SigLIP...,
+whatever ``AutoModel.from_config(vision_config)`` gives), so any LLaVA checkpoint's vision side loads unchanged
+and computes what HF computes; they run once per image, before its prompt's prefill, so their cost is small
+beside the decoder's. The decoder is ours (paged KV cache, LoRA, CUDA graphs): the image features are scattered
+into the prefill's token embeddings at the image placeholder positions (``LlamaForCausalLM.forward``'s
+``inputs_embeds``), as HF's ``masked_scatter`` does.
+"""
+from __future__ import annotations
+
+import torch
+
+from loraplex.models.config import ModelConfig
+from loraplex.models.llama import LlamaForCausalLM
+
+
+class LlavaForConditionalGeneration(LlamaForCausalLM):
+    # Checkpoint name prefixes: transformers >= 4.52 (model.*) and the older llava-hf layout.
+    VISION_PREFIXES = ("model.vision_tower.", "vision_tower.")
+    PROJECTOR_PREFIXES = ("model.multi_modal_projector.", "multi_modal_projector.")
+    LM_PREFIXES = {"model.language_model.": "model.", "language_model.model.": "model.",
+                   "language_model.lm_head.": "lm_head."}
+
+    def __init__(self, cfg: ModelConfig, hf_config, attn_backend: str = "auto", dtype=None, device=None):
+        super().__init__(cfg, attn_backend=attn_backend, dtype=dtype, device=device)
+        from transformers import AutoModel
+        from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+        self.image_token_id = cfg.image_token_id
+        self.vision_feature_layer = hf_config.vision_feature_layer
+        self.vision_feature_select_strategy = hf_config.vision_feature_select_strategy
+        with torch.device(device if device is not None else "cpu"):
+            self.vision_tower = AutoModel.from_config(hf_config.vision_config, dtype=dtype)
+            self.multi_modal_projector = LlavaMultiModalProjector(hf_config).to(dtype)
+        for p in list(self.vision_tower.parameters()) + list(self.multi_modal_projector.parameters()):
+            p.requires_grad_(False)
+
+    @classmethod
+    def checkpoint_name(cls, name: str) -> tuple[str, str]:
+        """(part, name inside it): part is "vision", "projector" or "lm" (names as a causal LM checkpoint's)."""
+        for prefix in cls.VISION_PREFIXES:
+            if name.startswith(prefix):
+                return "vision", name[len(prefix):]
+        for prefix in cls.PROJECTOR_PREFIXES:
+            if name.startswith(prefix):
+                return "projector", name[len(prefix):]
+        for prefix, new in cls.LM_PREFIXES.items():
+            if name.startswith(prefix):
+                return "lm", new + name[len(prefix):]
+        return "lm", name
+
+    @torch.inference_mode()
+    def embed_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values [num_images, 3, H, W] -> image features [num_images * tokens per image, hidden]."""
+        out = self.vision_tower(pixel_values.to(self.embed_tokens.weight.dtype), output_hidden_states=True)
+        layers = self.vision_feature_layer
+        layers = [layers] if isinstance(layers, int) else list(layers)
+        feats = [out.hidden_states[i] for i in layers]
+        if self.vision_feature_select_strategy == "default":
+            feats = [f[:, 1:] for f in feats]  # the CLS token is not an image token
+        image_features = self.multi_modal_projector(torch.cat(feats, dim=-1))  # [num_images, tokens, hidden]
+        return image_features.reshape(-1, image_features.shape[-1])

@@ -1,0 +1,124 @@
+"""LLaVA (issue #16, first step): images through the HF processor, the checkpoint's vision tower and projector, and
+our decoder; greedy tokens equal HF transformers' ``generate`` request by request, in mixed batches of image and
+text-only prompts, with and without a LoRA adapter on the language model (PEFT as the oracle)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import make_tiny_llava, random_image
+
+pytest.importorskip("PIL")
+transformers = pytest.importorskip("transformers")
+
+MAX_TOKENS = 8
+PROMPTS = [("Describe <image> now", [1]), ("Compare <image> with <image>:", [2, 3]), ("No image here", []),
+           ("<image> again", [4])]
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory):
+    return make_tiny_llava(tmp_path_factory.mktemp("llava") / "model")
+
+
+@pytest.fixture(scope="module")
+def lora_dir(llava, tmp_path_factory):
+    from peft import LoraConfig, get_peft_model
+
+    model = transformers.LlavaForConditionalGeneration.from_pretrained(llava)
+    # The language model's projections only (a regex, so the tower's q_proj/v_proj are left alone).
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=r".*language_model.*\.(q_proj|v_proj|down_proj)")
+    peft_model = get_peft_model(model, config)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn_like(p) * 0.2)
+    out = tmp_path_factory.mktemp("llava-lora") / "lm"
+    peft_model.save_pretrained(out)
+    return out
+
+
+def _hf_tokens(model, processor, text, images) -> list[int]:
+    inputs = processor(text=text, images=[random_image(i) for i in images] or None, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=MAX_TOKENS, do_sample=False)
+    return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+def _prompt(text, images):
+    if not images:
+        return text
+    return {"prompt": text, "multi_modal_data": {"image": [random_image(i) for i in images]}}
+
+
+@pytest.fixture(scope="module")
+def llm(llava):
+    from loraplex import LLM
+
+    return LLM(str(llava), max_model_len=256, max_num_seqs=8, enable_lora=True, max_lora_rank=8, max_loras=2)
+
+
+def test_mixed_batch_equals_hf(llm, llava):
+    from loraplex import SamplingParams
+
+    hf = transformers.LlavaForConditionalGeneration.from_pretrained(llava).eval()
+    processor = transformers.AutoProcessor.from_pretrained(llava)
+    outs = llm.generate([_prompt(t, i) for t, i in PROMPTS], SamplingParams(temperature=0, max_tokens=MAX_TOKENS,
+                                                                            ignore_eos=True))
+    for (text, images), out in zip(PROMPTS, outs):
+        assert out.outputs[0].token_ids == _hf_tokens(hf, processor, text, images), text
+
+
+def test_language_model_lora_equals_peft(llm, llava, lora_dir):
+    from peft import PeftModel
+
+    from loraplex import SamplingParams
+    from loraplex.lora.request import LoRARequest
+
+    base = transformers.LlavaForConditionalGeneration.from_pretrained(llava).eval()
+    peft_model = PeftModel.from_pretrained(base, lora_dir).eval()
+    processor = transformers.AutoProcessor.from_pretrained(llava)
+    lora = LoRARequest("lm", 1, str(lora_dir))
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    # A mixed batch: the adapter's rows and base rows, with and without images.
+    prompts = [_prompt(t, i) for t, i in PROMPTS]
+    outs = llm.generate(prompts + prompts, params, lora_request=[lora] * len(prompts) + [None] * len(prompts))
+    with_lora = outs[:len(prompts)]
+    for (text, images), out in zip(PROMPTS, with_lora):
+        assert out.outputs[0].token_ids == _hf_tokens(peft_model, processor, text, images), text
+    with peft_model.disable_adapter():
+        for (text, images), out in zip(PROMPTS, outs[len(prompts):]):
+            assert out.outputs[0].token_ids == _hf_tokens(peft_model, processor, text, images), text
+
+
+def test_bad_multimodal_inputs_are_refused(llava, llm, tiny_llama):
+    from loraplex import LLM, SamplingParams
+    from loraplex.errors import InvalidRequestError, UnsupportedArgumentError
+
+    params = SamplingParams(max_tokens=2)
+    with pytest.raises(InvalidRequestError, match="processor refused.*<image> tokens|no image placeholder"):
+        llm.generate([{"prompt": "no placeholder", "multi_modal_data": {"image": random_image(0)}}], params)
+    with pytest.raises(InvalidRequestError, match="takes image"):
+        llm.generate([{"prompt": "<image>", "multi_modal_data": {"audio": (torch.zeros(10), 16000)}}], params)
+    with pytest.raises(UnsupportedArgumentError, match="'prompt_token_ids' is not supported"):
+        llm.generate([{"prompt_token_ids": [1, 2], "multi_modal_data": {"image": random_image(0)}}], params)
+    limited = LLM(str(llava), max_model_len=256, max_num_seqs=2, limit_mm_per_prompt={"image": 1})
+    with pytest.raises(InvalidRequestError, match="At most 1 image"):
+        limited.generate([_prompt("<image> <image>", [1, 2])], params)
+    text_only = LLM(str(tiny_llama), max_model_len=64, max_num_seqs=2)
+    with pytest.raises(UnsupportedArgumentError, match="text-only"):
+        text_only.generate([{"prompt": "hi", "multi_modal_data": {"image": random_image(0)}}], params)
+
+
+def test_tower_lora_is_refused_by_name(llava, llm, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from loraplex import SamplingParams
+    from loraplex.errors import LoRALoadError
+    from loraplex.lora.request import LoRARequest
+
+    model = transformers.LlavaForConditionalGeneration.from_pretrained(llava)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))  # tower's too
+    peft_model.save_pretrained(tmp_path / "tower")
+    with pytest.raises(LoRALoadError, match="vision_tower|vision_model"):
+        llm.generate(["hi"], SamplingParams(max_tokens=1), lora_request=LoRARequest("tower", 9, str(tmp_path / "tower")))
