@@ -195,11 +195,10 @@ class ModelRunner:
             return None
         embeds = self.model.embed_tokens(ids)  # [num_tokens, hidden]
         image_token = self.cfg.image_token_id
+        self._encode([seqs[i] for i in rows if "embeds" not in seqs[i].mm_inputs])
         for i in rows:
             seq = seqs[i]
             mm = seq.mm_inputs
-            if "embeds" not in mm:
-                mm["embeds"] = self.model.embed_images(mm["pixel_values"].to(self.device))
             start = seq.num_computed_tokens
             # Features of placeholders before this chunk were used by an earlier one.
             offset = sum(1 for t in seq.prompt_token_ids[:start] if t == image_token)
@@ -209,6 +208,32 @@ class ModelRunner:
                 part = embeds[qsl[i]:qsl[i + 1]]
                 part[mask] = mm["embeds"][offset:offset + count].to(part.dtype)
         return embeds
+
+    def _encode(self, seqs: list[Sequence]) -> None:
+        """Run the tower once per adapter version over the images of its requests (each request's own adapter on
+        the tower and projector; none for base requests); store each request's features in its mm_inputs."""
+        groups: dict[int, list[Sequence]] = {}
+        for seq in seqs:
+            if "embeds" not in seq.mm_inputs and all(seq.mm_inputs is not s.mm_inputs for s in groups.get(
+                    id(seq.lora_model), [])):
+                groups.setdefault(id(seq.lora_model), []).append(seq)
+        for group in groups.values():
+            version = group[0].lora_model
+            lora = None
+            if version is not None and version.tower:
+                if version.tower_device is None:
+                    dtype = self.model.embed_tokens.weight.dtype
+                    version.tower_device = {path: (a.to(self.device, dtype), b.to(self.device, dtype))
+                                            for path, (a, b) in version.tower.items()}
+                lora = version.tower_device
+            pixels = [seq.mm_inputs["pixel_values"] for seq in group]
+            feats = self.model.embed_images(torch.cat(pixels).to(self.device), lora=lora)
+            per_image = feats.shape[0] // sum(p.shape[0] for p in pixels)
+            start = 0
+            for seq, p in zip(group, pixels):
+                end = start + p.shape[0] * per_image
+                seq.mm_inputs["embeds"] = feats[start:end]
+                start = end
 
     def _prompt_logprobs(self, hidden: torch.Tensor, seqs: list[Sequence], num_new: list[int], qsl: list[int],
                          ahead: bool):

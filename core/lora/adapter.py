@@ -55,7 +55,7 @@ def _pattern_value(patterns: dict, module_key: str, default, name: str = "?"):
     return default
 
 
-def validate_config(config: dict, name: str) -> None:
+def validate_config(config: dict, name: str, tower_modules: frozenset = frozenset()) -> None:
     def fail(msg: str):
         raise LoRALoadError(f"adapter '{name}': {msg}", name)
 
@@ -92,9 +92,9 @@ def validate_config(config: dict, name: str) -> None:
         for t in targets:
             if not isinstance(t, str):
                 fail(f"target_modules must be strings, got {t!r}")
-            if t.split(".")[-1] not in _ALL_MODULES:
+            if t.split(".")[-1] not in _ALL_MODULES and t.split(".")[-1] not in tower_modules:
                 fail(f"target module {t!r} does not exist in the model (LoRA-capable modules: "
-                     f"{', '.join(_ALL_MODULES)})")
+                     f"{', '.join(_ALL_MODULES + tuple(sorted(tower_modules)))})")
 
 
 @dataclass(eq=False)
@@ -125,6 +125,9 @@ class LoRAModel:
     is_fresh_upload: bool = False  # uploaded and not yet used
     # Completes when this version is loaded and registered (add_lora / add_lora_async).
     future: concurrent.futures.Future | None = field(default=None, repr=False)
+    # Tower / projector LoRA of a multi-modal model: path -> (A, B) on the host, and on the device once used.
+    tower: dict = field(default_factory=dict, repr=False)
+    tower_device: dict | None = field(default=None, repr=False)
 
     @property
     def path(self) -> str:
@@ -161,6 +164,9 @@ class AdapterPlan:
     name: str
     rank: int
     pieces: list[_Piece]
+    # LoRA on a multi-modal model's tower / projector: module path -> (A [r, in], B [out, r] scaled). Small, and run
+    # by plain matmuls per adapter group (not paged): see LlavaForConditionalGeneration.embed_images.
+    tower: dict = field(default_factory=dict)
 
     @property
     def num_bytes(self) -> int:
@@ -171,16 +177,21 @@ def plan_adapter(layout: PageLayout, config: dict, tensors: dict[str, torch.Tens
                  max_lora_rank: int) -> AdapterPlan:
     """Validate every tensor against the model; raise LoRALoadError / LoRARankError naming the adapter and
     module. Reads shapes only."""
-    validate_config(config, name)
+    validate_config(config, name, frozenset(p.rsplit(".", 1)[-1] for p in layout.tower_linears))
     alpha_default = config.get("lora_alpha", config["r"])
     rslora = bool(config.get("use_rslora", False))
     modules: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    tower: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
-        tower = next((part for part in _TOWER_PARTS if part in key), None)
-        if tower is not None:
+        part = next((part for part in _TOWER_PARTS if part in key), None)
+        if part is not None:
             # Checked first: a vision tower's "layers.N.self_attn.q_proj" must never land on the decoder's.
-            raise LoRALoadError(f"adapter '{name}': LoRA on a multi-modal model's {tower.rstrip('.')} ({key}) is "
-                                "not supported yet; only the language model's projections are", name)
+            path, _, rest = key[key.index(part):].partition(".lora_")
+            if path not in layout.tower_linears:
+                what = "this model has no vision tower" if not layout.tower_linears else "no such Linear in it"
+                raise LoRALoadError(f"adapter '{name}': target {path!r} ({key}) is not supported: {what}", name)
+            tower.setdefault(path, {})[rest[:1]] = tensor
+            continue
         parsed = _parse_key(key)
         if parsed is None:
             module = key.split(".lora_")[0].split(".")[-1] if ".lora_" in key else key
@@ -193,8 +204,9 @@ def plan_adapter(layout: PageLayout, config: dict, tensors: dict[str, torch.Tens
             raise LoRALoadError(f"adapter '{name}': layer {layer} of {module} does not exist (the base model has "
                                 f"{layout.num_layers} layers; was it trained for another model?)", name)
         modules.setdefault((layer, module), {})[ab] = tensor
-    if not modules:
+    if not modules and not tower:
         raise LoRALoadError(f"adapter '{name}': no LoRA weights found", name)
+    tower_plan = _plan_tower(layout, config, tower, name, max_lora_rank, alpha_default, rslora)
     pieces, max_rank = [], 0
     for (layer, module), ab in sorted(modules.items()):
         where = f"adapter '{name}', layer {layer} {module}"
@@ -218,7 +230,33 @@ def plan_adapter(layout: PageLayout, config: dict, tensors: dict[str, torch.Tens
         scale = alpha / math.sqrt(rank) if rslora else alpha / rank
         pieces.append(_Piece(f"{layer}.{module}", a, b, float(scale), seg.a_span(module), (b_lo, b_hi)))
         max_rank = max(max_rank, rank)
-    return AdapterPlan(name, max_rank, pieces)
+    # An adapter of the tower alone still takes one (zero) page row, so that it has a pool entry like any other.
+    return AdapterPlan(name, max(max_rank, 1), pieces, tower_plan)
+
+
+def _plan_tower(layout: PageLayout, config: dict, tower: dict, name: str, max_lora_rank: int, alpha_default,
+                rslora: bool) -> dict:
+    plan = {}
+    for path, ab in sorted(tower.items()):
+        where = f"adapter '{name}', {path}"
+        if set(ab) != {"A", "B"}:
+            raise LoRALoadError(f"{where}: lora_A and lora_B must both be present", name)
+        a, b = ab["A"], ab["B"]
+        fan_in, fan_out = layout.tower_linears[path]
+        rank = a.shape[0] if a.dim() == 2 else -1
+        if a.dim() != 2 or b.dim() != 2 or rank < 1 or a.shape[1] != fan_in or tuple(b.shape) != (fan_out, rank):
+            raise LoRALoadError(f"{where}: shapes A {tuple(a.shape)} / B {tuple(b.shape)} do not fit the model "
+                                f"(expected A [r, {fan_in}] and B [{fan_out}, r])", name)
+        if not (a.is_floating_point() and b.is_floating_point()):
+            raise LoRALoadError(f"{where}: weights must be floating point, got {a.dtype} / {b.dtype}", name)
+        if rank > max_lora_rank:
+            raise LoRARankError(f"{where}: rank {rank} exceeds max_lora_rank {max_lora_rank}", name)
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise LoRALoadError(f"adapter '{name}': weights contain NaN or Inf", name)
+        alpha = _pattern_value(config.get("alpha_pattern"), path, alpha_default, name)
+        scale = alpha / math.sqrt(rank) if rslora else alpha / rank
+        plan[path] = (a.float().contiguous(), (b.float() * scale).contiguous())
+    return plan
 
 
 def _copy_transposed(dst: torch.Tensor, src: torch.Tensor) -> None:

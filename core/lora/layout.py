@@ -65,6 +65,9 @@ class PageLayout:
                 self.linears[(layer, attr)] = linear
         self.used_elems = offset
         self.page_elems = -(-offset // _PAGE_ALIGN) * _PAGE_ALIGN
+        # A multi-modal model's tower / projector Linears that adapters may target: path -> (in, out).
+        targets = getattr(model, "tower_lora_targets", None)
+        self.tower_linears: dict[str, tuple[int, int]] = targets() if targets is not None else {}
 
     def __getstate__(self) -> dict:
         # Sent to loader processes, which need the offsets only, not the model's modules.

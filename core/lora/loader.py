@@ -15,16 +15,19 @@ import logging
 import threading
 import time
 import weakref
+
+import torch
 from typing import Callable
 
 logger = logging.getLogger("loraplex.lora")
 
 
 class LoadResult:
-    __slots__ = ("version", "buf", "rank", "num_bytes", "error", "seconds")
+    __slots__ = ("version", "buf", "rank", "num_bytes", "error", "seconds", "tower")
 
-    def __init__(self, version, buf=None, rank=0, num_bytes=0, error=None, seconds=0.0):
+    def __init__(self, version, buf=None, rank=0, num_bytes=0, error=None, seconds=0.0, tower=None):
         self.version = version
+        self.tower = tower or {}  # tower / projector LoRA: path -> (A, B), CPU fp32
         self.buf = buf
         self.rank = rank
         self.num_bytes = num_bytes
@@ -93,8 +96,8 @@ class AdapterLoader(_Loader):
     def _run(self, version) -> None:
         start = time.perf_counter()
         try:
-            buf, rank, num_bytes = self._job(version)
-            result = LoadResult(version, buf, rank, num_bytes)
+            buf, rank, num_bytes, tower = self._job(version)
+            result = LoadResult(version, buf, rank, num_bytes, tower=tower)
         except BaseException as e:  # the job's failure belongs to its requests, never to the worker
             result = LoadResult(version, error=e)
         result.seconds = time.perf_counter() - start
@@ -204,7 +207,8 @@ def _drive(ref, jobs) -> None:
                         break
                     conn.send(("buffer", msg[1], loader._buffers.name_of(buf)))
                 elif msg[0] == "done":
-                    loader._finish(LoadResult(version, buf, buf.shape[0], msg[2], seconds=msg[3]))
+                    tower = {path: (torch.from_numpy(a), torch.from_numpy(b)) for path, (a, b) in msg[4].items()}
+                    loader._finish(LoadResult(version, buf, buf.shape[0], msg[2], seconds=msg[3], tower=tower))
                     break
                 else:
                     _, _, type_name, message, name = msg

@@ -73,7 +73,8 @@ def serve(conn) -> None:
             buf = torch.frombuffer(segments[name].buf, dtype=dtype, count=count).view(plan.rank, layout.page_elems)
             pack_pages(plan, layout, buf)
             del buf
-            conn.send(("done", job, plan.num_bytes, time.perf_counter() - start))
+            tower = {path: (a.numpy(), b.numpy()) for path, (a, b) in plan.tower.items()}  # fp32: pickles as numpy
+            conn.send(("done", job, plan.num_bytes, time.perf_counter() - start, tower))
         except Exception as e:
             conn.send(("error", job, type(e).__name__, str(e), getattr(e, "lora_name", None)
                        or (req.lora_name if req is not None else None)))

@@ -51,11 +51,13 @@ def _prompt(text, images):
     return {"prompt": text, "multi_modal_data": {"image": [random_image(i) for i in images]}}
 
 
-@pytest.fixture(scope="module")
-def llm(llava):
+@pytest.fixture(scope="module", params=["thread", "process"])
+def llm(llava, request):
+    """Both adapter loaders: the tower's weights travel back from a loader process too."""
     from loraplex import LLM
 
-    return LLM(str(llava), max_model_len=256, max_num_seqs=8, enable_lora=True, max_lora_rank=8, max_loras=2)
+    return LLM(str(llava), max_model_len=256, max_num_seqs=8, enable_lora=True, max_lora_rank=8, max_loras=2,
+               lora_loader=request.param, num_lora_loader_workers=1)
 
 
 def test_mixed_batch_equals_hf(llm, llava):
@@ -110,15 +112,67 @@ def test_bad_multimodal_inputs_are_refused(llava, llm, tiny_llama):
         text_only.generate([{"prompt": "hi", "multi_modal_data": {"image": random_image(0)}}], params)
 
 
-def test_tower_lora_is_refused_by_name(llava, llm, tmp_path):
+TOWER = r".*vision_tower.*\.(q_proj|v_proj|out_proj|fc1|fc2)|.*multi_modal_projector\.(linear_1|linear_2)"
+LM = r".*language_model.*\.(q_proj|v_proj|down_proj)"
+
+
+def _save_adapter(llava, out, targets: str, seed: int):
     from peft import LoraConfig, get_peft_model
 
+    model = transformers.LlavaForConditionalGeneration.from_pretrained(llava)
+    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn_like(p) * 0.3)
+    peft_model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tower_adapters(llava, tmp_path_factory):
+    root = tmp_path_factory.mktemp("llava-tower")
+    return {"tower1": _save_adapter(llava, root / "tower1", TOWER, 11),
+            "tower2": _save_adapter(llava, root / "tower2", TOWER, 12),
+            "all": _save_adapter(llava, root / "all", f"{TOWER}|{LM}", 13)}
+
+
+def test_tower_and_projector_lora_equal_peft(llm, llava, tower_adapters):
+    """Adapters on the tower + projector (two of them) and on all three parts, in one batch with base and
+    text-only requests: each request's tower and projector run with its own adapter, as PEFT runs it alone."""
+    from peft import PeftModel
+
     from loraplex import SamplingParams
+    from loraplex.lora.request import LoRARequest
+
+    processor = transformers.AutoProcessor.from_pretrained(llava)
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    jobs = [(name, text, images) for name in ("tower1", "tower2", "all", None) for text, images in PROMPTS]
+    ids = {"tower1": 21, "tower2": 22, "all": 23}
+    loras = [LoRARequest(n, ids[n], str(tower_adapters[n])) if n else None for n, _, _ in jobs]
+    outs = llm.generate([_prompt(t, i) for _, t, i in jobs], params, lora_request=loras)
+    for name in ("tower1", "tower2", "all"):
+        base = transformers.LlavaForConditionalGeneration.from_pretrained(llava).eval()
+        peft_model = PeftModel.from_pretrained(base, tower_adapters[name]).eval()
+        for (n, text, images), out in zip(jobs, outs):
+            if n == name:
+                assert out.outputs[0].token_ids == _hf_tokens(peft_model, processor, text, images), (name, text)
+    hf = transformers.LlavaForConditionalGeneration.from_pretrained(llava).eval()
+    for (n, text, images), out in zip(jobs, outs):
+        if n is None:
+            assert out.outputs[0].token_ids == _hf_tokens(hf, processor, text, images), text
+    # The tower adapters change image answers, not text-only ones (their LM part is empty).
+    by = {(n, t): o.outputs[0].token_ids for (n, t, _), o in zip(jobs, outs)}
+    assert by[("tower1", PROMPTS[0][0])] != by[(None, PROMPTS[0][0])]
+    assert by[("tower1", "No image here")] == by[(None, "No image here")]
+
+
+def test_tower_lora_on_a_text_model_is_refused_by_name(tiny_llama, llava, tower_adapters):
+    from loraplex import LLM, SamplingParams
     from loraplex.errors import LoRALoadError
     from loraplex.lora.request import LoRARequest
 
-    model = transformers.LlavaForConditionalGeneration.from_pretrained(llava)
-    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))  # tower's too
-    peft_model.save_pretrained(tmp_path / "tower")
-    with pytest.raises(LoRALoadError, match="vision_tower|vision_model"):
-        llm.generate(["hi"], SamplingParams(max_tokens=1), lora_request=LoRARequest("tower", 9, str(tmp_path / "tower")))
+    text_only = LLM(str(tiny_llama), max_model_len=64, max_num_seqs=2, enable_lora=True, max_lora_rank=8)
+    with pytest.raises(LoRALoadError, match="has no vision tower"):
+        text_only.llm_engine.add_lora(LoRARequest("tower", 9, str(tower_adapters["tower1"])))
