@@ -123,8 +123,12 @@ def build_engine_parts(args: EngineArgs, progress: bool = False) -> dict:
         if model_config.is_multimodal and unknown:
             raise ConfigError(f"EngineArgs.{name}: {model_config.architecture} takes "
                               f"{', '.join(model_config.modalities)}, got {unknown}", name)
-    if args.default_mm_loras:
-        raise ConfigError("EngineArgs.default_mm_loras is not implemented yet (issue #16)", "default_mm_loras")
+    if args.default_mm_loras and not args.enable_lora:
+        raise ConfigError("EngineArgs.default_mm_loras needs enable_lora=True", "default_mm_loras")
+    for modality, lora_path in (args.default_mm_loras or {}).items():
+        if not isinstance(lora_path, str) or not lora_path:
+            raise ConfigError(f"EngineArgs.default_mm_loras[{modality!r}] must be an adapter path, got {lora_path!r}",
+                              "default_mm_loras")
     tokenizer = None if args.skip_tokenizer_init else load_tokenizer(args, path)
     processor = None
     if model_config.is_multimodal and not args.skip_tokenizer_init:

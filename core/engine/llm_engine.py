@@ -30,6 +30,7 @@ _PROMPT_KEYS = {"prompt": None, "prompt_token_ids": None,
                 "mm_processor_kwargs": "per-request processor arguments are not supported",
                 "cache_salt": "prefix caching is not implemented, so there is nothing to salt"}
 _UNKNOWN_PROMPT_KEY = "a prompt dict takes 'prompt' or 'prompt_token_ids'"
+DEFAULT_MM_LORA_ID = 2**31 - 1  # default_mm_loras take ids counting down from here
 
 
 class LLMEngine:
@@ -46,6 +47,9 @@ class LLMEngine:
         self._wakeup = threading.Event()
         if self.lora_manager is not None:
             self.lora_manager.loader.add_listener(self._wakeup.set)
+        # default_mm_loras: modality -> LoRARequest named after the modality (vLLM's), with ids far above users'.
+        self._default_mm_loras = {m: LoRARequest(m, DEFAULT_MM_LORA_ID - i, path)
+                                  for i, (m, path) in enumerate(sorted((args.default_mm_loras or {}).items()))}
         is_async = args.async_scheduling if args.async_scheduling is not None else envs.async_scheduling()
         self.is_async_scheduling = is_async if is_async is not None else self.runner.graph_runner is not None
         self.stats = {"num_requests": 0, "num_prompt_tokens": 0, "num_generation_tokens": 0, "num_steps": 0,
@@ -102,6 +106,19 @@ class LLMEngine:
             raise InvalidRequestError("the engine was built with skip_tokenizer_init=True: pass prompt_token_ids")
         return prompt, self.tokenizer.encode(prompt), None
 
+    def _default_mm_lora(self, mm_inputs: dict) -> LoRARequest | None:
+        """vLLM's default_mm_loras: a request that names no adapter and carries a modality with a default adapter
+        runs with it (a request that names its own keeps its own). A prompt carrying two such modalities gets
+        none: one adapter per request, as vLLM."""
+        defaults = self._default_mm_loras
+        present = [m for m in mm_inputs.get("modalities", ()) if m in defaults]
+        if len(present) != 1:
+            if present:
+                logger.warning("a prompt carries %s, each with a default adapter; one adapter per request: none "
+                               "is applied", ", ".join(present))
+            return None
+        return defaults[present[0]]
+
     def _process_multimodal(self, prompt: dict) -> tuple[str, list[int], dict]:
         """The model's HF processor expands each placeholder and makes the tower's inputs (vLLM's
         ``{"prompt": ..., "multi_modal_data": {"image": image or [images]}}``)."""
@@ -133,7 +150,7 @@ class LLMEngine:
         num_placeholders = sum(1 for t in ids if t == self.model_config.image_token_id)
         if images and num_placeholders == 0:
             raise InvalidRequestError("the prompt has images but no image placeholder for them")
-        return text, ids, ({"pixel_values": out["pixel_values"]} if images else None)
+        return text, ids, ({"pixel_values": out["pixel_values"], "modalities": ("image",)} if images else None)
 
     def add_request(self, request_id: str, prompt: Any, params: SamplingParams | None = None,
                     lora_request: LoRARequest | None = None, arrival_time: float | None = None,
@@ -159,6 +176,8 @@ class LLMEngine:
             raise PromptTooLongError(
                 f"The prompt (length {len(ids)}) is longer than the maximum model length of {max_len - 1} "
                 f"(max_model_len={max_len} must leave room for at least one generated token).")
+        if lora_request is None and mm_inputs is not None:
+            lora_request = self._default_mm_lora(mm_inputs)
         lora_model = None
         if lora_request is not None:
             if self.lora_manager is None:

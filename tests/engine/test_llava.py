@@ -176,3 +176,35 @@ def test_tower_lora_on_a_text_model_is_refused_by_name(tiny_llama, llava, tower_
     text_only = LLM(str(tiny_llama), max_model_len=64, max_num_seqs=2, enable_lora=True, max_lora_rank=8)
     with pytest.raises(LoRALoadError, match="has no vision tower"):
         text_only.llm_engine.add_lora(LoRARequest("tower", 9, str(tower_adapters["tower1"])))
+
+
+def test_default_mm_loras(llava, tower_adapters, lora_dir):
+    """vLLM's default_mm_loras example with only the paths changed: image requests that name no adapter get the
+    image adapter; text-only requests stay on the base; a request naming its own adapter keeps it."""
+    from loraplex import LLM, SamplingParams
+    from loraplex.lora.request import LoRARequest
+
+    llm = LLM(str(llava), max_model_len=256, max_num_seqs=8, enable_lora=True, max_lora_rank=8,
+              default_mm_loras={"image": str(tower_adapters["tower1"])})
+    ref = LLM(str(llava), max_model_len=256, max_num_seqs=8, enable_lora=True, max_lora_rank=8)
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    image, text = _prompt(*PROMPTS[0]), "No image here"
+    own = LoRARequest("lm", 1, str(lora_dir))
+    got = llm.generate([image, text, image], params, lora_request=[None, None, own])
+    want_default = ref.generate([image], params, lora_request=LoRARequest("t1", 5, str(tower_adapters["tower1"])))
+    want_base = ref.generate([text], params)
+    want_own = ref.generate([image], params, lora_request=own)
+    assert got[0].outputs[0].token_ids == want_default[0].outputs[0].token_ids
+    assert got[0].lora_request is not None and got[0].lora_request.lora_name == "image"
+    assert got[1].outputs[0].token_ids == want_base[0].outputs[0].token_ids and got[1].lora_request is None
+    assert got[2].outputs[0].token_ids == want_own[0].outputs[0].token_ids
+
+
+def test_default_mm_loras_needs_lora_and_known_modalities(llava):
+    from loraplex import LLM
+    from loraplex.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="needs enable_lora"):
+        LLM(str(llava), max_model_len=64, default_mm_loras={"image": "/x"})
+    with pytest.raises(ConfigError, match="takes image, got \\['audio'\\]"):
+        LLM(str(llava), max_model_len=64, enable_lora=True, default_mm_loras={"audio": "/x"})
