@@ -187,6 +187,7 @@ def plan_adapter(layout: PageLayout, config: dict, tensors: dict[str, torch.Tens
         if part is not None:
             # Checked first: a vision tower's "layers.N.self_attn.q_proj" must never land on the decoder's.
             path, _, rest = key[key.index(part):].partition(".lora_")
+            path = layout.tower_paths.get(path, path)
             if path not in layout.tower_linears:
                 what = "this model has no vision tower" if not layout.tower_linears else "no such Linear in it"
                 raise LoRALoadError(f"adapter '{name}': target {path!r} ({key}) is not supported: {what}", name)

@@ -68,6 +68,11 @@ class PageLayout:
         # A multi-modal model's tower / projector Linears that adapters may target: path -> (in, out).
         targets = getattr(model, "tower_lora_targets", None)
         self.tower_linears: dict[str, tuple[int, int]] = targets() if targets is not None else {}
+        # Every spelling an adapter may use for a tower path -> the model's own.
+        self.tower_paths: dict[str, str] = {}
+        for path in self.tower_linears:
+            for alias in model.tower_aliases(path):
+                self.tower_paths.setdefault(alias, path)
 
     def __getstate__(self) -> dict:
         # Sent to loader processes, which need the offsets only, not the model's modules.

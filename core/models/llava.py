@@ -53,6 +53,16 @@ class LlavaForConditionalGeneration(LlamaForCausalLM):
         """Linears of the tower and projector that adapters may target: PEFT path from the tower down -> (in, out)."""
         return {path: (m.in_features, m.out_features) for path, m in self._tower_linears().items()}
 
+    @staticmethod
+    def tower_aliases(path: str) -> tuple[str, ...]:
+        """The other spelling of a tower path: transformers 5 flattened CLIPVisionModel (``vision_tower.encoder``),
+        checkpoints and adapters saved before have ``vision_tower.vision_model.encoder``; both are the same."""
+        if path.startswith("vision_tower.vision_model."):
+            return (path, "vision_tower." + path[len("vision_tower.vision_model."):])
+        if path.startswith("vision_tower."):
+            return (path, "vision_tower.vision_model." + path[len("vision_tower."):])
+        return (path,)
+
     def _lora_hook(self, path: str):
         def hook(module, inputs, output):
             lora = self._tower_lora

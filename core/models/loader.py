@@ -85,6 +85,10 @@ def load_weights(model: LlamaForCausalLM, path: Path, progress: bool = False) ->
         if towers:
             part, name = model.checkpoint_name(name)
             if part != "lm":
+                # Older checkpoints name CLIP's inner "vision_model." level, which transformers 5 flattened.
+                name = next((n for n in model.tower_aliases("vision_tower." + name) if n[len("vision_tower."):]
+                             in towers[part]), "vision_tower." + name)[len("vision_tower."):] \
+                    if part == "vision" else name
                 target = towers[part].get(name)
                 if target is None:
                     raise UnsupportedModelError(f"unexpected checkpoint tensor {name!r} in the {part} part")
@@ -133,9 +137,7 @@ def build_model(path: Path, hf_config, dtype: torch.dtype, device: torch.device,
     cfg = ModelConfig.from_hf(hf_config)
     cfg.fused_ops = envs.fused_ops()
     if load_format == "dummy":
-        if cfg.is_multimodal:
-            raise UnsupportedModelError("load_format='dummy' is not supported for multi-modal models yet")
-        return build_dummy_model(cfg, dtype, device, attn_backend)
+        return build_dummy_model(cfg, dtype, device, attn_backend, hf_config)
     with torch.device("cpu"):
         if cfg.architecture == "LlavaForConditionalGeneration":
             model = LlavaForConditionalGeneration(cfg, hf_config, attn_backend=attn_backend, dtype=dtype, device="cpu")
@@ -157,12 +159,16 @@ def is_local(model: str) -> bool:
 
 @torch.no_grad()
 def build_dummy_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
-                      attn_backend: str = "auto") -> LlamaForCausalLM:
+                      attn_backend: str = "auto", hf_config=None) -> LlamaForCausalLM:
     """Random weights straight on the device: for benchmarks of real-size shapes with no checkpoint."""
-    model = LlamaForCausalLM(cfg, attn_backend=attn_backend, dtype=dtype, device=device)
+    if cfg.architecture == "LlavaForConditionalGeneration":
+        model = LlavaForConditionalGeneration(cfg, hf_config, attn_backend=attn_backend, dtype=dtype, device=device)
+    else:
+        model = LlamaForCausalLM(cfg, attn_backend=attn_backend, dtype=dtype, device=device)
     gen = torch.Generator(device=device).manual_seed(0)
     for name, p in model.named_parameters():
-        if name.endswith("norm.weight"):
+        if name.endswith("norm.weight") or name.endswith(("layernorm.weight", "layer_norm1.weight",
+                                                          "layer_norm2.weight")):
             p.fill_(1.0)
         elif name.endswith("bias"):
             p.zero_()

@@ -208,3 +208,75 @@ def test_default_mm_loras_needs_lora_and_known_modalities(llava):
         LLM(str(llava), max_model_len=64, default_mm_loras={"image": "/x"})
     with pytest.raises(ConfigError, match="takes image, got \\['audio'\\]"):
         LLM(str(llava), max_model_len=64, enable_lora=True, default_mm_loras={"audio": "/x"})
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("enforce_eager", [False, True])
+def test_cuda_llava_equals_hf(llava, tower_adapters, enforce_eager):
+    """On CUDA (fp32; CUDA graphs for the decoder's decode steps unless eager): the mixed batch of image and
+    text-only prompts, with a tower adapter on some, equals HF / PEFT on the CPU."""
+    from peft import PeftModel
+
+    from loraplex import LLM, SamplingParams
+    from loraplex.lora.request import LoRARequest
+
+    llm = LLM(str(llava), max_model_len=256, max_num_seqs=8, enable_lora=True, max_lora_rank=8, device="cuda",
+              dtype="float32", enforce_eager=enforce_eager)
+    processor = transformers.AutoProcessor.from_pretrained(llava)
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    lora = LoRARequest("tower1", 21, str(tower_adapters["tower1"]))
+    jobs = [(n, t, i) for n in (None, "tower1") for t, i in PROMPTS]
+    outs = llm.generate([_prompt(t, i) for _, t, i in jobs], params,
+                        lora_request=[lora if n else None for n, _, _ in jobs])
+    hf = transformers.LlavaForConditionalGeneration.from_pretrained(llava).eval()
+    peft_model = PeftModel.from_pretrained(transformers.LlavaForConditionalGeneration.from_pretrained(llava),
+                                           tower_adapters["tower1"]).eval()
+    for (n, text, images), out in zip(jobs, outs):
+        model = peft_model if n else hf
+        assert out.outputs[0].token_ids == _hf_tokens(model, processor, text, images), (n, text)
+
+
+def _rewrite(src, dst, rename):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    name = "model.safetensors" if (src / "model.safetensors").exists() else "adapter_model.safetensors"
+    tensors = load_file(str(src / name))
+    save_file({rename(k): v for k, v in tensors.items()}, str(dst / name))
+    return dst
+
+
+def _old_tower(k: str) -> str:
+    return k.replace("vision_tower.", "vision_tower.vision_model.", 1) if "vision_tower.vision_model." not in k else k
+
+
+def _new_layout(k: str) -> str:
+    k = _old_tower(k).replace("vision_tower.vision_model.", "vision_tower.")
+    for old, new in (("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."),
+                     ("vision_tower.", "model.vision_tower."), ("multi_modal_projector.", "model.multi_modal_projector.")):
+        if k.startswith(old):
+            return new + k[len(old):]
+    return k
+
+
+def test_checkpoint_and_adapter_layouts(llava, tower_adapters, tmp_path):
+    """Both checkpoint layouts (llava-hf's `language_model.model.*` / `vision_tower.vision_model.*`, and
+    transformers 5's `model.language_model.*` / `model.vision_tower.*`) and both tower path spellings in adapters
+    give the same tokens."""
+    from loraplex import LLM, SamplingParams
+    from loraplex.lora.request import LoRARequest
+
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    prompts = [_prompt(t, i) for t, i in PROMPTS]
+    old_adapter = _rewrite(tower_adapters["tower1"], tmp_path / "old-adapter", _old_tower)
+    results = []
+    for variant in (llava, _rewrite(llava, tmp_path / "old", _old_tower), _rewrite(llava, tmp_path / "new", _new_layout)):
+        llm = LLM(str(variant), max_model_len=256, max_num_seqs=8, enable_lora=True, max_lora_rank=8)
+        base = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+        with_lora = [[o.outputs[0].token_ids for o in llm.generate(prompts, params, lora_request=LoRARequest(
+            n, k + 1, str(path)))] for k, (n, path) in enumerate([("a", tower_adapters["tower1"]), ("b", old_adapter)])]
+        results.append((base, with_lora))
+    assert all(r == results[0] for r in results[1:])
+    assert results[0][1][0] == results[0][1][1]  # both adapter spellings are the same adapter
