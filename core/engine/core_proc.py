@@ -19,7 +19,7 @@ import signal
 import sys
 import time
 
-from loraplex.engine.wire import error_to_wire, lora_from_wire, pack, params_from_wire, unpack
+from loraplex.engine.wire import error_to_wire, lora_from_wire, mm_from_wire, pack, params_from_wire, unpack
 
 logger = logging.getLogger("loraplex.engine")
 
@@ -135,7 +135,7 @@ class CoreLoop:
             return
         try:
             if kind == "add":
-                requests = [(rid, ids, params_from_wire(p), lora) for rid, ids, p, lora in args[0]]
+                requests = [(rid, ids, params_from_wire(p), lora, mm_from_wire(mm)) for rid, ids, p, lora, mm in args[0]]
                 for rid, *_ in requests:
                     self.owner[rid] = client
                 try:

@@ -106,6 +106,22 @@ class LLMEngine:
             raise InvalidRequestError("the engine was built with skip_tokenizer_init=True: pass prompt_token_ids")
         return prompt, self.tokenizer.encode(prompt), None
 
+    def _check_mm_inputs(self, ids: list[int], mm_inputs: dict) -> None:
+        """Processed inputs must fit the model: its modality, the image limit, one placeholder per feature row."""
+        if not self.model_config.is_multimodal:
+            raise UnsupportedArgumentError("mm_inputs", "this model is text-only")
+        pixels = mm_inputs.get("pixel_values")
+        if pixels is None or pixels.dim() != 4:
+            raise InvalidRequestError("mm_inputs needs 'pixel_values' [num_images, channels, height, width]")
+        limit = (self.args.limit_mm_per_prompt or {}).get("image")
+        if limit is not None and pixels.shape[0] > limit:
+            raise InvalidRequestError(f"At most {limit} image(s) may be provided in one prompt, got {pixels.shape[0]}")
+        want = pixels.shape[0] * self.model.tokens_per_image
+        got = sum(1 for t in ids if t == self.model_config.image_token_id)
+        if got != want:
+            raise InvalidRequestError(f"the prompt has {got} image placeholder tokens; its {pixels.shape[0]} "
+                                      f"image(s) need {want}")
+
     def _default_mm_lora(self, mm_inputs: dict) -> LoRARequest | None:
         """vLLM's default_mm_loras: a request that names no adapter and carries a modality with a default adapter
         runs with it (a request that names its own keeps its own). A prompt carrying two such modalities gets
@@ -150,11 +166,18 @@ class LLMEngine:
         num_placeholders = sum(1 for t in ids if t == self.model_config.image_token_id)
         if images and num_placeholders == 0:
             raise InvalidRequestError("the prompt has images but no image placeholder for them")
-        return text, ids, ({"pixel_values": out["pixel_values"], "modalities": ("image",)} if images else None)
+        if not images:
+            return text, ids, None
+        mm = {"pixel_values": out["pixel_values"], "modalities": ("image",)}
+        self._check_mm_inputs(ids, mm)
+        return text, ids, mm
 
     def add_request(self, request_id: str, prompt: Any, params: SamplingParams | None = None,
                     lora_request: LoRARequest | None = None, arrival_time: float | None = None,
-                    priority: int = 0) -> None:
+                    priority: int = 0, mm_inputs: dict | None = None) -> None:
+        """``mm_inputs``: a multi-modal prompt already through the model's processor (the server's front end ran
+        it): ``{"pixel_values": tensor, "modalities": ("image",)}`` beside ``{"prompt_token_ids": expanded ids}``.
+        Offline, pass ``{"prompt": ..., "multi_modal_data": ...}`` instead."""
         request_id = str(request_id)
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
@@ -168,7 +191,11 @@ class LLMEngine:
         if params.prompt_logprobs is not None and params.prompt_logprobs > self.args.max_logprobs:
             raise InvalidRequestError(f"Requested prompt logprobs of {params.prompt_logprobs}, which is greater "
                                       f"than max allowed: {self.args.max_logprobs}")
-        text, ids, mm_inputs = self._process(prompt)
+        if mm_inputs is not None:
+            text, ids, _ = self._process(prompt)
+            self._check_mm_inputs(ids, mm_inputs)
+        else:
+            text, ids, mm_inputs = self._process(prompt)
         if not ids:
             raise InvalidRequestError("the prompt is empty")
         max_len = self.max_model_len

@@ -58,7 +58,9 @@ class ServingCore:
                 "model_path": str(e.model_path), "skip_tokenizer_init": e.args.skip_tokenizer_init,
                 "max_model_len": e.max_model_len, "max_logprobs": e.args.max_logprobs,
                 "is_lora_enabled": e.lora_manager is not None, "eos_token_ids": list(e.eos_token_ids),
-                "device": str(e.device)}
+                "device": str(e.device), "modalities": list(e.model_config.modalities),
+                "image_placeholder": getattr(e.processor, "image_token", None) if e.processor is not None else None,
+                "limit_mm_per_prompt": dict(e.args.limit_mm_per_prompt or {})}
 
     def has_work(self) -> bool:
         return self.engine.has_unfinished_requests() or self.engine.has_pending_loras()
@@ -76,12 +78,12 @@ class ServingCore:
         return dataclasses.replace(current.request, load_inplace=False)
 
     def add(self, requests: list) -> None:
-        """Add ``[(request_id, prompt_token_ids, params, lora_name), ...]``, all or nothing."""
+        """Add ``[(request_id, prompt_token_ids, params, lora_name, mm_inputs or None), ...]``, all or nothing."""
         engine, added = self.engine, []
         try:
-            for rid, ids, params, lora_name in requests:
+            for rid, ids, params, lora_name, mm in requests:
                 engine.add_request(rid, {"prompt_token_ids": ids}, core_params(params),
-                                   lora_request=self.lora_request(lora_name))
+                                   lora_request=self.lora_request(lora_name), mm_inputs=mm)
                 added.append(rid)
         except BaseException:
             engine.abort_request(added)

@@ -62,6 +62,26 @@ def lora_from_wire(v: list | None) -> LoRARequest | None:
                        allowed_paths=tuple(allowed) if allowed is not None else None)
 
 
+def mm_to_wire(mm: dict | None):
+    """Processed multi-modal inputs: tensors as [shape, dtype name, raw bytes]."""
+    if mm is None:
+        return None
+    t = mm["pixel_values"].contiguous()
+    return {"pixel_values": [list(t.shape), str(t.dtype).removeprefix("torch."), t.numpy().tobytes()],
+            "modalities": list(mm.get("modalities", ()))}
+
+
+def mm_from_wire(v):
+    if v is None:
+        return None
+    import numpy as np
+    import torch
+
+    shape, dtype, data = v["pixel_values"]
+    array = np.frombuffer(data, dtype=np.dtype(dtype)).reshape(shape)
+    return {"pixel_values": torch.from_numpy(array.copy()), "modalities": tuple(v["modalities"])}
+
+
 # ---------------------------------------------------------------------- errors
 class EngineCoreError(_errors.LoraplexError):
     """An error of the engine process with no typed counterpart here (HTTP 500); its text names the type."""

@@ -30,6 +30,10 @@ class LlavaForConditionalGeneration(LlamaForCausalLM):
         self.image_token_id = cfg.image_token_id
         self.vision_feature_layer = hf_config.vision_feature_layer
         self.vision_feature_select_strategy = hf_config.vision_feature_select_strategy
+        vision = hf_config.vision_config
+        # Placeholder tokens per image: one per patch, and the CLS token's too with the "full" strategy.
+        self.tokens_per_image = (vision.image_size // vision.patch_size) ** 2 + (
+            1 if self.vision_feature_select_strategy == "full" else 0)
         with torch.device(device if device is not None else "cpu"):
             self.vision_tower = AutoModel.from_config(hf_config.vision_config, dtype=dtype)
             self.multi_modal_projector = LlavaMultiModalProjector(hf_config).to(dtype)

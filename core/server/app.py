@@ -23,7 +23,7 @@ from loraplex.server.frontend import Frontend
 from loraplex.server.limits import RequestLimits
 from loraplex.server.metrics import ServerMetrics
 from loraplex.server.models import ModelRegistry, parse_lora_module
-from loraplex.server.protocol import DEFAULT_MAX_BODY_BYTES
+from loraplex.server.protocol import DEFAULT_MAX_BODY_BYTES, MediaSpec
 
 logger = logging.getLogger("loraplex.server")
 
@@ -37,6 +37,7 @@ class ServerState:
     max_logprobs: int
     limits: RequestLimits = RequestLimits()
     frontend: Frontend | None = None  # tokenizes and renders chat templates off the engine thread
+    media: MediaSpec = MediaSpec()  # what the served model takes besides text
 
 
 def _authorize(request, keys: tuple[str, ...], user_keys: tuple[str, ...]) -> None:
@@ -162,7 +163,9 @@ def create_app(engine_or_args, *, served_model_name: str | list[str] | None = No
     state = ServerState(aengine, models, ServerMetrics(aengine),
                         max_request_body_bytes or envs.max_request_body_bytes()
                         or limits.body_bytes(aengine.max_model_len, DEFAULT_MAX_BODY_BYTES),
-                        aengine.info["max_logprobs"], limits, Frontend(aengine.tokenizer, limits))
+                        aengine.info["max_logprobs"], limits,
+                        Frontend(aengine.tokenizer, limits, aengine.processor, aengine.info.get("limit_mm_per_prompt")),
+                        MediaSpec(tuple(aengine.info.get("modalities") or ()), aengine.info.get("image_placeholder")))
 
     user_keys = tuple(k for k in (api_key, admin_api_key) if k) if api_key else ()
     admin_keys = (admin_api_key,) if admin_api_key else user_keys

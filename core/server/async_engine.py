@@ -160,6 +160,7 @@ class EngineClient:
     def __init__(self, info: dict, tokenizer):
         self.info = info
         self.tokenizer = tokenizer
+        self.processor = None  # a multi-modal model's HF processor (set by the transport)
         self.max_model_len: int = info["max_model_len"]
         self.is_lora_enabled: bool = info["is_lora_enabled"]
         self.max_step_seconds = 60.0
@@ -218,7 +219,8 @@ class EngineClient:
             self._routes[rid] = group
         group.ids = ids
         try:
-            await self._call("add", [(rid, p["prompt_token_ids"], params, lora_name) for rid, p in zip(ids, prompts)])
+            await self._call("add", [(rid, p["prompt_token_ids"], params, lora_name, p.get("mm"))
+                                     for rid, p in zip(ids, prompts)])
         except BaseException as e:
             for rid in ids:
                 self._routes.pop(rid, None)
@@ -286,6 +288,7 @@ class AsyncEngine(EngineClient):
         self.engine = engine
         self.core = ServingCore(engine)
         super().__init__(self.core.info(), engine.tokenizer)
+        self.processor = engine.processor
         self._cv = threading.Condition()
         self._commands: list[tuple[Callable, concurrent.futures.Future | None]] = []
         self._thread: threading.Thread | None = None

@@ -20,7 +20,7 @@ import time
 import uuid
 from pathlib import Path
 
-from loraplex.engine.wire import error_from_wire, lora_to_wire, pack, params_to_wire, unpack
+from loraplex.engine.wire import error_from_wire, lora_to_wire, mm_to_wire, pack, params_to_wire, unpack
 from loraplex.server.async_engine import EngineClient
 from loraplex.server.errors import EngineUnavailableError
 
@@ -123,6 +123,15 @@ def _tokenizer(args, info: dict):
     return None if info["skip_tokenizer_init"] else load_tokenizer(args, Path(info["model_path"]))
 
 
+def _processor(info: dict):
+    """A multi-modal model's HF processor, for the front end (it expands placeholders and makes pixel values)."""
+    if not info.get("modalities") or info["skip_tokenizer_init"]:
+        return None
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(info["model_path"])
+
+
 class ProcEngineClient(EngineClient):
     """One API server's client of the engine-core process. ``core``: the process, when this client started it
     (``spawn``; it then stops it too); None when attached to one an outer process started (--api-server-count)."""
@@ -152,13 +161,17 @@ class ProcEngineClient(EngineClient):
     def spawn(cls, args, lora_modules=(), progress: bool = False) -> "ProcEngineClient":
         """Start an engine process for this client alone; returns the client (not yet started: ``astart``)."""
         core = EngineCoreProcess.start(args, lora_modules, progress)
-        return cls(core.info, _tokenizer(args, core.info), core.address, core.lifeline, core.state, core=core)
+        client = cls(core.info, _tokenizer(args, core.info), core.address, core.lifeline, core.state, core=core)
+        client.processor = _processor(core.info)
+        return client
 
     @classmethod
     def attach(cls, args, handle: dict) -> "ProcEngineClient":
         """In an API server process: the client of a core that another process started (``handle(i)``)."""
-        return cls(handle["info"], _tokenizer(args, handle["info"]), handle["address"], handle["lifeline"],
-                   handle["state"])
+        client = cls(handle["info"], _tokenizer(args, handle["info"]), handle["address"], handle["lifeline"],
+                     handle["state"])
+        client.processor = _processor(handle["info"])
+        return client
 
     # ------------------------------------------------------------------ lifecycle
     async def astart(self) -> None:
@@ -246,7 +259,7 @@ class ProcEngineClient(EngineClient):
         if self._push is None:
             raise EngineUnavailableError("The engine client is not started")
         if kind == "add":
-            args = ([[rid, ids, params_to_wire(p), lora] for rid, ids, p, lora in args[0]],)
+            args = ([[rid, ids, params_to_wire(p), lora, mm_to_wire(mm)] for rid, ids, p, lora, mm in args[0]],)
         elif kind == "add_resolved":
             args = (lora_to_wire(args[0]),)
         self._push.send(pack([kind, self._out_address, call_id, *args]), flags=_NOBLOCK, copy=False)

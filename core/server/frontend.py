@@ -108,14 +108,69 @@ class _TemplateSandbox:
             self._kill()
 
 
+# Decoded images may have at most this many pixels (a small PNG can claim a huge canvas).
+MAX_IMAGE_PIXELS = 64 * 2**20
+
+
 class Frontend:
-    def __init__(self, tokenizer, limits):
+    def __init__(self, tokenizer, limits, processor=None, limit_mm_per_prompt: dict | None = None):
         self._tokenizer = tokenizer
+        self._processor = processor
+        self._limit_mm = dict(limit_mm_per_prompt or {})
         self._local = threading.local()
         self._pool = concurrent.futures.ThreadPoolExecutor(NUM_THREADS, thread_name_prefix="loraplex-frontend")
         self._sandbox = None
         if limits.trust_request_chat_template and tokenizer is not None:
             self._sandbox = _TemplateSandbox(tokenizer, limits.chat_template_timeout_s)
+
+    def _own_processor(self):
+        proc = getattr(self._local, "processor", None)
+        if proc is None and self._processor is not None:
+            proc = self._local.processor = copy.deepcopy(self._processor)
+        return proc
+
+    def chat_multimodal(self, tok, messages: list, kwargs: dict, images: list[bytes]) -> dict:
+        """A chat prompt with images: rendered by the chat template (each image part's placeholder where the part
+        was), then through the model's processor, as ``LLM.generate({"prompt": ..., "multi_modal_data": ...})``
+        would take it; the engine gets the expanded ids and pixel values."""
+        import io
+
+        from PIL import Image, UnidentifiedImageError
+
+        limit = self._limit_mm.get("image")
+        if limit is not None and len(images) > limit:
+            raise APIError(400, f"At most {limit} image(s) may be provided in one prompt, got {len(images)}",
+                           param="messages")
+        if "chat_template" in kwargs:
+            raise APIError(400, "a request-supplied chat template cannot be used with images", param="chat_template")
+        decoded = []
+        for i, data in enumerate(images):
+            try:
+                img = Image.open(io.BytesIO(data))
+                if img.width * img.height > MAX_IMAGE_PIXELS:
+                    raise APIError(400, f"image {i} has {img.width}x{img.height} pixels; at most "
+                                   f"{MAX_IMAGE_PIXELS} are accepted", param="messages")
+                img.load()
+                decoded.append(img.convert("RGB"))
+            except APIError:
+                raise
+            except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+                raise APIError(400, f"image {i} could not be decoded: {type(e).__name__}: {e}",
+                               param="messages") from None
+        if tok is None:
+            raise APIError(400, "This server was started without a tokenizer; chat needs one")
+        try:
+            text = tok.apply_chat_template(messages, tokenize=False, **kwargs)
+        except Exception as e:
+            raise APIError(400, f"Cannot apply the chat template: {type(e).__name__}: {e}", param="messages") \
+                from None
+        try:
+            out = self._own_processor()(text=text, images=decoded, return_tensors="pt")
+        except Exception as e:
+            raise APIError(400, f"the model's processor refused the prompt: {type(e).__name__}: {e}",
+                           param="messages") from None
+        return {"prompt": text, "prompt_token_ids": out["input_ids"][0].tolist(),
+                "mm": {"pixel_values": out["pixel_values"], "modalities": ("image",)}}
 
     def _own_tokenizer(self):
         tok = getattr(self._local, "tokenizer", None)

@@ -5,6 +5,9 @@ so a malformed request never reaches the engine.
 """
 from __future__ import annotations
 
+import base64
+import binascii
+
 import json
 import math
 from dataclasses import dataclass, field
@@ -183,6 +186,7 @@ class GenerateRequest:
     top_logprobs: int = 0
     echo: bool = False       # completions: the prompt (and, with logprobs, its logprobs) before the completion
     echo_only: bool = False  # echo with max_tokens 0: the prompt alone (one token is generated and not shown)
+    images: list = field(default_factory=list)  # chat: the encoded bytes of each image part, in order
 
 
 def _validation_error(message: str, param: str, value=None) -> APIError:
@@ -292,21 +296,58 @@ def parse_completion(body: dict, max_logprobs: int, limits: RequestLimits = DEFA
 
 
 _MEDIA_PARTS = ("image_url", "input_audio", "audio_url", "video_url", "image", "audio", "file")
+_PART_MODALITY = {"image_url": "image", "image": "image", "input_audio": "audio", "audio_url": "audio",
+                  "audio": "audio", "video_url": "video", "file": "file"}
 
 
-def _message(i: int, m) -> dict:
+@dataclass(frozen=True)
+class MediaSpec:
+    """What the served model takes besides text: its modalities and the text of its image placeholder (the
+    processor expands each into the image's tokens)."""
+
+    modalities: tuple[str, ...] = ()
+    image_placeholder: str | None = None
+
+
+def _image_bytes(where: str, part: dict) -> bytes:
+    url = part.get("image_url")
+    url = url.get("url") if isinstance(url, dict) else url
+    if not isinstance(url, str):
+        raise APIError(400, f"'{where}.image_url.url' must be a string", param=where)
+    if not url.startswith("data:"):
+        # Fetching (http, https, file) is not enabled: the server opens no connection a request asks for.
+        scheme = url.split(":", 1)[0] if ":" in url else url[:16]
+        raise APIError(400, f"'{where}': {scheme!r} image URLs are not enabled on this server; send the image "
+                       "inline as a data: URL (data:image/png;base64,...)", param=where)
+    head, sep, data = url.partition(",")
+    if not sep or not head.endswith(";base64") or not head[5:].startswith("image/"):
+        raise APIError(400, f"'{where}': a data: URL must be data:image/<format>;base64,<data>", param=where)
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise APIError(400, f"'{where}': the data: URL is not valid base64", param=where) from None
+
+
+def _message(i: int, m, media: MediaSpec, images: list) -> dict:
     if not isinstance(m, dict) or not isinstance(m.get("role"), str):
         raise _bad(f"messages[{i}]", "an object with a string 'role'", m)
     content = m.get("content")
-    if isinstance(content, list):  # OpenAI content parts: only text is served here
+    if isinstance(content, list):  # OpenAI content parts: text, and images for a model that takes them
         texts = []
-        for part in content:
+        for j, part in enumerate(content):
             kind = part.get("type") if isinstance(part, dict) else None
             if kind in _MEDIA_PARTS:
-                # The server takes text only so far; images reach LLaVA models through LLM.generate (issue #16).
-                raise APIError(400, f"'messages[{i}].content' holds a '{kind}' part, but the server is "
-                               "text-only: multi-modal input is not supported over HTTP yet",
-                               param=f"messages[{i}].content")
+                modality = _PART_MODALITY[kind]
+                if modality not in media.modalities:
+                    takes = f"takes {', '.join(media.modalities)} only" if media.modalities else "is text-only"
+                    raise APIError(400, f"'messages[{i}].content' holds a '{kind}' part, but the served model "
+                                   f"{takes}", param=f"messages[{i}].content")
+                if kind != "image_url":
+                    raise APIError(400, f"'messages[{i}].content[{j}]': '{kind}' parts are not supported; send "
+                                   "images as 'image_url' parts", param=f"messages[{i}].content")
+                images.append(_image_bytes(f"messages[{i}].content[{j}]", part))
+                texts.append(media.image_placeholder)  # where the image was: the processor expands it
+                continue
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
                 raise _bad(f"messages[{i}].content", "a string or an array of text parts", part)
             texts.append(part["text"])
@@ -317,14 +358,15 @@ def _message(i: int, m) -> dict:
 
 
 def parse_chat(body: dict, max_logprobs: int, limits: RequestLimits = DEFAULT_LIMITS,
-               max_model_len: int | None = None) -> GenerateRequest:
+               max_model_len: int | None = None, media: MediaSpec = MediaSpec()) -> GenerateRequest:
     _known_fields(body, CHAT_FIELDS)
     _precheck(body, limits)
     model, stream, include_usage = _common(body)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise _bad("messages", "a non-empty array of messages", messages)
-    messages = [_message(i, m) for i, m in enumerate(messages)]
+    images: list[bytes] = []
+    messages = [_message(i, m, media, images) for i, m in enumerate(messages)]
     max_tokens = _get(body, "max_completion_tokens", "int", _get(body, "max_tokens", "int"))
     want_logprobs = _get(body, "logprobs", "bool", False)
     top = _get(body, "top_logprobs", "int")
@@ -348,7 +390,7 @@ def parse_chat(body: dict, max_logprobs: int, limits: RequestLimits = DEFAULT_LI
             raise _bad(param, "a string", kwargs["chat_template"])
     kwargs["add_generation_prompt"] = _get(body, "add_generation_prompt", "bool", True)
     req = GenerateRequest(model, params, stream, include_usage, messages=messages, chat_kwargs=kwargs,
-                          logprobs=want_logprobs, top_logprobs=top or 0)
+                          images=images, logprobs=want_logprobs, top_logprobs=top or 0)
     _check_limits(req, limits, max_model_len)
     return req
 

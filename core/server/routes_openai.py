@@ -24,7 +24,9 @@ async def _generate(request, kind: str) -> Response:
     body = await read_json(request, state.max_body_bytes)
     # Known before the body is checked, so a 400 on a served model is counted under its name.
     request.state.model_label = state.models.known_label(body.get("model"))
-    req = (parse_chat if kind == "chat" else parse_completion)(body, state.max_logprobs, state.limits,
-                                                               state.models.max_model_len)
+    if kind == "chat":
+        req = parse_chat(body, state.max_logprobs, state.limits, state.models.max_model_len, state.media)
+    else:
+        req = parse_completion(body, state.max_logprobs, state.limits, state.models.max_model_len)
     result = await serving.generate(request, req, kind, state)
     return result if isinstance(result, Response) else JSONResponse(result)

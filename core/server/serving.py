@@ -30,7 +30,9 @@ async def prepare_prompts(req: GenerateRequest, state) -> tuple[list[dict], list
     frontend, max_model_len = state.frontend, state.models.max_model_len
 
     def work(tok):
-        if req.messages is not None:
+        if req.messages is not None and req.images:
+            prompts = [frontend.chat_multimodal(tok, req.messages, req.chat_kwargs, req.images)]
+        elif req.messages is not None:
             prompts = [{"prompt_token_ids": frontend.chat_ids(tok, req.messages, req.chat_kwargs)}]
         else:
             prompts = []
