@@ -61,6 +61,13 @@ class Sequence:
     mm_inputs: dict | None = None
 
     @property
+    def lm_lora_entry(self) -> int:
+        """The pool entry the decoder's LoRA kernels use: -1 (none) for an adapter of the vision tower alone,
+        whose pool entry holds only a zero page."""
+        m = self.lora_model
+        return self.lora_entry if m is None or m.has_lm else -1
+
+    @property
     def lora_name(self) -> str | None:
         return self.lora_request.lora_name if self.lora_request is not None else None
 

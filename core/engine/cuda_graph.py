@@ -90,7 +90,7 @@ class CUDAGraphRunner:
             positions + [0] * pad,
             [s.block_table[p // block] * block + p % block for s, p in zip(seqs, positions)] + [0] * pad,
             [p + 1 for p in positions] + [0] * pad,
-            [s.lora_entry for s in seqs] + [-1] * pad,
+            [s.lm_lora_entry for s in seqs] + [-1] * pad,
         ]
         tables = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs] + [[0] * width] * pad
         host = torch.tensor(rows, dtype=torch.int64).pin_memory().to(r.device, non_blocking=True)

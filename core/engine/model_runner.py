@@ -142,7 +142,7 @@ class ModelRunner:
             seq_lens.append(end)
             qsl.append(qsl[-1] + n)
             if self.lora_manager is not None:
-                lora_idx.extend([seq.lora_entry] * n)
+                lora_idx.extend([seq.lm_lora_entry] * n)
         tables = torch.zeros(len(seqs), max(len(s.block_table) for s in seqs), dtype=torch.int32)
         for i, seq in enumerate(seqs):
             tables[i, : len(seq.block_table)] = torch.tensor(seq.block_table, dtype=torch.int32)

@@ -128,6 +128,7 @@ class LoRAModel:
     # Tower / projector LoRA of a multi-modal model: path -> (A, B) on the host, and on the device once used.
     tower: dict = field(default_factory=dict, repr=False)
     tower_device: dict | None = field(default=None, repr=False)
+    has_lm: bool = True  # False: the adapter targets only the tower (its decoder page is zero and is not run)
 
     @property
     def path(self) -> str:

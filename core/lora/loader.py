@@ -23,10 +23,11 @@ logger = logging.getLogger("loraplex.lora")
 
 
 class LoadResult:
-    __slots__ = ("version", "buf", "rank", "num_bytes", "error", "seconds", "tower")
+    __slots__ = ("version", "buf", "rank", "num_bytes", "error", "seconds", "tower", "has_lm")
 
-    def __init__(self, version, buf=None, rank=0, num_bytes=0, error=None, seconds=0.0, tower=None):
+    def __init__(self, version, buf=None, rank=0, num_bytes=0, error=None, seconds=0.0, tower=None, has_lm=True):
         self.version = version
+        self.has_lm = has_lm  # the adapter has decoder pieces (not the tower alone)
         self.tower = tower or {}  # tower / projector LoRA: path -> (A, B), CPU fp32
         self.buf = buf
         self.rank = rank
@@ -96,8 +97,8 @@ class AdapterLoader(_Loader):
     def _run(self, version) -> None:
         start = time.perf_counter()
         try:
-            buf, rank, num_bytes, tower = self._job(version)
-            result = LoadResult(version, buf, rank, num_bytes, tower=tower)
+            buf, rank, num_bytes, tower, has_lm = self._job(version)
+            result = LoadResult(version, buf, rank, num_bytes, tower=tower, has_lm=has_lm)
         except BaseException as e:  # the job's failure belongs to its requests, never to the worker
             result = LoadResult(version, error=e)
         result.seconds = time.perf_counter() - start
@@ -208,7 +209,8 @@ def _drive(ref, jobs) -> None:
                     conn.send(("buffer", msg[1], loader._buffers.name_of(buf)))
                 elif msg[0] == "done":
                     tower = {path: (torch.from_numpy(a), torch.from_numpy(b)) for path, (a, b) in msg[4].items()}
-                    loader._finish(LoadResult(version, buf, buf.shape[0], msg[2], seconds=msg[3], tower=tower))
+                    loader._finish(LoadResult(version, buf, buf.shape[0], msg[2], seconds=msg[3], tower=tower,
+                                              has_lm=msg[5]))
                     break
                 else:
                     _, _, type_name, message, name = msg

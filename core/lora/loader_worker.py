@@ -74,7 +74,7 @@ def serve(conn) -> None:
             pack_pages(plan, layout, buf)
             del buf
             tower = {path: (a.numpy(), b.numpy()) for path, (a, b) in plan.tower.items()}  # fp32: pickles as numpy
-            conn.send(("done", job, plan.num_bytes, time.perf_counter() - start, tower))
+            conn.send(("done", job, plan.num_bytes, time.perf_counter() - start, tower, bool(plan.pieces)))
         except Exception as e:
             conn.send(("error", job, type(e).__name__, str(e), getattr(e, "lora_name", None)
                        or (req.lora_name if req is not None else None)))

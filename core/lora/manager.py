@@ -195,7 +195,7 @@ class LoRAManager:
         except BaseException:
             self.host.buffers.put(buf)
             raise
-        return buf, plan.rank, plan.num_bytes, plan.tower
+        return buf, plan.rank, plan.num_bytes, plan.tower, bool(plan.pieces)
 
     def poll(self) -> None:
         """Engine thread, every step: take finished loads (register them, or record their failure for the
@@ -214,6 +214,7 @@ class LoRAManager:
                 continue
             m.rank, m.num_bytes, m.error = res.rank, res.num_bytes, None
             m.tower = res.tower
+            m.has_lm = res.has_lm
             m.is_fresh_load = True
             self._host_put(m, res.buf)
             old = self.registry.commit(m)
