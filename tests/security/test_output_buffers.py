@@ -156,9 +156,9 @@ STALLED = {"model": "tiny", "prompt": "hello", "max_tokens": 4000, "n": N, "logp
 
 @pytest.fixture
 def bound(monkeypatch):
-    from loraplex.server import async_engine
+    from loraplex.server import request_group
 
-    monkeypatch.setattr(async_engine, "MAX_UNDELIVERED_TOKENS", BOUND, raising=False)
+    monkeypatch.setattr(request_group, "MAX_UNDELIVERED_TOKENS", BOUND)
 
 
 def test_stalled_stream_is_aborted_and_memory_stays_bounded(server, engine, bound):
