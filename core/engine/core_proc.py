@@ -25,6 +25,7 @@ logger = logging.getLogger("loraplex.engine")
 
 STATE_INTERVAL_S = 0.25  # at most this long between two state messages (queue gauges, heartbeat)
 IDLE_POLL_MS = 100
+IDLE_STEP_WAIT_S = 0.005
 
 
 def main(args, lora_modules: list, address: str, conn, progress: bool, log_level: int = logging.INFO,
@@ -77,6 +78,8 @@ class CoreLoop:
         self._state_due = 0.0
         self._is_adapters_dirty = False
         core.on_registry_change = self._registry_changed
+        # A command that arrives while the engine waits for adapter loads is read within 5 ms, not 50.
+        core.engine.max_idle_wait_s = IDLE_STEP_WAIT_S
 
     def _registry_changed(self) -> None:
         self._is_adapters_dirty = True

@@ -45,6 +45,9 @@ class LLMEngine:
         self._errors: dict[str, Exception] = {}  # request id -> why it failed (an adapter that did not load)
         # Set by new work (a loader finishing, a server command) so that an idle step stops waiting at once.
         self._wakeup = threading.Event()
+        # How long an idle step waits for a loader. wake() cuts it short; a caller that cannot call wake() (the
+        # engine process, whose commands arrive on a socket only its loop reads) sets it lower.
+        self.max_idle_wait_s = 0.05
         if self.lora_manager is not None:
             self.lora_manager.loader.add_listener(self._wakeup.set)
         # default_mm_loras: modality -> LoRARequest named after the modality (vLLM's), with ids far above users'.
@@ -293,9 +296,9 @@ class LLMEngine:
         mgr = self.lora_manager
         self._wakeup.clear()
         if mgr.loader.num_in_flight and not mgr.loader.has_results():
-            self._wakeup.wait(0.05)
+            self._wakeup.wait(self.max_idle_wait_s)
         elif not mgr.loader.num_in_flight:
-            mgr.wait_for_progress(0.05)  # uploads only: they take milliseconds
+            mgr.wait_for_progress(self.max_idle_wait_s)  # uploads only: they take milliseconds
 
     def _fail_requests(self, failed) -> None:
         """Waiting requests whose adapter failed to load end now with its error; nothing else is touched."""
