@@ -151,6 +151,23 @@ def make_tiny_llava(out_dir, seed: int = 0) -> Path:
     return out_dir
 
 
+def make_llava_adapter(llava_dir, out_dir, targets: str, seed: int, scale: float = 0.3, rank: int = 8) -> Path:
+    """A PEFT adapter of the tiny LLaVA on the modules whose names match the regex ``targets`` (decoder, tower,
+    projector in any mix), with random A and B large enough to change the tokens."""
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    model = transformers.LlavaForConditionalGeneration.from_pretrained(llava_dir)
+    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn_like(p) * scale)
+    peft_model.save_pretrained(out_dir)
+    return Path(out_dir)
+
+
 def random_image(seed: int, size: int = 40):
     import numpy as np
     from PIL import Image

@@ -65,6 +65,18 @@ def main(args, lora_modules: list, address: str, conn, progress: bool, log_level
             end.close()
 
 
+# The commands a front end may send (ServingCore methods), each with how its msgpack arguments are decoded.
+_DECODE = {
+    "add": lambda requests: ([(rid, ids, params_from_wire(p), lora, mm_from_wire(mm))
+                              for rid, ids, p, lora, mm in requests],),
+    "abort": lambda ids: (ids,),
+    "stop_samples": lambda samples: (samples,),
+    "load_adapter": lambda *args: args,
+    "add_resolved": lambda req: (lora_from_wire(req),),
+    "unload_adapter": lambda name: (name,),
+}
+
+
 class CoreLoop:
     def __init__(self, core, ctx, commands, lifeline):
         self.core = core
@@ -137,29 +149,19 @@ class CoreLoop:
             self.is_stopping = True
             return
         try:
-            if kind == "add":
-                requests = [(rid, ids, params_from_wire(p), lora, mm_from_wire(mm)) for rid, ids, p, lora, mm in args[0]]
-                for rid, *_ in requests:
-                    self.owner[rid] = client
-                try:
-                    core.add(requests)
-                except BaseException:
-                    for rid, *_ in requests:
-                        self.owner.pop(rid, None)
-                    raise
-                result = None
-            elif kind == "abort":
-                result = core.abort(args[0])
-            elif kind == "stop_samples":
-                result = core.stop_samples(args[0])
-            elif kind == "load_adapter":
-                result = core.load_adapter(*args)
-            elif kind == "add_resolved":
-                result = core.add_resolved(lora_from_wire(args[0]))
-            elif kind == "unload_adapter":
-                result = core.unload_adapter(args[0])
-            else:
+            if kind not in _DECODE:
                 raise ValueError(f"unknown engine command {kind!r}")
+            args = _DECODE[kind](*args)
+            if kind == "add":
+                for rid, *_ in args[0]:
+                    self.owner[rid] = client
+            try:
+                result = getattr(core, kind)(*args)
+            except BaseException:
+                if kind == "add":
+                    for rid, *_ in args[0]:
+                        self.owner.pop(rid, None)
+                raise
         except Exception as e:
             if call_id is not None:
                 self._send(client, ["reply", call_id, False, error_to_wire(e)])

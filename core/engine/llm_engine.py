@@ -11,6 +11,7 @@ import torch
 
 from loraplex import envs
 from loraplex.engine.engine_core import build_engine_parts
+from loraplex.engine.multimodal import MultiModalPrompts
 from loraplex.engine.output_processor import OutputProcessor
 from loraplex.engine.stats_logger import StatsLogger
 from loraplex.engine_args import EngineArgs
@@ -30,7 +31,6 @@ _PROMPT_KEYS = {"prompt": None, "prompt_token_ids": None,
                 "mm_processor_kwargs": "per-request processor arguments are not supported",
                 "cache_salt": "prefix caching is not implemented, so there is nothing to salt"}
 _UNKNOWN_PROMPT_KEY = "a prompt dict takes 'prompt' or 'prompt_token_ids'"
-DEFAULT_MM_LORA_ID = 2**31 - 1  # default_mm_loras take ids counting down from here
 
 
 class LLMEngine:
@@ -50,9 +50,9 @@ class LLMEngine:
         self.max_idle_wait_s = 0.05
         if self.lora_manager is not None:
             self.lora_manager.loader.add_listener(self._wakeup.set)
-        # default_mm_loras: modality -> LoRARequest named after the modality (vLLM's), with ids far above users'.
-        self._default_mm_loras = {m: LoRARequest(m, DEFAULT_MM_LORA_ID - i, path)
-                                  for i, (m, path) in enumerate(sorted((args.default_mm_loras or {}).items()))}
+        self.mm = None  # a multi-modal model's prompts (processor, checks, default_mm_loras)
+        if self.model_config.is_multimodal:
+            self.mm = MultiModalPrompts(self.model_config, self.processor, self.model.tokens_per_image, args)
         is_async = args.async_scheduling if args.async_scheduling is not None else envs.async_scheduling()
         self.is_async_scheduling = is_async if is_async is not None else self.runner.graph_runner is not None
         self.stats = {"num_requests": 0, "num_prompt_tokens": 0, "num_generation_tokens": 0, "num_steps": 0,
@@ -83,8 +83,8 @@ class LLMEngine:
 
     def _process(self, prompt) -> tuple[str | None, list[int], dict | None]:
         """(prompt text, token ids, multi-modal inputs or None) of a prompt as add_request takes it."""
-        if isinstance(prompt, dict) and prompt.get("multi_modal_data") is not None and self.model_config.is_multimodal:
-            return self._process_multimodal(prompt)
+        if isinstance(prompt, dict) and prompt.get("multi_modal_data") is not None and self.mm is not None:
+            return self.mm.process(prompt)
         if isinstance(prompt, dict):
             for key in prompt:
                 why = _PROMPT_KEYS.get(key, _UNKNOWN_PROMPT_KEY)
@@ -109,72 +109,6 @@ class LLMEngine:
             raise InvalidRequestError("the engine was built with skip_tokenizer_init=True: pass prompt_token_ids")
         return prompt, self.tokenizer.encode(prompt), None
 
-    def _check_mm_inputs(self, ids: list[int], mm_inputs: dict) -> None:
-        """Processed inputs must fit the model: its modality, the image limit, one placeholder per feature row."""
-        if not self.model_config.is_multimodal:
-            raise UnsupportedArgumentError("mm_inputs", "this model is text-only")
-        pixels = mm_inputs.get("pixel_values")
-        if pixels is None or pixels.dim() != 4:
-            raise InvalidRequestError("mm_inputs needs 'pixel_values' [num_images, channels, height, width]")
-        limit = (self.args.limit_mm_per_prompt or {}).get("image")
-        if limit is not None and pixels.shape[0] > limit:
-            raise InvalidRequestError(f"At most {limit} image(s) may be provided in one prompt, got {pixels.shape[0]}")
-        want = pixels.shape[0] * self.model.tokens_per_image
-        got = sum(1 for t in ids if t == self.model_config.image_token_id)
-        if got != want:
-            raise InvalidRequestError(f"the prompt has {got} image placeholder tokens; its {pixels.shape[0]} "
-                                      f"image(s) need {want}")
-
-    def _default_mm_lora(self, mm_inputs: dict) -> LoRARequest | None:
-        """vLLM's default_mm_loras: a request that names no adapter and carries a modality with a default adapter
-        runs with it (a request that names its own keeps its own). A prompt carrying two such modalities gets
-        none: one adapter per request, as vLLM."""
-        defaults = self._default_mm_loras
-        present = [m for m in mm_inputs.get("modalities", ()) if m in defaults]
-        if len(present) != 1:
-            if present:
-                logger.warning("a prompt carries %s, each with a default adapter; one adapter per request: none "
-                               "is applied", ", ".join(present))
-            return None
-        return defaults[present[0]]
-
-    def _process_multimodal(self, prompt: dict) -> tuple[str, list[int], dict]:
-        """The model's HF processor expands each placeholder and makes the tower's inputs (vLLM's
-        ``{"prompt": ..., "multi_modal_data": {"image": image or [images]}}``)."""
-        for key in prompt:
-            if key not in ("prompt", "multi_modal_data"):
-                raise UnsupportedArgumentError(key, "a multi-modal prompt takes 'prompt' and 'multi_modal_data'")
-        text, data = prompt.get("prompt"), prompt["multi_modal_data"]
-        if not isinstance(text, str):
-            raise InvalidRequestError("a multi-modal prompt needs a text 'prompt' with the model's placeholders "
-                                      "(the processor expands them)")
-        if not isinstance(data, dict):
-            raise InvalidRequestError(f"multi_modal_data must be a dict of modality -> data, got {type(data).__name__}")
-        allowed = self.model_config.modalities
-        for modality in data:
-            if modality not in allowed:
-                raise InvalidRequestError(f"multi_modal_data[{modality!r}]: this model takes {', '.join(allowed)}")
-        images = data.get("image")
-        images = [] if images is None else (list(images) if isinstance(images, (list, tuple)) else [images])
-        limit = (self.args.limit_mm_per_prompt or {}).get("image")
-        if limit is not None and len(images) > limit:
-            raise InvalidRequestError(f"At most {limit} image(s) may be provided in one prompt, got {len(images)}")
-        if self.processor is None:
-            raise InvalidRequestError("this engine has no processor (skip_tokenizer_init=True)")
-        try:
-            out = self.processor(text=text, images=images or None, return_tensors="pt")
-        except Exception as e:  # a wrong image type, a placeholder count that does not match the images...
-            raise InvalidRequestError(f"the model's processor refused the prompt: {type(e).__name__}: {e}") from None
-        ids = out["input_ids"][0].tolist()
-        num_placeholders = sum(1 for t in ids if t == self.model_config.image_token_id)
-        if images and num_placeholders == 0:
-            raise InvalidRequestError("the prompt has images but no image placeholder for them")
-        if not images:
-            return text, ids, None
-        mm = {"pixel_values": out["pixel_values"], "modalities": ("image",)}
-        self._check_mm_inputs(ids, mm)
-        return text, ids, mm
-
     def add_request(self, request_id: str, prompt: Any, params: SamplingParams | None = None,
                     lora_request: LoRARequest | None = None, arrival_time: float | None = None,
                     priority: int = 0, mm_inputs: dict | None = None) -> None:
@@ -195,8 +129,10 @@ class LLMEngine:
             raise InvalidRequestError(f"Requested prompt logprobs of {params.prompt_logprobs}, which is greater "
                                       f"than max allowed: {self.args.max_logprobs}")
         if mm_inputs is not None:
+            if self.mm is None:
+                raise UnsupportedArgumentError("mm_inputs", "this model is text-only")
             text, ids, _ = self._process(prompt)
-            self._check_mm_inputs(ids, mm_inputs)
+            self.mm.check(ids, mm_inputs)
         else:
             text, ids, mm_inputs = self._process(prompt)
         if not ids:
@@ -207,7 +143,7 @@ class LLMEngine:
                 f"The prompt (length {len(ids)}) is longer than the maximum model length of {max_len - 1} "
                 f"(max_model_len={max_len} must leave room for at least one generated token).")
         if lora_request is None and mm_inputs is not None:
-            lora_request = self._default_mm_lora(mm_inputs)
+            lora_request = self.mm.default_lora(mm_inputs)
         lora_model = None
         if lora_request is not None:
             if self.lora_manager is None:

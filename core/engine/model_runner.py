@@ -213,9 +213,10 @@ class ModelRunner:
         """Run the tower once per adapter version over the images of its requests (each request's own adapter on
         the tower and projector; none for base requests); store each request's features in its mm_inputs."""
         groups: dict[int, list[Sequence]] = {}
+        seen: set[int] = set()  # a request's n sequences share one mm_inputs: encode it once
         for seq in seqs:
-            if "embeds" not in seq.mm_inputs and all(seq.mm_inputs is not s.mm_inputs for s in groups.get(
-                    id(seq.lora_model), [])):
+            if id(seq.mm_inputs) not in seen:
+                seen.add(id(seq.mm_inputs))
                 groups.setdefault(id(seq.lora_model), []).append(seq)
         for group in groups.values():
             version = group[0].lora_model

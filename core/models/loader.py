@@ -85,10 +85,10 @@ def load_weights(model: LlamaForCausalLM, path: Path, progress: bool = False) ->
         if towers:
             part, name = model.checkpoint_name(name)
             if part != "lm":
-                # Older checkpoints name CLIP's inner "vision_model." level, which transformers 5 flattened.
-                name = next((n for n in model.tower_aliases("vision_tower." + name) if n[len("vision_tower."):]
-                             in towers[part]), "vision_tower." + name)[len("vision_tower."):] \
-                    if part == "vision" else name
+                if part == "vision":
+                    # Older checkpoints name CLIP's inner "vision_model." level, which transformers 5 flattened.
+                    spellings = [n.removeprefix("vision_tower.") for n in model.tower_aliases("vision_tower." + name)]
+                    name = next((n for n in spellings if n in towers[part]), name)
                 target = towers[part].get(name)
                 if target is None:
                     raise UnsupportedModelError(f"unexpected checkpoint tensor {name!r} in the {part} part")

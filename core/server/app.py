@@ -21,9 +21,10 @@ from loraplex.server.async_engine import AsyncEngine, EngineClient
 from loraplex.server.errors import EXCEPTION_HANDLERS, APIError, error_response
 from loraplex.server.frontend import Frontend
 from loraplex.server.limits import RequestLimits
+from loraplex.server.media import MediaSpec
 from loraplex.server.metrics import ServerMetrics
 from loraplex.server.models import ModelRegistry, parse_lora_module
-from loraplex.server.protocol import DEFAULT_MAX_BODY_BYTES, MediaSpec
+from loraplex.server.protocol import DEFAULT_MAX_BODY_BYTES
 
 logger = logging.getLogger("loraplex.server")
 

@@ -246,10 +246,6 @@ class AsyncEngine(EngineClient):
     def _send(self, kind: str, *args) -> None:
         self.submit(lambda engine: getattr(self.core, kind)(*args), want_result=False)
 
-    async def call(self, fn: Callable):
-        """Await ``fn(engine)`` run in the engine thread."""
-        return await asyncio.wrap_future(self.submit(fn))
-
     # ------------------------------------------------------------------ engine thread
     def _run(self) -> None:
         try:

@@ -20,6 +20,8 @@ import time
 import uuid
 from pathlib import Path
 
+import zmq
+
 from loraplex.engine.wire import error_from_wire, lora_to_wire, mm_to_wire, pack, params_to_wire, unpack
 from loraplex.server.async_engine import EngineClient
 from loraplex.server.errors import EngineUnavailableError
@@ -175,7 +177,6 @@ class ProcEngineClient(EngineClient):
 
     # ------------------------------------------------------------------ lifecycle
     async def astart(self) -> None:
-        import zmq
         import zmq.asyncio
 
         self._loop = asyncio.get_running_loop()
@@ -262,7 +263,7 @@ class ProcEngineClient(EngineClient):
             args = ([[rid, ids, params_to_wire(p), lora, mm_to_wire(mm)] for rid, ids, p, lora, mm in args[0]],)
         elif kind == "add_resolved":
             args = (lora_to_wire(args[0]),)
-        self._push.send(pack([kind, self._out_address, call_id, *args]), flags=_NOBLOCK, copy=False)
+        self._push.send(pack([kind, self._out_address, call_id, *args]), flags=zmq.NOBLOCK, copy=False)
 
     async def _call(self, kind: str, *args):
         if not self.is_running:
@@ -314,10 +315,3 @@ def _core_main(*args) -> None:
 
     main(*args)
 
-
-try:
-    import zmq as _zmq
-
-    _NOBLOCK = _zmq.NOBLOCK
-except ImportError:  # the server extra is not installed: spawn() fails first, with its own message
-    _NOBLOCK = 1

@@ -124,13 +124,6 @@ class ModelRegistry:
         return {"object": "list", "data": data}
 
     # ------------------------------------------------------------------ adapter management
-    def check_preload(self, spec) -> tuple[str, str, str | None]:
-        """A --lora-modules entry, parsed and checked against the served names (errors stop the server)."""
-        name, path, base = parse_lora_module(spec)
-        if name in self.aliases:
-            raise ValueError(f"--lora-modules: the adapter name '{name}' conflicts with a served base model")
-        return name, path, base
-
     @staticmethod
     def check_value(param: str, value) -> str:
         """A name or path from a request: a non-empty string the OS can take (never a 500 further on)."""

@@ -5,8 +5,6 @@ so a malformed request never reaches the engine.
 """
 from __future__ import annotations
 
-import base64
-import binascii
 
 import json
 import math
@@ -15,6 +13,7 @@ from dataclasses import dataclass, field
 from loraplex.sampling_params import SamplingParams
 from loraplex.server.errors import APIError
 from loraplex.server.limits import RequestLimits
+from loraplex.server.media import MEDIA_PARTS, PART_MODALITY, MediaSpec, image_bytes
 
 DEFAULT_LIMITS = RequestLimits()
 
@@ -295,39 +294,6 @@ def parse_completion(body: dict, max_logprobs: int, limits: RequestLimits = DEFA
     return req
 
 
-_MEDIA_PARTS = ("image_url", "input_audio", "audio_url", "video_url", "image", "audio", "file")
-_PART_MODALITY = {"image_url": "image", "image": "image", "input_audio": "audio", "audio_url": "audio",
-                  "audio": "audio", "video_url": "video", "file": "file"}
-
-
-@dataclass(frozen=True)
-class MediaSpec:
-    """What the served model takes besides text: its modalities and the text of its image placeholder (the
-    processor expands each into the image's tokens)."""
-
-    modalities: tuple[str, ...] = ()
-    image_placeholder: str | None = None
-
-
-def _image_bytes(where: str, part: dict) -> bytes:
-    url = part.get("image_url")
-    url = url.get("url") if isinstance(url, dict) else url
-    if not isinstance(url, str):
-        raise APIError(400, f"'{where}.image_url.url' must be a string", param=where)
-    if not url.startswith("data:"):
-        # Fetching (http, https, file) is not enabled: the server opens no connection a request asks for.
-        scheme = url.split(":", 1)[0] if ":" in url else url[:16]
-        raise APIError(400, f"'{where}': {scheme!r} image URLs are not enabled on this server; send the image "
-                       "inline as a data: URL (data:image/png;base64,...)", param=where)
-    head, sep, data = url.partition(",")
-    if not sep or not head.endswith(";base64") or not head[5:].startswith("image/"):
-        raise APIError(400, f"'{where}': a data: URL must be data:image/<format>;base64,<data>", param=where)
-    try:
-        return base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
-        raise APIError(400, f"'{where}': the data: URL is not valid base64", param=where) from None
-
-
 def _message(i: int, m, media: MediaSpec, images: list) -> dict:
     if not isinstance(m, dict) or not isinstance(m.get("role"), str):
         raise _bad(f"messages[{i}]", "an object with a string 'role'", m)
@@ -336,8 +302,8 @@ def _message(i: int, m, media: MediaSpec, images: list) -> dict:
         texts = []
         for j, part in enumerate(content):
             kind = part.get("type") if isinstance(part, dict) else None
-            if kind in _MEDIA_PARTS:
-                modality = _PART_MODALITY[kind]
+            if kind in MEDIA_PARTS:
+                modality = PART_MODALITY[kind]
                 if modality not in media.modalities:
                     takes = f"takes {', '.join(media.modalities)} only" if media.modalities else "is text-only"
                     raise APIError(400, f"'messages[{i}].content' holds a '{kind}' part, but the served model "
@@ -345,7 +311,7 @@ def _message(i: int, m, media: MediaSpec, images: list) -> dict:
                 if kind != "image_url":
                     raise APIError(400, f"'messages[{i}].content[{j}]': '{kind}' parts are not supported; send "
                                    "images as 'image_url' parts", param=f"messages[{i}].content")
-                images.append(_image_bytes(f"messages[{i}].content[{j}]", part))
+                images.append(image_bytes(f"messages[{i}].content[{j}]", part))
                 texts.append(media.image_placeholder)  # where the image was: the processor expands it
                 continue
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import make_tiny_llava, random_image
+from helpers import make_llava_adapter, make_tiny_llava, random_image
 
 pytest.importorskip("PIL")
 transformers = pytest.importorskip("transformers")
 
 MAX_TOKENS = 8
+TOWER = r".*vision_tower.*\.(q_proj|v_proj|out_proj|fc1|fc2)|.*multi_modal_projector\.(linear_1|linear_2)"
+LM = r".*language_model.*\.(q_proj|v_proj|down_proj)"
 PROMPTS = [("Describe <image> now", [1]), ("Compare <image> with <image>:", [2, 3]), ("No image here", []),
            ("<image> again", [4])]
 
@@ -22,20 +24,8 @@ def llava(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lora_dir(llava, tmp_path_factory):
-    from peft import LoraConfig, get_peft_model
-
-    model = transformers.LlavaForConditionalGeneration.from_pretrained(llava)
     # The language model's projections only (a regex, so the tower's q_proj/v_proj are left alone).
-    config = LoraConfig(r=8, lora_alpha=16, target_modules=r".*language_model.*\.(q_proj|v_proj|down_proj)")
-    peft_model = get_peft_model(model, config)
-    torch.manual_seed(5)
-    with torch.no_grad():
-        for n, p in peft_model.named_parameters():
-            if "lora_" in n:
-                p.copy_(torch.randn_like(p) * 0.2)
-    out = tmp_path_factory.mktemp("llava-lora") / "lm"
-    peft_model.save_pretrained(out)
-    return out
+    return make_llava_adapter(llava, tmp_path_factory.mktemp("llava-lora") / "lm", LM, seed=5, scale=0.2)
 
 
 def _hf_tokens(model, processor, text, images) -> list[int]:
@@ -112,30 +102,12 @@ def test_bad_multimodal_inputs_are_refused(llava, llm, tiny_llama):
         text_only.generate([{"prompt": "hi", "multi_modal_data": {"image": random_image(0)}}], params)
 
 
-TOWER = r".*vision_tower.*\.(q_proj|v_proj|out_proj|fc1|fc2)|.*multi_modal_projector\.(linear_1|linear_2)"
-LM = r".*language_model.*\.(q_proj|v_proj|down_proj)"
-
-
-def _save_adapter(llava, out, targets: str, seed: int):
-    from peft import LoraConfig, get_peft_model
-
-    model = transformers.LlavaForConditionalGeneration.from_pretrained(llava)
-    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets))
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for n, p in peft_model.named_parameters():
-            if "lora_" in n:
-                p.copy_(torch.randn_like(p) * 0.3)
-    peft_model.save_pretrained(out)
-    return out
-
-
 @pytest.fixture(scope="module")
 def tower_adapters(llava, tmp_path_factory):
     root = tmp_path_factory.mktemp("llava-tower")
-    return {"tower1": _save_adapter(llava, root / "tower1", TOWER, 11),
-            "tower2": _save_adapter(llava, root / "tower2", TOWER, 12),
-            "all": _save_adapter(llava, root / "all", f"{TOWER}|{LM}", 13)}
+    return {"tower1": make_llava_adapter(llava, root / "tower1", TOWER, 11),
+            "tower2": make_llava_adapter(llava, root / "tower2", TOWER, 12),
+            "all": make_llava_adapter(llava, root / "all", f"{TOWER}|{LM}", 13)}
 
 
 def test_tower_and_projector_lora_equal_peft(llm, llava, tower_adapters):

@@ -8,7 +8,7 @@ import io
 
 import httpx
 import pytest
-from helpers import make_tiny_llava, random_image
+from helpers import make_llava_adapter, make_tiny_llava, random_image
 from server_helpers import ServerThread
 
 pytest.importorskip("PIL")
@@ -32,21 +32,8 @@ def llava(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tower(llava, tmp_path_factory):
-    import torch
-    import transformers
-    from peft import LoraConfig, get_peft_model
-
-    model = transformers.LlavaForConditionalGeneration.from_pretrained(llava)
-    pm = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=r".*vision_tower.*\.(q_proj|fc1)|"
-                                                                              r".*multi_modal_projector\.linear_1"))
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_" in n:
-                p.copy_(torch.randn_like(p) * 0.3)
-    out = tmp_path_factory.mktemp("srv-tower") / "tower"
-    pm.save_pretrained(out)
-    return out
+    return make_llava_adapter(llava, tmp_path_factory.mktemp("srv-tower") / "tower",
+                              r".*vision_tower.*\.(q_proj|fc1)|.*multi_modal_projector\.linear_1", seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +93,17 @@ def test_chat_with_images_matches_offline(server, offline, llava, tower, model, 
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == want.text
 
 
+def _huge_png() -> str:
+    """A 9000x8000 PNG of 70 KB: more pixels than the server decodes (a small body that claims a huge canvas)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (9000, 8000)).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
 @pytest.mark.parametrize("content, message", [
+    ([{"type": "image_url", "image_url": {"url": _huge_png()}}], "pixels; at most"),
     ([{"type": "image_url", "image_url": {"url": "data:image/png;base64,!!notbase64"}}], "not valid base64"),
     ([{"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(b"junk").decode()}}],
      "could not be decoded"),

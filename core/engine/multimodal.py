@@ -1,0 +1,87 @@
+"""MultiModalPrompts: a multi-modal model's prompts as the engine takes them (vLLM's ``multi_modal_data``).
+
+The model's own HF processor expands each placeholder and makes the tower's inputs; processed inputs (the server's
+front end runs the processor) are checked against the model; ``default_mm_loras`` picks a request's adapter.
+"""
+from __future__ import annotations
+
+import logging
+
+from loraplex.errors import InvalidRequestError, UnsupportedArgumentError
+from loraplex.lora.request import LoRARequest
+
+logger = logging.getLogger("loraplex.engine")
+
+DEFAULT_MM_LORA_ID = 2**31 - 1  # default_mm_loras take ids counting down from here, far above users'
+
+
+class MultiModalPrompts:
+    def __init__(self, model_config, processor, tokens_per_image: int, args):
+        self.model_config = model_config
+        self.processor = processor
+        self.tokens_per_image = tokens_per_image
+        self.max_images = (args.limit_mm_per_prompt or {}).get("image")
+        # Named after the modality, as vLLM names them.
+        self.default_loras = {m: LoRARequest(m, DEFAULT_MM_LORA_ID - i, path)
+                              for i, (m, path) in enumerate(sorted((args.default_mm_loras or {}).items()))}
+
+    def _check_count(self, num_images: int) -> None:
+        if self.max_images is not None and num_images > self.max_images:
+            raise InvalidRequestError(f"At most {self.max_images} image(s) may be provided in one prompt, got "
+                                      f"{num_images}")
+
+    def process(self, prompt: dict) -> tuple[str, list[int], dict | None]:
+        """``{"prompt": text with placeholders, "multi_modal_data": {"image": image or [images]}}`` ->
+        (text, expanded ids, ``{"pixel_values", "modalities"}`` or None without images)."""
+        for key in prompt:
+            if key not in ("prompt", "multi_modal_data"):
+                raise UnsupportedArgumentError(key, "a multi-modal prompt takes 'prompt' and 'multi_modal_data'")
+        text, data = prompt.get("prompt"), prompt["multi_modal_data"]
+        if not isinstance(text, str):
+            raise InvalidRequestError("a multi-modal prompt needs a text 'prompt' with the model's placeholders "
+                                      "(the processor expands them)")
+        if not isinstance(data, dict):
+            raise InvalidRequestError(f"multi_modal_data must be a dict of modality -> data, got {type(data).__name__}")
+        allowed = self.model_config.modalities
+        for modality in data:
+            if modality not in allowed:
+                raise InvalidRequestError(f"multi_modal_data[{modality!r}]: this model takes {', '.join(allowed)}")
+        images = data.get("image")
+        images = [] if images is None else (list(images) if isinstance(images, (list, tuple)) else [images])
+        self._check_count(len(images))  # before the processor spends time on too many
+        if self.processor is None:
+            raise InvalidRequestError("this engine has no processor (skip_tokenizer_init=True)")
+        try:
+            out = self.processor(text=text, images=images or None, return_tensors="pt")
+        except Exception as e:  # a wrong image type, a placeholder count that does not match the images...
+            raise InvalidRequestError(f"the model's processor refused the prompt: {type(e).__name__}: {e}") from None
+        ids = out["input_ids"][0].tolist()
+        if not images:
+            return text, ids, None
+        mm = {"pixel_values": out["pixel_values"], "modalities": ("image",)}
+        self.check(ids, mm)
+        return text, ids, mm
+
+    def check(self, ids: list[int], mm_inputs: dict) -> None:
+        """Processed inputs must fit the model: the image limit and one placeholder per feature row."""
+        pixels = mm_inputs.get("pixel_values")
+        if pixels is None or pixels.dim() != 4:
+            raise InvalidRequestError("mm_inputs needs 'pixel_values' [num_images, channels, height, width]")
+        self._check_count(pixels.shape[0])
+        want = pixels.shape[0] * self.tokens_per_image
+        got = sum(1 for t in ids if t == self.model_config.image_token_id)
+        if got != want:
+            raise InvalidRequestError(f"the prompt has {got} image placeholder tokens; its {pixels.shape[0]} "
+                                      f"image(s) need {want}")
+
+    def default_lora(self, mm_inputs: dict) -> LoRARequest | None:
+        """vLLM's default_mm_loras: a request that names no adapter and carries a modality with a default adapter
+        runs with it (the caller keeps a request's own). A prompt carrying two such modalities gets none: one
+        adapter per request, as vLLM."""
+        present = [m for m in mm_inputs.get("modalities", ()) if m in self.default_loras]
+        if len(present) != 1:
+            if present:
+                logger.warning("a prompt carries %s, each with a default adapter; one adapter per request: none "
+                               "is applied", ", ".join(present))
+            return None
+        return self.default_loras[present[0]]
