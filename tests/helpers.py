@@ -174,3 +174,83 @@ def random_image(seed: int, size: int = 40):
 
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+def make_tiny_granite_speech(out_dir, seed: int = 0, lora_targets: str | None = None, lora_seed: int = 1) -> Path:
+    """A tiny random Granite Speech checkpoint: a 2-layer Conformer speech encoder (80 mels stacked by 2 -> 160
+    inputs), a 2-layer Q-Former projector (windows of 15 encoder frames -> 3 audio tokens), and a Granite decoder
+    with multipliers far from 1; its processor (GraniteSpeechFeatureExtractor: 16 kHz; 1 s of audio -> 12
+    ``<|audio|>`` tokens) and the token. With ``lora_targets`` (a regex) the checkpoint ships its own PEFT adapter
+    on those modules beside the weights (``has_lora_adapter``, as IBM's checkpoints do)."""
+    import transformers
+    from transformers import AutoTokenizer, GraniteSpeechFeatureExtractor, GraniteSpeechProcessor
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _tiny_tokenizer(out_dir)
+    tok = AutoTokenizer.from_pretrained(out_dir)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<|audio|>"]})
+    audio_token_id = tok.convert_tokens_to_ids("<|audio|>")
+    text = transformers.GraniteConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False,
+        embedding_multiplier=6.0, attention_multiplier=0.05, residual_multiplier=0.5, logits_scaling=4.0)
+    encoder = transformers.GraniteSpeechEncoderConfig(
+        input_dim=160, num_layers=2, hidden_dim=64, feedforward_mult=2, num_heads=4, dim_head=16, output_dim=42,
+        context_size=200, max_pos_emb=512)
+    projector = transformers.Blip2QFormerConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=112, encoder_hidden_size=64,
+        cross_attention_frequency=1, max_position_embeddings=64)
+    cfg = transformers.GraniteSpeechConfig(
+        text_config=text.to_dict(), encoder_config=encoder.to_dict(), projector_config=projector.to_dict(),
+        audio_token_index=audio_token_id, has_lora_adapter=lora_targets is not None, downsample_rate=5,
+        window_size=15, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = transformers.GraniteSpeechForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # random init is small: make every part matter for the tokens
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    if lora_targets is not None:
+        from peft import LoraConfig, get_peft_model
+
+        peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=lora_targets))
+        _randomize_lora(peft_model, lora_seed, 0.3)
+        peft_model.save_pretrained(out_dir)  # the adapter beside the weights
+        model = peft_model.unload()
+    model.save_pretrained(out_dir)
+    processor = GraniteSpeechProcessor(audio_processor=GraniteSpeechFeatureExtractor(), tokenizer=tok)
+    processor.save_pretrained(out_dir)
+    return out_dir
+
+
+def make_granite_speech_adapter(model_dir, out_dir, targets: str, seed: int, scale: float = 0.3,
+                                rank: int = 8) -> Path:
+    """A PEFT adapter of the tiny Granite Speech on the modules matching the regex ``targets`` (decoder, speech
+    encoder, Q-Former projector in any mix)."""
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    model = transformers.GraniteSpeechForConditionalGeneration.from_pretrained(model_dir)
+    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets))
+    _randomize_lora(peft_model, seed, scale)
+    peft_model.save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+def _randomize_lora(peft_model, seed: int, scale: float) -> None:
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn_like(p) * scale)
+
+
+def random_audio(seed: int, seconds: float = 1.0, sample_rate: int = 16000):
+    """A mono float32 clip in [-1, 1] (noise over a tone) and its rate, as vLLM's AudioAsset gives."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * sample_rate)) / sample_rate
+    clip = 0.3 * np.sin(2 * np.pi * (200 + 50 * seed) * t) + 0.1 * rng.standard_normal(t.shape)
+    return clip.astype(np.float32), sample_rate

@@ -15,6 +15,69 @@ logger = logging.getLogger("loraplex.engine")
 DEFAULT_MM_LORA_ID = 2**31 - 1  # default_mm_loras take ids counting down from here, far above users'
 
 
+def _as_list(x) -> list:
+    return [] if x is None else (list(x) if isinstance(x, (list, tuple)) and not _is_audio_item(x) else [x])
+
+
+def _is_audio_item(x) -> bool:
+    """vLLM's audio item: ``(array, sample_rate)``."""
+    return isinstance(x, tuple) and len(x) == 2 and isinstance(x[1], (int, float)) and not isinstance(x[0], (int, float))
+
+
+def _audio_for(processor, item, where: str):
+    """An audio item as the processor takes it: a mono float32 array at the processor's sampling rate."""
+    import numpy as np
+    import torch
+
+    if not _is_audio_item(item):
+        raise InvalidRequestError(f"{where}: an audio item is (array, sample_rate), got {type(item).__name__}")
+    array, rate = item
+    array = np.asarray(array, dtype=np.float32)
+    if array.ndim == 2:  # [channels, samples] -> mono
+        array = array.mean(axis=0 if array.shape[0] <= array.shape[1] else 1)
+    if array.ndim != 1 or array.size == 0:
+        raise InvalidRequestError(f"{where}: audio must be a non-empty 1-D (or [channels, samples]) array")
+    if not np.isfinite(array).all():
+        raise InvalidRequestError(f"{where}: audio holds NaN or infinite samples")
+    if not 1000 <= rate <= 384000:
+        raise InvalidRequestError(f"{where}: sample rate {rate} is out of range")
+    extractor = getattr(processor, "audio_processor", None) or getattr(processor, "feature_extractor", None)
+    target = getattr(extractor, "sampling_rate", None)
+    if target is not None and int(rate) != int(target):
+        import torchaudio
+
+        array = torchaudio.functional.resample(torch.from_numpy(array), int(rate), int(target)).numpy()
+    return array
+
+
+def run_processor(processor, text: str, images=None, audios=None) -> tuple[list[int], dict | None]:
+    """The model's HF processor over one prompt: ``images`` (PIL images), ``audios`` (``(array, sample_rate)``,
+    resampled to the processor's rate) -> (expanded token ids, mm_inputs or None when there is no media).
+    ``mm_inputs`` holds the processor's tensors for the tower (``pixel_values``; ``input_features`` and
+    ``input_features_mask``) and ``modalities``, the modalities present. Raises InvalidRequestError when the
+    processor refuses the prompt (a placeholder count that does not match the media, a wrong image type...)."""
+    images, audios = _as_list(images), _as_list(audios)
+    kwargs = {}
+    if images:
+        kwargs["images"] = images
+    if audios:
+        kwargs["audio"] = [_audio_for(processor, a, f"audio {i}") for i, a in enumerate(audios)]
+    try:
+        out = processor(text=text, return_tensors="pt", **kwargs)
+    except InvalidRequestError:
+        raise
+    except Exception as e:
+        raise InvalidRequestError(f"the model's processor refused the prompt: {type(e).__name__}: {e}") from None
+    ids = out["input_ids"][0].tolist()
+    if not kwargs:
+        return ids, None
+    mm = {"modalities": tuple(m for m, items in (("image", images), ("audio", audios)) if items)}
+    for key in ("pixel_values", "input_features", "input_features_mask"):
+        if key in out:
+            mm[key] = out[key]
+    return ids, mm
+
+
 class MultiModalPrompts:
     def __init__(self, model_config, processor, tokens_per_image: int, args):
         self.model_config = model_config
