@@ -135,6 +135,39 @@ def max_request_body_bytes() -> int | None:
     return int(value) if value else None
 
 
+# --- server: media of multi-modal requests ----------------------------------------------------
+
+def image_fetch_timeout() -> float:
+    """``LORAPLEX_IMAGE_FETCH_TIMEOUT`` (vLLM's ``VLLM_IMAGE_FETCH_TIMEOUT``): seconds one image fetch may take
+    (default 5, as vLLM)."""
+    return float(get("IMAGE_FETCH_TIMEOUT") or 5.0)
+
+
+def audio_fetch_timeout() -> float:
+    """``LORAPLEX_AUDIO_FETCH_TIMEOUT`` (vLLM's ``VLLM_AUDIO_FETCH_TIMEOUT``): seconds one audio fetch may take
+    (default 10, as vLLM)."""
+    return float(get("AUDIO_FETCH_TIMEOUT") or 10.0)
+
+
+def media_url_allow_redirects() -> bool:
+    """``LORAPLEX_MEDIA_URL_ALLOW_REDIRECTS`` (vLLM's ``VLLM_MEDIA_URL_ALLOW_REDIRECTS``): follow redirects of media
+    fetches (default on, as vLLM; each target must be http(s) and of an allowed domain all the same)."""
+    return get_bool("MEDIA_URL_ALLOW_REDIRECTS", default=True)
+
+
+def max_media_bytes() -> int | None:
+    """``LORAPLEX_MAX_MEDIA_BYTES``: the most bytes read for one fetched or local media item (server default
+    20 MiB; ``--max-media-bytes`` wins)."""
+    value = get("MAX_MEDIA_BYTES")
+    return int(value) if value else None
+
+
+def media_loading_thread_count() -> int:
+    """``LORAPLEX_MEDIA_LOADING_THREAD_COUNT`` (vLLM's ``VLLM_MEDIA_LOADING_THREAD_COUNT``): threads per API server
+    that fetch and read media files (default 8, as vLLM), apart from the tokenizing threads."""
+    return max(1, int(get("MEDIA_LOADING_THREAD_COUNT") or 8))
+
+
 # --- kernels / device -------------------------------------------------------------------------
 
 def triton_interpret() -> bool:

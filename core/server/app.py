@@ -22,6 +22,7 @@ from loraplex.server.errors import EXCEPTION_HANDLERS, APIError, error_response
 from loraplex.server.frontend import Frontend
 from loraplex.server.limits import RequestLimits
 from loraplex.server.media import MediaSpec
+from loraplex.server.media_reader import MediaPolicy
 from loraplex.server.metrics import ServerMetrics
 from loraplex.server.models import ModelRegistry, parse_lora_module
 from loraplex.server.protocol import DEFAULT_MAX_BODY_BYTES
@@ -121,7 +122,7 @@ def create_app(engine_or_args, *, served_model_name: str | list[str] | None = No
                admin_api_key: str | None = None, allowed_lora_paths: list[str] | None = None,
                lora_modules: list | None = None, allow_runtime_lora_updating: bool | None = None,
                max_request_body_bytes: int | None = None, lora_resolution=None, progress: bool = False,
-               limits: RequestLimits | None = None) -> Starlette:
+               limits: RequestLimits | None = None, media_policy: MediaPolicy | None = None) -> Starlette:
     """A vLLM-compatible OpenAI server over one engine.
 
     ``engine_or_args``: ``EngineArgs`` start an engine-core process of its own (the API server and the engine
@@ -131,7 +132,8 @@ def create_app(engine_or_args, *, served_model_name: str | list[str] | None = No
     and ``max_request_body_bytes`` means: take it from the environment (``loraplex.envs``); an empty
     key or list means "none", whatever the environment says.
     ``lora_modules`` entries are ``name=path`` strings, JSON strings, dicts or LoRARequests, loaded
-    before the server accepts requests.
+    before the server accepts requests. ``media_policy``: what a multi-modal request's media may be read from
+    (files, remote URLs); None: ``MediaPolicy.from_env()``, which reads no files and fetches no URL.
     """
     info = engine_or_args.info if isinstance(engine_or_args, EngineClient) else None
     if isinstance(served_model_name, str):
@@ -165,8 +167,10 @@ def create_app(engine_or_args, *, served_model_name: str | list[str] | None = No
                         max_request_body_bytes or envs.max_request_body_bytes()
                         or limits.body_bytes(aengine.max_model_len, DEFAULT_MAX_BODY_BYTES),
                         aengine.info["max_logprobs"], limits,
-                        Frontend(aengine.tokenizer, limits, aengine.processor, aengine.info.get("limit_mm_per_prompt")),
-                        MediaSpec(tuple(aengine.info.get("modalities") or ()), aengine.info.get("image_placeholder")))
+                        Frontend(aengine.tokenizer, limits, aengine.processor, aengine.info.get("limit_mm_per_prompt"),
+                                 media_policy or MediaPolicy.from_env()),
+                        MediaSpec(tuple(aengine.info.get("modalities") or ()), aengine.info.get("image_placeholder"),
+                                  aengine.info.get("audio_placeholder")))
 
     user_keys = tuple(k for k in (api_key, admin_api_key) if k) if api_key else ()
     admin_keys = (admin_api_key,) if admin_api_key else user_keys

@@ -121,6 +121,15 @@ def build_parser() -> argparse.ArgumentParser:
                            '\'{"audio": "/path/to/lora"}\' (multi-modal models)')
     s.add_argument("--limit-mm-per-prompt", type=_json_object, default=None, metavar="JSON",
                    help='modality -> most items per prompt, e.g. \'{"image": 2}\' (multi-modal models)')
+    media = s.add_argument_group("multi-modal media (docs/multimodal.md)")
+    media.add_argument("--allowed-media-domains", nargs="+", default=None, metavar="DOMAIN",
+                       help="fetch http(s) image_url / audio_url parts from these hosts only ('*': any host); "
+                            "without it no URL is fetched (vLLM fetches any)")
+    media.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
+                       help="read file:// media parts whose real path lies under this directory; without it none")
+    media.add_argument("--max-media-bytes", type=int, default=None,
+                       help="most bytes read for one fetched or local media item (default 20 MiB; env "
+                            "LORAPLEX_MAX_MEDIA_BYTES)")
     lora.add_argument("--fully-sharded-loras", action="store_true",
                       help="refused: it shards LoRA over tensor-parallel ranks (vLLM's flag)")
     s.add_argument("--api-server-count", type=int, default=1,
@@ -192,6 +201,7 @@ def serve(args) -> int:
     from loraplex import EngineArgs, LLMEngine
     from loraplex.server.app import create_app
     from loraplex.server.engine_proc import EngineStartError
+    from loraplex.server.media_reader import MediaPolicy
     from loraplex.server.models import parse_lora_module
 
     modules = list(args.lora_modules)
@@ -231,6 +241,8 @@ def serve(args) -> int:
                                max_request_tokens=args.max_request_tokens,
                                trust_request_chat_template=args.trust_request_chat_template,
                                max_step_seconds=args.max_step_seconds)
+        media_policy = MediaPolicy.from_env(args.allowed_media_domains, args.allowed_local_media_path,
+                                            args.max_media_bytes)
     except ValueError as e:
         raise SystemExit(f"loraplex: {e}")
     print(f"loraplex: loading {model} ...", file=sys.stderr, flush=True)
@@ -247,7 +259,7 @@ def serve(args) -> int:
             raise SystemExit("loraplex: --api-server-count > 1 needs the engine in a process of its own; "
                              "drop --disable-frontend-multiprocessing")
         return _serve_api_servers(args, engine_args, modules, served, api_key, limits, model, started, display,
-                                  base_name, names)
+                                  base_name, names, media_policy)
     if args.disable_frontend_multiprocessing:  # vLLM's flag: the engine runs in the API server's process
         # The engine thread shares the GIL with the event loop. At CPython's default 5 ms switch interval, a busy
         # event loop (a flood of requests, even refused ones) makes every GIL hand-back in a step wait up to 5 ms;
@@ -262,7 +274,8 @@ def serve(args) -> int:
     try:
         app = create_app(engine, served_model_name=served, api_key=api_key, admin_api_key=args.admin_api_key,
                          allowed_lora_paths=args.allowed_lora_paths, lora_modules=modules,
-                         max_request_body_bytes=args.max_request_body_bytes, progress=True, limits=limits)
+                         max_request_body_bytes=args.max_request_body_bytes, progress=True, limits=limits,
+                         media_policy=media_policy)
     except EngineStartError as e:
         if e.stage == "model":
             raise SystemExit(f"loraplex: cannot load model {model}: {e}")
@@ -294,7 +307,7 @@ def serve(args) -> int:
 
 
 def _serve_api_servers(args, engine_args, modules, served, api_key, limits, model, started, display, base_name,
-                       names) -> int:
+                       names, media_policy) -> int:
     from loraplex.server.engine_proc import EngineStartError
     from loraplex.server.launcher import serve_api_servers
     from loraplex.server.models import parse_lora_module
@@ -307,7 +320,7 @@ def _serve_api_servers(args, engine_args, modules, served, api_key, limits, mode
         raise SystemExit("loraplex: --lora-modules: an adapter name conflicts with a served base model")
     app_kwargs = dict(served_model_name=served, api_key=api_key, admin_api_key=args.admin_api_key,
                       allowed_lora_paths=args.allowed_lora_paths, max_request_body_bytes=args.max_request_body_bytes,
-                      limits=limits)
+                      limits=limits, media_policy=media_policy)
     uvicorn_kwargs = dict(host=args.host, port=args.port, log_level=args.uvicorn_log_level,
                           timeout_graceful_shutdown=10, header_timeout=args.header_timeout)
 

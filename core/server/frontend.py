@@ -5,7 +5,9 @@ Tokenizing a long prompt or rendering a template in the engine thread froze ever
 tokenizer (HF tokenizers are not safe to share across threads), so prompts are tokenized exactly as
 ``LLM.generate`` / ``LLM.chat`` tokenize them. A template that a request brings (only with
 ``trust_request_chat_template``) is code from the request: it renders in a worker process with a time and
-memory bound, and is killed past them.
+memory bound, and is killed past them. A multi-modal request's media are read here too: files and remote URLs
+in fetch threads of their own (``MediaReader``, under the operator's ``MediaPolicy``), then decoded and run
+through the model's processor in the tokenizing threads.
 """
 from __future__ import annotations
 
@@ -16,12 +18,19 @@ import logging
 import multiprocessing
 import threading
 
+from loraplex import envs
+from loraplex.errors import InvalidRequestError
 from loraplex.server.errors import APIError
+from loraplex.server.media import MediaRef
+from loraplex.server.media_decode import decode_audio, decode_image
+from loraplex.server.media_reader import MediaPolicy, MediaReader
 
 logger = logging.getLogger("loraplex.server")
 
 NUM_THREADS = 2
 TEMPLATE_MEMORY_BYTES = 1 << 30  # what a request's template may allocate in its worker process
+# Media items of one request read from files or URLs: one request must not fan out into many fetches.
+MAX_FETCHES_PER_REQUEST = 16
 
 
 def _as_ids(ids) -> list[int]:
@@ -108,12 +117,9 @@ class _TemplateSandbox:
             self._kill()
 
 
-# Decoded images may have at most this many pixels (a small PNG can claim a huge canvas).
-MAX_IMAGE_PIXELS = 64 * 2**20
-
-
 class Frontend:
-    def __init__(self, tokenizer, limits, processor=None, limit_mm_per_prompt: dict | None = None):
+    def __init__(self, tokenizer, limits, processor=None, limit_mm_per_prompt: dict | None = None,
+                 media_policy: MediaPolicy | None = None):
         self._tokenizer = tokenizer
         self._processor = processor
         self._limit_mm = dict(limit_mm_per_prompt or {})
@@ -122,6 +128,8 @@ class Frontend:
         self._sandbox = None
         if limits.trust_request_chat_template and tokenizer is not None:
             self._sandbox = _TemplateSandbox(tokenizer, limits.chat_template_timeout_s)
+        self._reader = MediaReader(media_policy or MediaPolicy())
+        self._fetch_pool = None  # made on the first file or remote media item
 
     def _own_processor(self):
         proc = getattr(self._local, "processor", None)
@@ -129,34 +137,50 @@ class Frontend:
             proc = self._local.processor = copy.deepcopy(self._processor)
         return proc
 
-    def chat_multimodal(self, tok, messages: list, kwargs: dict, images: list[bytes]) -> dict:
-        """A chat prompt with images: rendered by the chat template (each image part's placeholder where the part
-        was), then through the model's processor, as ``LLM.generate({"prompt": ..., "multi_modal_data": ...})``
-        would take it; the engine gets the expanded ids and pixel values."""
-        import io
+    def _check_counts(self, refs: list[MediaRef]) -> None:
+        for modality in ("image", "audio"):
+            num = sum(1 for r in refs if r.modality == modality)
+            limit = self._limit_mm.get(modality)
+            if limit is not None and num > limit:
+                raise APIError(400, f"At most {limit} {modality}(s) may be provided in one prompt, got {num}",
+                               param="messages")
+        num_outside = sum(1 for r in refs if r.is_read_from_outside)
+        if num_outside > MAX_FETCHES_PER_REQUEST:
+            raise APIError(400, f"at most {MAX_FETCHES_PER_REQUEST} media items of one request may be files or "
+                           f"remote URLs, got {num_outside}", param="messages")
 
-        from PIL import Image, UnidentifiedImageError
+    async def fetch_media(self, refs: list[MediaRef]) -> dict[int, bytes]:
+        """The bytes of the file and remote items of ``refs`` (by index), read after the counts are checked, one
+        after the other in a fetch thread: a slow URL holds neither the event loop nor a tokenizing thread."""
+        self._check_counts(refs)
+        outside = [i for i, r in enumerate(refs) if r.is_read_from_outside]
+        if not outside:
+            return {}
+        if self._fetch_pool is None:
+            self._fetch_pool = concurrent.futures.ThreadPoolExecutor(envs.media_loading_thread_count(),
+                                                                     thread_name_prefix="loraplex-media")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._fetch_pool, lambda: {i: self._reader.read(refs[i]) for i in outside})
 
-        limit = self._limit_mm.get("image")
-        if limit is not None and len(images) > limit:
-            raise APIError(400, f"At most {limit} image(s) may be provided in one prompt, got {len(images)}",
-                           param="messages")
+    def decode_media(self, refs: list[MediaRef], fetched: dict[int, bytes]) -> tuple[list, list]:
+        """(PIL images, (array, rate) audios) of ``refs``, in order; inline items are read (base64) here."""
+        images, audios = [], []
+        for i, ref in enumerate(refs):
+            data = fetched[i] if i in fetched else self._reader.read(ref)
+            if ref.modality == "image":
+                images.append(decode_image(data, ref.where))
+            else:
+                audios.append(decode_audio(data, ref.where))
+        return images, audios
+
+    def chat_multimodal(self, tok, messages: list, kwargs: dict, images: list, audios: list) -> dict:
+        """A chat prompt with media: rendered by the chat template (each media part's placeholder where the part
+        was), then through the model's processor (``run_processor``), as ``LLM.generate({"prompt": ...,
+        "multi_modal_data": ...})`` would take it; the engine gets the expanded ids and the tower's inputs."""
+        from loraplex.engine.multimodal import run_processor
+
         if "chat_template" in kwargs:
-            raise APIError(400, "a request-supplied chat template cannot be used with images", param="chat_template")
-        decoded = []
-        for i, data in enumerate(images):
-            try:
-                img = Image.open(io.BytesIO(data))
-                if img.width * img.height > MAX_IMAGE_PIXELS:
-                    raise APIError(400, f"image {i} has {img.width}x{img.height} pixels; at most "
-                                   f"{MAX_IMAGE_PIXELS} are accepted", param="messages")
-                img.load()
-                decoded.append(img.convert("RGB"))
-            except APIError:
-                raise
-            except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-                raise APIError(400, f"image {i} could not be decoded: {type(e).__name__}: {e}",
-                               param="messages") from None
+            raise APIError(400, "a request-supplied chat template cannot be used with media", param="chat_template")
         if tok is None:
             raise APIError(400, "This server was started without a tokenizer; chat needs one")
         try:
@@ -165,12 +189,10 @@ class Frontend:
             raise APIError(400, f"Cannot apply the chat template: {type(e).__name__}: {e}", param="messages") \
                 from None
         try:
-            out = self._own_processor()(text=text, images=decoded, return_tensors="pt")
-        except Exception as e:
-            raise APIError(400, f"the model's processor refused the prompt: {type(e).__name__}: {e}",
-                           param="messages") from None
-        return {"prompt": text, "prompt_token_ids": out["input_ids"][0].tolist(),
-                "mm": {"pixel_values": out["pixel_values"], "modalities": ("image",)}}
+            ids, mm = run_processor(self._own_processor(), text, images=images, audios=audios)
+        except InvalidRequestError as e:
+            raise APIError(400, str(e), param="messages") from None
+        return {"prompt": text, "prompt_token_ids": ids, "mm": mm}
 
     def _own_tokenizer(self):
         tok = getattr(self._local, "tokenizer", None)
@@ -198,5 +220,8 @@ class Frontend:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._fetch_pool is not None:
+            self._fetch_pool.shutdown(wait=False, cancel_futures=True)
+        self._reader.close()
         if self._sandbox is not None:
             self._sandbox.close()

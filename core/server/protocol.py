@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from loraplex.sampling_params import SamplingParams
 from loraplex.server.errors import APIError
 from loraplex.server.limits import RequestLimits
-from loraplex.server.media import MEDIA_PARTS, PART_MODALITY, MediaSpec, image_bytes
+from loraplex.server.media import MEDIA_PARTS, PART_MODALITY, SERVED_PARTS, MediaRef, MediaSpec, media_ref
 
 DEFAULT_LIMITS = RequestLimits()
 
@@ -103,6 +103,10 @@ _WHY_UNSUPPORTED = {
     "tool": "tool calling is not implemented",
     "functions": "function calling is not implemented",
     "function_call": "function calling is not implemented",
+    # vLLM's HTTP CompletionRequest has no multi_modal_data (it would log and drop it): media go in chat content
+    # parts. Dropping it would answer about a prompt without its media.
+    "multi_modal_data": "media are sent as /v1/chat/completions content parts (image_url, input_audio, audio_url); "
+                        "vLLM's HTTP API takes no multi_modal_data either",
 }
 
 
@@ -185,7 +189,7 @@ class GenerateRequest:
     top_logprobs: int = 0
     echo: bool = False       # completions: the prompt (and, with logprobs, its logprobs) before the completion
     echo_only: bool = False  # echo with max_tokens 0: the prompt alone (one token is generated and not shown)
-    images: list = field(default_factory=list)  # chat: the encoded bytes of each image part, in order
+    media: list = field(default_factory=list)  # chat: a MediaRef per media part, in order (read later)
 
 
 def _validation_error(message: str, param: str, value=None) -> APIError:
@@ -294,25 +298,33 @@ def parse_completion(body: dict, max_logprobs: int, limits: RequestLimits = DEFA
     return req
 
 
-def _message(i: int, m, media: MediaSpec, images: list) -> dict:
+def _media_part(where: str, kind: str, part: dict, spec: MediaSpec, refs: list) -> str:
+    """A media part's MediaRef (appended to ``refs``) and the placeholder text that stands where it was."""
+    modality = PART_MODALITY[kind]
+    if modality not in spec.modalities:
+        takes = f"takes {', '.join(spec.modalities)} only" if spec.modalities else "is text-only"
+        raise APIError(400, f"'{where}' is a '{kind}' part, but the served model {takes}", param=where)
+    if kind not in SERVED_PARTS:
+        raise APIError(400, f"'{where}': '{kind}' parts are not supported; send images as 'image_url' parts and "
+                       "audio as 'input_audio' or 'audio_url' parts", param=where)
+    placeholder = spec.placeholder(modality)
+    if placeholder is None:  # the model takes the modality but its processor names no placeholder text
+        raise APIError(400, f"'{where}': the served model's processor names no {modality} placeholder, so "
+                       f"{modality} parts cannot be placed in a chat prompt", param=where)
+    refs.append(media_ref(part, kind, where))
+    return placeholder  # where the part was: the processor expands it
+
+
+def _message(i: int, m, spec: MediaSpec, refs: list) -> dict:
     if not isinstance(m, dict) or not isinstance(m.get("role"), str):
         raise _bad(f"messages[{i}]", "an object with a string 'role'", m)
     content = m.get("content")
-    if isinstance(content, list):  # OpenAI content parts: text, and images for a model that takes them
+    if isinstance(content, list):  # OpenAI content parts: text, and media for a model that takes them
         texts = []
         for j, part in enumerate(content):
             kind = part.get("type") if isinstance(part, dict) else None
             if kind in MEDIA_PARTS:
-                modality = PART_MODALITY[kind]
-                if modality not in media.modalities:
-                    takes = f"takes {', '.join(media.modalities)} only" if media.modalities else "is text-only"
-                    raise APIError(400, f"'messages[{i}].content' holds a '{kind}' part, but the served model "
-                                   f"{takes}", param=f"messages[{i}].content")
-                if kind != "image_url":
-                    raise APIError(400, f"'messages[{i}].content[{j}]': '{kind}' parts are not supported; send "
-                                   "images as 'image_url' parts", param=f"messages[{i}].content")
-                images.append(image_bytes(f"messages[{i}].content[{j}]", part))
-                texts.append(media.image_placeholder)  # where the image was: the processor expands it
+                texts.append(_media_part(f"messages[{i}].content[{j}]", kind, part, spec, refs))
                 continue
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
                 raise _bad(f"messages[{i}].content", "a string or an array of text parts", part)
@@ -331,8 +343,8 @@ def parse_chat(body: dict, max_logprobs: int, limits: RequestLimits = DEFAULT_LI
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise _bad("messages", "a non-empty array of messages", messages)
-    images: list[bytes] = []
-    messages = [_message(i, m, media, images) for i, m in enumerate(messages)]
+    refs: list[MediaRef] = []
+    messages = [_message(i, m, media, refs) for i, m in enumerate(messages)]
     max_tokens = _get(body, "max_completion_tokens", "int", _get(body, "max_tokens", "int"))
     want_logprobs = _get(body, "logprobs", "bool", False)
     top = _get(body, "top_logprobs", "int")
@@ -356,7 +368,7 @@ def parse_chat(body: dict, max_logprobs: int, limits: RequestLimits = DEFAULT_LI
             raise _bad(param, "a string", kwargs["chat_template"])
     kwargs["add_generation_prompt"] = _get(body, "add_generation_prompt", "bool", True)
     req = GenerateRequest(model, params, stream, include_usage, messages=messages, chat_kwargs=kwargs,
-                          images=images, logprobs=want_logprobs, top_logprobs=top or 0)
+                          media=refs, logprobs=want_logprobs, top_logprobs=top or 0)
     _check_limits(req, limits, max_model_len)
     return req
 

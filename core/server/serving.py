@@ -28,10 +28,13 @@ async def prepare_prompts(req: GenerateRequest, state) -> tuple[list[dict], list
     """The engine prompts of ``req`` (token ids, and the text where there is one) and, with ``req.echo``,
     (prompt text, first prompt token's text) per prompt; computed in a frontend thread."""
     frontend, max_model_len = state.frontend, state.models.max_model_len
+    # Files and remote URLs first, in the fetch threads; base64 and decoding then in the tokenizing thread.
+    fetched = await frontend.fetch_media(req.media) if req.media else {}
 
     def work(tok):
-        if req.messages is not None and req.images:
-            prompts = [frontend.chat_multimodal(tok, req.messages, req.chat_kwargs, req.images)]
+        if req.messages is not None and req.media:
+            images, audios = frontend.decode_media(req.media, fetched)
+            prompts = [frontend.chat_multimodal(tok, req.messages, req.chat_kwargs, images, audios)]
         elif req.messages is not None:
             prompts = [{"prompt_token_ids": frontend.chat_ids(tok, req.messages, req.chat_kwargs)}]
         else:
