@@ -60,6 +60,7 @@ class ServingCore:
                 "is_lora_enabled": e.lora_manager is not None, "eos_token_ids": list(e.eos_token_ids),
                 "device": str(e.device), "modalities": list(e.model_config.modalities),
                 "image_placeholder": getattr(e.processor, "image_token", None) if e.processor is not None else None,
+                "audio_placeholder": getattr(e.processor, "audio_token", None) if e.processor is not None else None,
                 "limit_mm_per_prompt": dict(e.args.limit_mm_per_prompt or {})}
 
     def has_work(self) -> bool:
