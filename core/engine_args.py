@@ -21,8 +21,14 @@ class EngineArgs:
     seed: int | None = 0
     max_model_len: int | None = None
     max_num_seqs: int = 256
+    # Tokens of one step, decodes and prefill chunks together. None: max_model_len without chunked prefill; with
+    # it, max_model_len capped at 8192 on CUDA and 2048 on the CPU, and never below 2048 (CUDA) or 512 (CPU).
     max_num_batched_tokens: int | None = None
     block_size: int = 16
+    # Reuse the KV of cached full blocks of a request's prefix, keyed by adapter version (vLLM V1's default).
+    enable_prefix_caching: bool = True
+    # Prefill a prompt longer than the step's token budget over several steps, beside the running decodes.
+    enable_chunked_prefill: bool = True
     gpu_memory_utilization: float = 0.9
     # CPU KV cache budget in GiB (vLLM's VLLM_CPU_KVCACHE_SPACE); the GPU uses gpu_memory_utilization instead.
     cpu_kv_cache_space: float = 1.0
@@ -86,11 +92,14 @@ class EngineArgs:
             not isinstance(self.max_num_batched_tokens, int) or self.max_num_batched_tokens < 1
         ):
             raise bad("max_num_batched_tokens", "must be a positive int")
+        for flag in ("enable_prefix_caching", "enable_chunked_prefill"):
+            if not isinstance(getattr(self, flag), bool):
+                raise bad(flag, "must be a bool")
         if self.max_num_batched_tokens is not None and self.max_model_len is not None and (
             self.max_num_batched_tokens < self.max_model_len
-        ):
-            raise bad("max_num_batched_tokens", f"must be >= max_model_len ({self.max_model_len}), "
-                      "since a whole prompt is prefilled in one step")
+        ) and not self.enable_chunked_prefill:
+            raise bad("max_num_batched_tokens", f"must be >= max_model_len ({self.max_model_len}) without "
+                      "chunked prefill, since a whole prompt is prefilled in one step")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < self.max_num_seqs:
             raise bad("max_num_batched_tokens", f"must be >= max_num_seqs ({self.max_num_seqs}): every running "
                       "sequence's decode token counts against it")

@@ -21,13 +21,27 @@ _seq_counter = itertools.count()
 
 class PromptLogprobsSlot:
     """A request's prompt logprobs, shared by its n sequences. The first prefill of any of them fills it; no
-    later one computes it again (a sibling's prefill, or a preempted sequence prefilled anew)."""
+    later one computes it again (a sibling's prefill, or a preempted sequence prefilled anew). A chunked prefill
+    fills it chunk by chunk: a chunk extends it when it starts where the positions computed so far end."""
 
-    __slots__ = ("num_logprobs", "value")
+    __slots__ = ("num_logprobs", "value", "num_computed", "_parts")
 
     def __init__(self, num_logprobs: int):
         self.num_logprobs = num_logprobs  # top-k asked for (0: only each prompt token's own logprob)
         self.value: list | None = None  # RequestOutput.prompt_logprobs once computed
+        self.num_computed = 0  # prompt positions whose raw logprobs are in _parts
+        self._parts: list[tuple] = []  # raw (chosen, ranks, top_ids, top_lps) of each chunk so far
+
+    def add(self, raw: tuple, num_positions: int) -> tuple | None:
+        """Add a chunk's raw logprobs; returns the whole prompt's once all ``num_positions`` are in."""
+        self._parts.append(raw)
+        self.num_computed += len(raw[0])
+        if self.num_computed < num_positions:
+            return None
+        parts, self._parts = self._parts, []
+        if len(parts) == 1:
+            return parts[0]
+        return tuple([x for part in parts for x in part[j]] for j in range(4))
 
 
 @dataclass(eq=False)
@@ -59,6 +73,13 @@ class Sequence:
     # Multi-modal inputs of the request, shared by its n sequences: the processor's tensors ("pixel_values") and,
     # once the tower has run, "embeds" [num placeholder tokens, hidden] (kept for a prefill after preemption).
     mm_inputs: dict | None = None
+    # Prefix caching. What besides its tokens decides the KV of its blocks (adapter version, multi-modal inputs),
+    # as a digest; the hashes of its full blocks so far; how many of its blocks are in the cache's index; and
+    # how many prompt tokens its last admission found cached.
+    cache_key: bytes = b""
+    block_hashes: list[bytes] = field(default_factory=list)
+    num_registered_blocks: int = 0
+    num_cached_tokens: int = 0
 
     @property
     def lm_lora_entry(self) -> int:
@@ -83,6 +104,15 @@ class Sequence:
     def token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
 
+    def token_slice(self, start: int, end: int) -> list[int]:
+        """token_ids[start:end] without building the whole list (a chunk of a long prompt)."""
+        num_prompt = len(self.prompt_token_ids)
+        if end <= num_prompt:
+            return self.prompt_token_ids[start:end]
+        if start >= num_prompt:
+            return self.output_token_ids[start - num_prompt:end - num_prompt]
+        return self.prompt_token_ids[start:] + self.output_token_ids[:end - num_prompt]
+
     @property
     def last_token_id(self) -> int:
         return self.output_token_ids[-1] if self.output_token_ids else self.prompt_token_ids[-1]
@@ -95,6 +125,11 @@ class Sequence:
     def is_prefill(self) -> bool:
         """True until every token but the newest is in the KV cache (first step, or after preemption)."""
         return self.num_tokens - self.num_computed_tokens > 1
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        """Tokens whose K/V are not in the cache yet: 1 when decoding, more while (chunked) prefilling."""
+        return self.num_tokens - self.num_computed_tokens
 
     def append_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)

@@ -108,12 +108,15 @@ def build_engine_parts(args: EngineArgs, progress: bool = False) -> dict:
     if max_model_len > model_config.max_position_embeddings:
         raise ConfigError(f"EngineArgs.max_model_len must be <= the model's max_position_embeddings "
                           f"({model_config.max_position_embeddings}), got {max_model_len}", "max_model_len")
+    is_cuda = device.type == "cuda"
     if args.max_num_batched_tokens is None:
-        args.max_num_batched_tokens = max(max_model_len, 2048 if device.type == "cuda" else 512, args.max_num_seqs)
-    if args.max_num_batched_tokens < max_model_len:
-        raise ConfigError(f"EngineArgs.max_num_batched_tokens must be >= max_model_len ({max_model_len}), since "
-                          f"a whole prompt is prefilled in one step, got {args.max_num_batched_tokens}",
-                          "max_num_batched_tokens")
+        # Chunked prefill bounds a step by the budget, not by the longest prompt.
+        cap = (8192 if is_cuda else 2048) if args.enable_chunked_prefill else max_model_len
+        args.max_num_batched_tokens = max(min(max_model_len, cap), 2048 if is_cuda else 512, args.max_num_seqs)
+    if args.max_num_batched_tokens < max_model_len and not args.enable_chunked_prefill:
+        raise ConfigError(f"EngineArgs.max_num_batched_tokens must be >= max_model_len ({max_model_len}) without "
+                          f"chunked prefill, since a whole prompt is prefilled in one step, got "
+                          f"{args.max_num_batched_tokens}", "max_num_batched_tokens")
     for name in ("default_mm_loras", "limit_mm_per_prompt"):
         value = getattr(args, name) or {}
         if value and not model_config.is_multimodal and any(value.values()):
@@ -157,8 +160,9 @@ def build_engine_parts(args: EngineArgs, progress: bool = False) -> dict:
     if plugin_manager is not None:
         policy = plugin_manager.hook.loraplex_scheduling_policy(max_num_seqs=args.max_num_seqs,
                                                                 max_loras=args.max_loras)
-    scheduler = Scheduler(BlockManager(blocks, args.block_size), args.max_num_seqs, args.max_num_batched_tokens,
-                          policy or FCFSPolicy(), lora_manager, args.max_lora_bypass_steps)
+    scheduler = Scheduler(BlockManager(blocks, args.block_size, args.enable_prefix_caching), args.max_num_seqs,
+                          args.max_num_batched_tokens, policy or FCFSPolicy(), lora_manager,
+                          args.max_lora_bypass_steps, args.enable_chunked_prefill)
     eos = eos_ids(tokenizer, hf_config, path)
     runner = ModelRunner(model, device, dtype, args.block_size, blocks, max_model_len, args.max_num_seqs, eos,
                          lora_manager, args.seed, enforce_eager=args.enforce_eager)

@@ -56,7 +56,8 @@ class LLMEngine:
         is_async = args.async_scheduling if args.async_scheduling is not None else envs.async_scheduling()
         self.is_async_scheduling = is_async if is_async is not None else self.runner.graph_runner is not None
         self.stats = {"num_requests": 0, "num_prompt_tokens": 0, "num_generation_tokens": 0, "num_steps": 0,
-                      "num_async_steps": 0}
+                      "num_async_steps": 0, "num_prefix_cache_queries": 0, "num_prefix_cache_hits": 0,
+                      "prefix_cache_by_model": {}}
         self.stats_logger = None if args.disable_log_stats else StatsLogger(self)
         if self.plugin_manager is not None:
             self.plugin_manager.hook.loraplex_engine_started(engine=self)
@@ -205,6 +206,7 @@ class LLMEngine:
             self.scheduler.prefetch()
         if self._pending is None:
             sched = self.scheduler.schedule()
+            self._sync_cache_stats()
             if sched.is_empty:
                 self.stats["num_steps"] += 1
                 if mgr is not None and not self._aborted and mgr.has_inflight():
@@ -226,6 +228,19 @@ class LLMEngine:
         touched = self._postprocess(pending, result)
         self.stats["num_steps"] += 1
         return self._make_outputs(touched)
+
+    def _sync_cache_stats(self) -> None:
+        """Prefix cache counters into stats; the per-adapter map is replaced, never changed in place, since a
+        server thread may be reading the one it has."""
+        bm = self.scheduler.block_manager
+        if bm.num_queries != self.stats["num_prefix_cache_queries"]:
+            self.stats["num_prefix_cache_queries"] = bm.num_queries
+            self.stats["num_prefix_cache_hits"] = bm.num_hits
+            self.stats["prefix_cache_by_model"] = {k: list(v) for k, v in bm.stats_by_model.items()}
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached block (vLLM's reset_prefix_cache); False, and nothing done, while requests run."""
+        return self.scheduler.block_manager.reset_prefix_cache()
 
     def _wait_idle(self) -> None:
         """Nothing can run until an adapter arrives: wait for a loader (or new work) rather than spin."""
@@ -279,8 +294,13 @@ class LLMEngine:
         the step (no penalties, min_tokens met). Sequences sure to stop at ``pending`` (max_tokens,
         max_model_len) are left out; one that stops on EOS or a stop string wastes its row, whose token is
         dropped. Its KV write may land in a block freed meanwhile: harmless, since the block's next
-        owner writes it later on the same stream before reading it."""
+        owner writes it later on the same stream before reading it (a block it wrote past the sequence's computed
+        tokens was never in the prefix cache's index, so no one finds it and reads it unwritten).
+        Never while a prompt is being prefilled in chunks: its next chunk changes the batch."""
         sched = self.scheduler
+        live = [(s, n) for s, n in zip(pending.seqs, pending.num_new) if not s.is_finished]
+        if len(live) != len(sched.running) or any(n < s.num_uncomputed_tokens for s, n in live):
+            return None
         if sched.waiting and sched.can_admit():
             return None
         rows, seqs = [], []
@@ -308,11 +328,16 @@ class LLMEngine:
     def _postprocess(self, pending, result) -> set[str]:
         touched = set()
         for i, raw in result.prompt_logprobs.items():
-            self.outputs.set_prompt_logprobs(pending.seqs[i], raw)
+            seq = pending.seqs[i]
+            whole = seq.prompt_logprobs.add(raw, seq.num_prompt_tokens - 1)  # a chunk's part, or all of them
+            if whole is not None:
+                self.outputs.set_prompt_logprobs(seq, whole)
         for i, (seq, n) in enumerate(zip(pending.seqs, pending.num_new)):
             if seq.is_finished:
                 continue  # a look-ahead row of a sequence that stopped (or was aborted) after launch
             seq.num_computed_tokens += n
+            if seq.num_computed_tokens < seq.num_tokens:
+                continue  # a prefill chunk before the prompt's last: its row sampled nothing
             lp = result.logprobs[i] if result.logprobs is not None else None
             try:  # detokenizing and stop checks are per request: a failure ends only its own
                 self.outputs.append_token(seq, result.token_ids[i], lp)

@@ -36,17 +36,26 @@ def _to_host(t: torch.Tensor) -> torch.Tensor:
     return host
 
 
+def _spread(values: list, rows: list[int], n: int) -> list:
+    out = [None] * n
+    for v, i in zip(values, rows):
+        out[i] = v
+    return out
+
+
 class PendingStep:
     """A launched step. Its sampled tokens travel to pinned host memory behind one CUDA event, so reading them
     waits for this step only, not for a step launched after it (see LLMEngine's async scheduling)."""
 
-    __slots__ = ("seqs", "num_new", "tokens", "_host", "_event", "_prompt_rows", "_prompt_host")
+    __slots__ = ("seqs", "num_new", "tokens", "rows", "_host", "_event", "_prompt_rows", "_prompt_host")
 
     def __init__(self, seqs: list[Sequence], num_new: list[int], tokens: torch.Tensor, logprobs: tuple = (),
-                 prompt_logprobs: tuple | None = None):
+                 prompt_logprobs: tuple | None = None, rows: list[int] | None = None):
         self.seqs = seqs
         self.num_new = num_new
-        self.tokens = tokens  # [num_seqs] int64 on the device: a look-ahead step's input ids
+        self.tokens = tokens  # [num sampled rows] int64 on the device: a look-ahead step's input ids
+        # The rows of seqs that sampled (None: all); the others are prefill chunks before their prompt's last.
+        self.rows = rows
         self._host = [_to_host(t) for t in (tokens, *logprobs)]
         # prompt_logprobs: ([(seq row, num prompt positions)], (chosen, ranks, top_ids, top_lps) flat over rows)
         self._prompt_rows, self._prompt_host = [], []
@@ -62,13 +71,17 @@ class PendingStep:
         if self._event is not None:
             self._event.synchronize()
         token_ids = self._host[0].tolist()
+        sampled = self.seqs if self.rows is None else [self.seqs[i] for i in self.rows]
         logprobs = None
         if len(self._host) > 1:
             chosen, ranks, top_ids, top_lps = (t.tolist() for t in self._host[1:])
             logprobs = []
-            for i, s in enumerate(self.seqs):
+            for i, s in enumerate(sampled):
                 k = s.params.logprobs
                 logprobs.append(None if k is None else (chosen[i], ranks[i], top_ids[i][:k], top_lps[i][:k]))
+        if self.rows is not None:  # back to one entry per row of seqs, None for rows that sampled nothing
+            token_ids = _spread(token_ids, self.rows, len(self.seqs))
+            logprobs = _spread(logprobs, self.rows, len(self.seqs)) if logprobs is not None else None
         prompt = {}
         if self._prompt_rows:
             chosen, ranks, top_ids, top_lps = (t.tolist() for t in self._prompt_host)
@@ -134,7 +147,8 @@ class ModelRunner:
             start = seq.num_tokens if ahead else seq.num_computed_tokens
             end = start + n
             if not ahead:
-                input_ids.extend([seq.last_token_id] if n == 1 else seq.token_ids[start:end])
+                input_ids.extend([seq.last_token_id] if end == seq.num_tokens and n == 1
+                                 else seq.token_slice(start, end))
             table = seq.block_table
             for p in range(start, end):
                 positions.append(p)
@@ -167,7 +181,15 @@ class ModelRunner:
     @torch.inference_mode()
     def launch(self, seqs: list[Sequence], num_new: list[int], input_ids: torch.Tensor | None = None) -> PendingStep:
         """Queue the step on the device and return at once; input_ids: see _prepare."""
-        is_decode = max(num_new) == 1
+        ahead = input_ids is not None
+        # A row samples once its chunk reaches the newest token; an earlier prefill chunk's row samples nothing.
+        rows = None if ahead else [i for i, (s, n) in enumerate(zip(seqs, num_new))
+                                   if s.num_computed_tokens + n >= s.num_tokens]
+        if rows is not None and len(rows) == len(seqs):
+            rows = None
+        # Graphs take true decodes only: not a 1-token chunk, nor a multi-modal prompt's last token.
+        is_decode = max(num_new) == 1 and rows is None and (ahead or all(
+            s.mm_inputs is None or s.num_computed_tokens >= s.num_prompt_tokens for s in seqs))
         if is_decode and self.graph_runner is not None and self.graph_runner.can_run(len(seqs)):
             logits = self.graph_runner.run(seqs, input_ids)
         else:
@@ -175,13 +197,12 @@ class ModelRunner:
             self._set_lora(lora_idx)
             embeds = self._multimodal_embeds(ids, seqs, num_new, qsl) if self.cfg.is_multimodal else None
             hidden = self.model(ids, pos, meta, inputs_embeds=embeds)  # [num_tokens, hidden]
-            prompt = None
-            if meta.max_query_len > 1:
-                prompt = self._prompt_logprobs(hidden, seqs, num_new, qsl, input_ids is not None)
-                last = torch.tensor(qsl[1:], dtype=torch.int64).to(self.device, non_blocking=True) - 1
-                hidden = hidden[last]
-            logits = self.model.compute_logits(hidden)  # [num_seqs, vocab]
-            return self.sample(logits, seqs, num_new, prompt)
+            prompt = None if ahead else self._prompt_logprobs(hidden, seqs, num_new, qsl, ahead)
+            if meta.max_query_len > 1 or rows is not None:
+                last = [qsl[i + 1] - 1 for i in (range(len(seqs)) if rows is None else rows)]
+                hidden = hidden[torch.tensor(last, dtype=torch.int64).to(self.device, non_blocking=True)]
+            logits = self.model.compute_logits(hidden)  # [num sampled rows, vocab]
+            return self.sample(logits, seqs, num_new, prompt, rows)
         return self.sample(logits, seqs, num_new)
 
     def _multimodal_embeds(self, ids: torch.Tensor, seqs: list[Sequence], num_new: list[int],
@@ -242,22 +263,27 @@ class ModelRunner:
         this step whose request asked for them and has none yet; only their prompt positions get logits.
         Returns None, or ([(seq row, num positions)], (chosen, ranks, top_ids, top_lps)) as device tensors.
         A prefill is launched only once the step before it is read back, so a request's slot, still empty
-        here, is filled by this step (by one of its rows, when its n sequences are prefilled together)."""
-        rows, k, claimed = [], 0, set()
+        here, is filled by this step (by one of its rows, when its n sequences are prefilled together). A chunked
+        prefill adds its chunk's positions when the chunk starts where the slot's computed positions end."""
+        rows, k, claimed, targets = [], 0, set(), []
         for i, seq in enumerate(seqs):
             slot = seq.prompt_logprobs
-            if (slot is None or slot.value is not None or id(slot) in claimed or ahead
-                    or seq.num_computed_tokens != 0 or num_new[i] < seq.num_prompt_tokens):
+            if slot is None or slot.value is not None or id(slot) in claimed or ahead:
+                continue
+            start = seq.num_computed_tokens
+            count = min(start + num_new[i], seq.num_prompt_tokens - 1) - start
+            if start != slot.num_computed or count <= 0:
                 continue
             claimed.add(id(slot))
-            rows.append((i, seq.num_prompt_tokens - 1))
+            rows.append((i, count))
+            targets.extend(seq.prompt_token_ids[start + 1:start + 1 + count])
             k = max(k, slot.num_logprobs)
         if not rows:
             return None
         dev = self.device
         # Hidden state at prompt position p predicts prompt token p + 1.
         index = torch.cat([torch.arange(qsl[i], qsl[i] + n, dtype=torch.int64) for i, n in rows])
-        targets = torch.tensor([t for i, _ in rows for t in seqs[i].prompt_token_ids[1:]], dtype=torch.int64)
+        targets = torch.tensor(targets, dtype=torch.int64)
         index, targets = index.to(dev, non_blocking=True), targets.to(dev, non_blocking=True)
         parts = []
         for start in range(0, index.numel(), PROMPT_LOGPROBS_CHUNK):
@@ -267,11 +293,16 @@ class ModelRunner:
         return rows, tuple(torch.cat(ts) for ts in zip(*parts))
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence], num_new: list[int],
-               prompt_logprobs: tuple | None = None) -> PendingStep:
-        batch = build_sampling_batch(seqs, logits.shape[1], self.device)
-        min_tokens_mask(logits, seqs, self.eos_token_ids)
+               prompt_logprobs: tuple | None = None, rows: list[int] | None = None) -> PendingStep:
+        """Sample the rows ``rows`` of seqs (None: all), whose logits are ``logits`` in that order."""
+        sampled = seqs if rows is None else [seqs[i] for i in rows]
+        if not sampled:  # only prefill chunks before their prompts' last: nothing to draw
+            tokens = torch.empty(0, dtype=torch.int64, device=self.device)
+            return PendingStep(seqs, num_new, tokens, (), prompt_logprobs, rows)
+        batch = build_sampling_batch(sampled, logits.shape[1], self.device)
+        min_tokens_mask(logits, sampled, self.eos_token_ids)
         tokens, raw_logprobs = sample(logits, batch, self.generator)
         logprobs = ()
         if raw_logprobs is not None:
             logprobs = gather_logprobs(raw_logprobs, tokens, max(batch.max_num_logprobs, 0))
-        return PendingStep(seqs, num_new, tokens, logprobs, prompt_logprobs)
+        return PendingStep(seqs, num_new, tokens, logprobs, prompt_logprobs, rows)

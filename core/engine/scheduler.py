@@ -12,13 +12,21 @@ it has been passed over in ``max_lora_bypass_steps`` steps, no adapter request b
 is, so the running adapters drain and it gets its turn. Base-model requests need no adapter and always may pass.
 The limits above (sequences, tokens, KV blocks) stay first-come-first-served: a request that does not fit them
 stops admission for every request behind it.
+
+Chunked prefill (``enable_chunked_prefill``): every running decode gets its token first, then sequences still
+prefilling (in admission order) and then waiting ones get chunks of what is left of max_num_batched_tokens, so a
+long prompt is prefilled over several steps beside the decodes instead of holding them. A chunk's row samples
+nothing (the engine drops its token) until the prompt's last chunk. Without it a prompt must fit one step.
+
+Prefix caching: an admitted request starts after the longest cached prefix of its full blocks (see
+block_manager); its queried and hit tokens are counted there.
 """
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
 
-from loraplex.engine.block_manager import BlockManager
+from loraplex.engine.block_manager import BlockManager, cache_key
 from loraplex.engine.policy import FCFSPolicy, SchedulingPolicy
 from loraplex.sequence import Sequence, SequenceStatus
 
@@ -39,10 +47,11 @@ class SchedulerOutput:
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
                  policy: SchedulingPolicy | None = None, lora_manager=None,
-                 max_lora_bypass_steps: int = DEFAULT_MAX_LORA_BYPASS_STEPS):
+                 max_lora_bypass_steps: int = DEFAULT_MAX_LORA_BYPASS_STEPS, enable_chunked_prefill: bool = False):
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.is_chunking = enable_chunked_prefill
         self.policy = policy or FCFSPolicy()
         self.lora_manager = lora_manager
         self.max_lora_bypass_steps = max_lora_bypass_steps
@@ -52,9 +61,17 @@ class Scheduler:
         self._order: list[Sequence] | None = None  # policy order of `waiting`, until it changes
         self._waiting_epoch = 0  # bumped whenever `waiting` changes
         self._prefetched_at: tuple | None = None
+        self._last_key: tuple | None = None  # (lora_model, mm_inputs, key): a request's n sequences share one
 
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
+        if self.block_manager.is_caching:
+            last = self._last_key
+            if last is not None and last[0] is seq.lora_model and last[1] is seq.mm_inputs:
+                seq.cache_key = last[2]
+            else:
+                seq.cache_key = cache_key(seq.lora_model, seq.mm_inputs)
+                self._last_key = (seq.lora_model, seq.mm_inputs, seq.cache_key)
         self._enqueue(seq)
 
     def _enqueue(self, seq: Sequence) -> None:
@@ -108,25 +125,45 @@ class Scheduler:
     # ------------------------------------------------------------------ step
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
+        bm = self.block_manager
         budget = self.max_num_batched_tokens
         running = deque(self.running)
         self.running = []
+        # Tokens kept for the decodes not reached yet: they come before any prefill chunk.
+        num_reserved = sum(1 for s in running if s.num_uncomputed_tokens == 1)
+        chunks: list[tuple[Sequence, int]] = []
         while running:
             seq = running.popleft()
-            while not self.block_manager.can_allocate(seq):
+            bm.register(seq)  # what its last step computed becomes findable
+            num_new = seq.num_uncomputed_tokens
+            if num_new == 1:
+                num_reserved -= 1
+            elif self.is_chunking:
+                num_new = min(num_new, budget - num_reserved)
+                if num_new <= 0:
+                    self.running.append(seq)  # mid-prefill, no budget left this step: it keeps its blocks
+                    continue
+            while not bm.can_allocate(seq, seq.num_computed_tokens + num_new):
                 victim = running.pop() if running else seq
+                if victim is not seq and victim.num_uncomputed_tokens == 1:
+                    num_reserved -= 1
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is seq:
                     break
             if seq.status != SequenceStatus.RUNNING:
                 continue
-            self.block_manager.allocate(seq)
-            num_new = seq.num_tokens - seq.num_computed_tokens
-            out.seqs.append(seq)
-            out.num_scheduled_tokens.append(num_new)
+            bm.allocate(seq, seq.num_computed_tokens + num_new)
+            if num_new == 1 and seq.num_uncomputed_tokens == 1:
+                out.seqs.append(seq)
+                out.num_scheduled_tokens.append(1)
+            else:
+                chunks.append((seq, num_new))
             budget -= num_new
             self.running.append(seq)
+        for seq, num_new in chunks:  # decodes first
+            out.seqs.append(seq)
+            out.num_scheduled_tokens.append(num_new)
         if not out.preempted:
             self._admit(out, budget)
         return out
@@ -137,18 +174,23 @@ class Scheduler:
         return next(self._admissible(self.max_num_batched_tokens - len(self.running), None), None) is not None
 
     def _admissible(self, budget: int, passed_over: list | None):
-        """(seq, num_new) of the waiting requests that fit, in policy order. Each check runs against the state
-        when that request is reached, so a caller that admits each one before asking for the next sees the
-        effect of its own admissions. ``passed_over`` (when given) collects the held requests that a later
-        adapter request passed."""
+        """(seq, num_new, cached blocks) of the waiting requests that fit, in policy order. Each check runs
+        against the state when that request is reached, so a caller that admits each one before asking for the
+        next sees the effect of its own admissions. ``passed_over`` (when given) collects the held requests
+        that a later adapter request passed."""
         lm = self.lora_manager
+        bm = self.block_manager
         held: list[Sequence] = []  # held for device room or a batch slot, adapter loaded
         is_barrier = False
         for seq in self.ordered_waiting():
-            if len(self.running) >= self.max_num_seqs:
+            if len(self.running) >= self.max_num_seqs or budget <= 0:
                 return
-            num_new = seq.num_tokens - seq.num_computed_tokens
-            if num_new > budget or not self.block_manager.can_allocate(seq):
+            hits = bm.lookup(seq)
+            num_computed = len(hits) * bm.block_size
+            num_new = seq.num_tokens - num_computed
+            if self.is_chunking:
+                num_new = min(num_new, budget)
+            if num_new > budget or not bm.can_allocate(seq, num_computed + num_new, hits):
                 return  # FIFO: later requests must not overtake one that waits for room
             m = seq.lora_model
             if m is not None:
@@ -163,15 +205,19 @@ class Scheduler:
                 if passed_over is not None and held:
                     passed_over.extend(held)
                     held = []
-            yield seq, num_new
+            yield seq, num_new, hits
             budget -= num_new
 
     def _admit(self, out: SchedulerOutput, budget: int) -> None:
         passed_over: list[Sequence] = []
-        for seq, num_new in self._admissible(budget, passed_over):
+        bm = self.block_manager
+        for seq, num_new, hits in self._admissible(budget, passed_over):
             if seq.lora_model is not None:
                 seq.lora_entry = self.lora_manager.acquire(seq.lora_model)
-            self.block_manager.allocate(seq)
+            if bm.reads_cache(seq):
+                bm.record_lookup(seq, len(hits))
+            bm.allocate(seq, len(hits) * bm.block_size + num_new, hits)
+            seq.num_cached_tokens = seq.num_computed_tokens
             self._dequeue(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)

@@ -134,8 +134,10 @@ def test_sampling_params_validation(kwargs, field):
     ({"max_loras": 4, "max_cpu_loras": 2}, "max_cpu_loras"), ({"gpu_memory_utilization": 1.5},
                                                                "gpu_memory_utilization"),
     ({"block_size": 7}, "block_size"), ({"max_num_seqs": 0}, "max_num_seqs"), ({"device": "tpu"}, "device"),
-    ({"max_model_len": 512, "max_num_batched_tokens": 256}, "max_num_batched_tokens"),
-    ({"async_scheduling": "yes"}, "async_scheduling"),
+    ({"max_model_len": 512, "max_num_batched_tokens": 256, "enable_chunked_prefill": False},
+     "max_num_batched_tokens"),
+    ({"async_scheduling": "yes"}, "async_scheduling"), ({"enable_prefix_caching": 1}, "enable_prefix_caching"),
+    ({"enable_chunked_prefill": None}, "enable_chunked_prefill"),
 ])
 def test_engine_args_validation(kwargs, field):
     with pytest.raises(ValueError, match=field):
