@@ -196,6 +196,9 @@ class MediaReader:
                         raise APIError(400, f"'{ref.where}': fetching the URL answered HTTP {r.status_code}",
                                        param=ref.where)
                     return self._body(ref, r, deadline)
+        except httpx.InvalidURL as e:  # httpx builds a redirect's request (unsent) even when it does not follow it
+            raise APIError(400, f"'{ref.where}': a redirect to an invalid or non-http URL is not followed: {e}",
+                           param=ref.where) from None
         except httpx.TimeoutException:
             raise APIError(400, f"'{ref.where}': fetching the URL took more than {timeout:g} s", param=ref.where) \
                 from None
