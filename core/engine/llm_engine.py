@@ -52,7 +52,8 @@ class LLMEngine:
             self.lora_manager.loader.add_listener(self._wakeup.set)
         self.mm = None  # a multi-modal model's prompts (processor, checks, default_mm_loras)
         if self.model_config.is_multimodal:
-            self.mm = MultiModalPrompts(self.model_config, self.processor, self.model.tokens_per_image, args)
+            self.mm = MultiModalPrompts(self.model_config, self.processor,
+                                        getattr(self.model, "tokens_per_image", None), args)
         is_async = args.async_scheduling if args.async_scheduling is not None else envs.async_scheduling()
         self.is_async_scheduling = is_async if is_async is not None else self.runner.graph_runner is not None
         self.stats = {"num_requests": 0, "num_prompt_tokens": 0, "num_generation_tokens": 0, "num_steps": 0,

@@ -207,23 +207,23 @@ class ModelRunner:
 
     def _multimodal_embeds(self, ids: torch.Tensor, seqs: list[Sequence], num_new: list[int],
                            qsl: list[int]) -> torch.Tensor | None:
-        """The prefill's token embeddings with image features scattered in at the placeholder positions, or None
+        """The prefill's token embeddings with media features scattered in at the placeholder positions, or None
         when no sequence of this step prefills placeholders. The tower runs once per request (its n sequences
         share the features; a prefill after preemption reuses them)."""
-        rows = [i for i, s in enumerate(seqs) if s.mm_inputs is not None and s.num_computed_tokens < s.num_prompt_tokens
-                and num_new[i] > 1]
+        # Rows prefilling part of their prompt (a chunk of it may be a single token).
+        rows = [i for i, s in enumerate(seqs) if s.mm_inputs is not None and s.num_computed_tokens < s.num_prompt_tokens]
         if not rows:
             return None
         embeds = self.model.embed_tokens(ids)  # [num_tokens, hidden]
-        image_token = self.cfg.image_token_id
+        mm_token = self.model.mm_token_id
         self._encode([seqs[i] for i in rows if "embeds" not in seqs[i].mm_inputs])
         for i in rows:
             seq = seqs[i]
             mm = seq.mm_inputs
             start = seq.num_computed_tokens
             # Features of placeholders before this chunk were used by an earlier one.
-            offset = sum(1 for t in seq.prompt_token_ids[:start] if t == image_token)
-            mask = ids[qsl[i]:qsl[i + 1]] == image_token
+            offset = sum(1 for t in seq.prompt_token_ids[:start] if t == mm_token)
+            mask = ids[qsl[i]:qsl[i + 1]] == mm_token
             count = int(mask.sum())
             if count:
                 part = embeds[qsl[i]:qsl[i + 1]]
@@ -231,31 +231,29 @@ class ModelRunner:
         return embeds
 
     def _encode(self, seqs: list[Sequence]) -> None:
-        """Run the tower once per adapter version over the images of its requests (each request's own adapter on
-        the tower and projector; none for base requests); store each request's features in its mm_inputs."""
+        """Run the tower over the media of these requests, each request's tower and connector under its own
+        adapter (none for base requests); store each request's features in its mm_inputs. The model batches:
+        requests of one adapter are passed side by side."""
         groups: dict[int, list[Sequence]] = {}
         seen: set[int] = set()  # a request's n sequences share one mm_inputs: encode it once
         for seq in seqs:
             if id(seq.mm_inputs) not in seen:
                 seen.add(id(seq.mm_inputs))
                 groups.setdefault(id(seq.lora_model), []).append(seq)
-        for group in groups.values():
-            version = group[0].lora_model
-            lora = None
-            if version is not None and version.tower:
-                if version.tower_device is None:
-                    dtype = self.model.embed_tokens.weight.dtype
-                    version.tower_device = {path: (a.to(self.device, dtype), b.to(self.device, dtype))
-                                            for path, (a, b) in version.tower.items()}
-                lora = version.tower_device
-            pixels = [seq.mm_inputs["pixel_values"] for seq in group]
-            feats = self.model.embed_images(torch.cat(pixels).to(self.device), lora=lora)
-            per_image = feats.shape[0] // sum(p.shape[0] for p in pixels)
-            start = 0
-            for seq, p in zip(group, pixels):
-                end = start + p.shape[0] * per_image
-                seq.mm_inputs["embeds"] = feats[start:end]
-                start = end
+        owners = [seq for group in groups.values() for seq in group]
+        items = [(seq.mm_inputs, self._tower_lora(seq.lora_model)) for seq in owners]
+        for seq, feats in zip(owners, self.model.encode_mm(items)):
+            seq.mm_inputs["embeds"] = feats  # [num placeholders, hidden]
+
+    def _tower_lora(self, version) -> dict | None:
+        """An adapter version's tower / connector LoRA on this device, uploaded on first use (it is small)."""
+        if version is None or not version.tower:
+            return None
+        if version.tower_device is None:
+            dtype = self.model.embed_tokens.weight.dtype
+            version.tower_device = {path: (a.to(self.device, dtype), b.to(self.device, dtype))
+                                    for path, (a, b) in version.tower.items()}
+        return version.tower_device
 
     def _prompt_logprobs(self, hidden: torch.Tensor, seqs: list[Sequence], num_new: list[int], qsl: list[int],
                          ahead: bool):

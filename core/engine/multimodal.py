@@ -79,23 +79,23 @@ def run_processor(processor, text: str, images=None, audios=None) -> tuple[list[
 
 
 class MultiModalPrompts:
-    def __init__(self, model_config, processor, tokens_per_image: int, args):
+    def __init__(self, model_config, processor, tokens_per_image: int | None, args):
         self.model_config = model_config
         self.processor = processor
         self.tokens_per_image = tokens_per_image
-        self.max_images = (args.limit_mm_per_prompt or {}).get("image")
+        self.limits = dict(args.limit_mm_per_prompt or {})
         # Named after the modality, as vLLM names them.
         self.default_loras = {m: LoRARequest(m, DEFAULT_MM_LORA_ID - i, path)
                               for i, (m, path) in enumerate(sorted((args.default_mm_loras or {}).items()))}
 
-    def _check_count(self, num_images: int) -> None:
-        if self.max_images is not None and num_images > self.max_images:
-            raise InvalidRequestError(f"At most {self.max_images} image(s) may be provided in one prompt, got "
-                                      f"{num_images}")
+    def _check_count(self, modality: str, num_items: int) -> None:
+        limit = self.limits.get(modality)
+        if limit is not None and num_items > limit:
+            raise InvalidRequestError(f"At most {limit} {modality}(s) may be provided in one prompt, got {num_items}")
 
     def process(self, prompt: dict) -> tuple[str, list[int], dict | None]:
-        """``{"prompt": text with placeholders, "multi_modal_data": {"image": image or [images]}}`` ->
-        (text, expanded ids, ``{"pixel_values", "modalities"}`` or None without images)."""
+        """``{"prompt": text with placeholders, "multi_modal_data": {"image": image or [images], "audio":
+        (array, sample_rate) or [those]}}`` -> (text, expanded ids, mm_inputs or None without media)."""
         for key in prompt:
             if key not in ("prompt", "multi_modal_data"):
                 raise UnsupportedArgumentError(key, "a multi-modal prompt takes 'prompt' and 'multi_modal_data'")
@@ -109,34 +109,35 @@ class MultiModalPrompts:
         for modality in data:
             if modality not in allowed:
                 raise InvalidRequestError(f"multi_modal_data[{modality!r}]: this model takes {', '.join(allowed)}")
-        images = data.get("image")
-        images = [] if images is None else (list(images) if isinstance(images, (list, tuple)) else [images])
-        self._check_count(len(images))  # before the processor spends time on too many
+        images, audios = _as_list(data.get("image")), _as_list(data.get("audio"))
+        self._check_count("image", len(images))  # before the processor spends time on too many
+        self._check_count("audio", len(audios))
         if self.processor is None:
             raise InvalidRequestError("this engine has no processor (skip_tokenizer_init=True)")
-        try:
-            out = self.processor(text=text, images=images or None, return_tensors="pt")
-        except Exception as e:  # a wrong image type, a placeholder count that does not match the images...
-            raise InvalidRequestError(f"the model's processor refused the prompt: {type(e).__name__}: {e}") from None
-        ids = out["input_ids"][0].tolist()
-        if not images:
-            return text, ids, None
-        mm = {"pixel_values": out["pixel_values"], "modalities": ("image",)}
-        self.check(ids, mm)
+        ids, mm = run_processor(self.processor, text, images, audios)
+        if mm is not None:
+            self.check(ids, mm)
         return text, ids, mm
 
     def check(self, ids: list[int], mm_inputs: dict) -> None:
-        """Processed inputs must fit the model: the image limit and one placeholder per feature row."""
-        pixels = mm_inputs.get("pixel_values")
-        if pixels is None or pixels.dim() != 4:
-            raise InvalidRequestError("mm_inputs needs 'pixel_values' [num_images, channels, height, width]")
-        self._check_count(pixels.shape[0])
-        want = pixels.shape[0] * self.tokens_per_image
-        got = sum(1 for t in ids if t == self.model_config.image_token_id)
+        """Processed inputs must fit the model: its modality, the item limits, one placeholder per feature row."""
+        cfg = self.model_config
+        if cfg.image_token_id is not None:
+            pixels = mm_inputs.get("pixel_values")
+            if pixels is None or pixels.dim() != 4:
+                raise InvalidRequestError("mm_inputs needs 'pixel_values' [num_images, channels, height, width]")
+            self._check_count("image", pixels.shape[0])
+            want, token, what = pixels.shape[0] * self.tokens_per_image, cfg.image_token_id, f"{pixels.shape[0]} image(s)"
+        else:
+            feats, mask = mm_inputs.get("input_features"), mm_inputs.get("input_features_mask")
+            if feats is None or feats.dim() != 3 or mask is None or mask.dim() != 2 or mask.shape[0] != feats.shape[0]:
+                raise InvalidRequestError("mm_inputs needs 'input_features' [num_clips, frames, features] and "
+                                          "'input_features_mask' [num_clips, tokens]")
+            self._check_count("audio", feats.shape[0])
+            want, token, what = int(mask.sum()), cfg.audio_token_id, f"{feats.shape[0]} audio clip(s)"
+        got = sum(1 for t in ids if t == token)
         if got != want:
-            raise InvalidRequestError(f"the prompt has {got} image placeholder tokens; its {pixels.shape[0]} "
-                                      f"image(s) need {want}")
-
+            raise InvalidRequestError(f"the prompt has {got} placeholder tokens; its {what} need {want}")
     def default_lora(self, mm_inputs: dict) -> LoRARequest | None:
         """vLLM's default_mm_loras: a request that names no adapter and carries a modality with a default adapter
         runs with it (the caller keeps a request's own). A prompt carrying two such modalities gets none: one

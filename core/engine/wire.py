@@ -62,13 +62,20 @@ def lora_from_wire(v: list | None) -> LoRARequest | None:
                        allowed_paths=tuple(allowed) if allowed is not None else None)
 
 
+# The processor outputs a tower takes, and their dtypes as numpy names them (bool and float32 both travel).
+MM_TENSORS = ("pixel_values", "input_features", "input_features_mask")
+
+
 def mm_to_wire(mm: dict | None):
-    """Processed multi-modal inputs: tensors as [shape, dtype name, raw bytes]."""
+    """Processed multi-modal inputs: each tensor as [shape, dtype name, raw bytes]; modalities as a list."""
     if mm is None:
         return None
-    t = mm["pixel_values"].contiguous()
-    return {"pixel_values": [list(t.shape), str(t.dtype).removeprefix("torch."), t.numpy().tobytes()],
-            "modalities": list(mm.get("modalities", ()))}
+    out = {"modalities": list(mm.get("modalities", ()))}
+    for key in MM_TENSORS:
+        if key in mm:
+            t = mm[key].contiguous()
+            out[key] = [list(t.shape), str(t.dtype).removeprefix("torch."), t.numpy().tobytes()]
+    return out
 
 
 def mm_from_wire(v):
@@ -77,9 +84,12 @@ def mm_from_wire(v):
     import numpy as np
     import torch
 
-    shape, dtype, data = v["pixel_values"]
-    array = np.frombuffer(data, dtype=np.dtype(dtype)).reshape(shape)
-    return {"pixel_values": torch.from_numpy(array.copy()), "modalities": tuple(v["modalities"])}
+    out = {"modalities": tuple(v["modalities"])}
+    for key in MM_TENSORS:
+        if key in v:
+            shape, dtype, data = v[key]
+            out[key] = torch.from_numpy(np.frombuffer(data, dtype=np.dtype(dtype)).reshape(shape).copy())
+    return out
 
 
 # ---------------------------------------------------------------------- errors

@@ -18,8 +18,19 @@ from loraplex.errors import LoRALoadError, LoRARankError
 from loraplex.lora.layout import PageLayout
 from loraplex.lora.request import LoRARequest
 
-# Module path parts of a multi-modal model's vision side (LLaVA's, in both checkpoint layouts).
-_TOWER_PARTS = ("vision_tower.", "vision_model.", "multi_modal_projector.")
+# Roots of a multi-modal model's tower and connector paths, once PEFT's "base_model.model." and HF's "model." are
+# off: LLaVA's vision tower and projector, Granite Speech's speech encoder and Q-Former projector.
+_TOWER_ROOTS = ("vision_tower.", "vision_model.", "multi_modal_projector.", "encoder.", "projector.")
+
+
+def _tower_key(key: str) -> tuple[str, str] | None:
+    """(module path from the tower root, "A" | "B") of a tower / connector LoRA tensor name; None otherwise."""
+    path, sep, rest = key.partition(".lora_")
+    if not sep:
+        return None
+    for prefix in ("base_model.model.", "model."):
+        path = path.removeprefix(prefix)
+    return (path, rest[:1]) if path.startswith(_TOWER_ROOTS) else None
 _KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
 _ALL_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -184,15 +195,15 @@ def plan_adapter(layout: PageLayout, config: dict, tensors: dict[str, torch.Tens
     modules: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     tower: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
-        part = next((part for part in _TOWER_PARTS if part in key), None)
-        if part is not None:
+        tower_key = _tower_key(key)
+        if tower_key is not None:
             # Checked first: a vision tower's "layers.N.self_attn.q_proj" must never land on the decoder's.
-            path, _, rest = key[key.index(part):].partition(".lora_")
+            path, ab = tower_key
             path = layout.tower_paths.get(path, path)
             if path not in layout.tower_linears:
-                what = "this model has no vision tower" if not layout.tower_linears else "no such Linear in it"
+                what = "this model has no tower or connector" if not layout.tower_linears else "no such Linear in it"
                 raise LoRALoadError(f"adapter '{name}': target {path!r} ({key}) is not supported: {what}", name)
-            tower.setdefault(path, {})[rest[:1]] = tensor
+            tower.setdefault(path, {})[ab] = tensor
             continue
         parsed = _parse_key(key)
         if parsed is None:

@@ -15,8 +15,10 @@ SUPPORTED_ARCHITECTURES = {
     # Llama with four scalars: embeddings, attention scores, residual branches and logits (Granite 3.x).
     "GraniteForCausalLM": "granite",
 }
-# Vision tower + projector + one of the decoders above (core/models/llava.py).
-MULTIMODAL_ARCHITECTURES = {"LlavaForConditionalGeneration": "llava"}
+# A tower + connector before one of the decoders above: vision (core/models/llava.py), speech
+# (core/models/granite_speech.py).
+MULTIMODAL_ARCHITECTURES = {"LlavaForConditionalGeneration": "llava",
+                            "GraniteSpeechForConditionalGeneration": "granite_speech"}
 
 
 @dataclass
@@ -47,16 +49,18 @@ class ModelConfig:
     logits_scaling: float = 1.0
     # Fused Triton RMSNorm / rotary / SiLU·mul on CUDA (LORAPLEX_FUSED_OPS=1). Off by default: experimental.
     fused_ops: bool = False
-    # Multi-modal models (LLaVA): the placeholder token that a processor expands, one per image feature row.
+    # Multi-modal models: the placeholder token that the processor expands, one per feature row of an image
+    # (LLaVA) or an audio clip (Granite Speech).
     image_token_id: int | None = None
+    audio_token_id: int | None = None
 
     @property
     def is_multimodal(self) -> bool:
-        return self.image_token_id is not None
+        return bool(self.modalities)
 
     @property
     def modalities(self) -> tuple[str, ...]:
-        return ("image",) if self.image_token_id is not None else ()
+        return tuple(m for m, t in (("image", self.image_token_id), ("audio", self.audio_token_id)) if t is not None)
 
     @property
     def q_size(self) -> int:
@@ -69,6 +73,12 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, hf_config) -> "ModelConfig":
         archs = list(getattr(hf_config, "architectures", None) or [])
+        if "GraniteSpeechForConditionalGeneration" in archs or (not archs and hf_config.model_type == "granite_speech"):
+            # Speech encoder and Q-Former projector before a Granite decoder: the decoder's fields are text_config's,
+            # but for logits_scaling: HF's model applies its own lm_head to the decoder's hidden states, unscaled.
+            text = cls.from_hf(hf_config.text_config)
+            return dataclasses.replace(text, architecture="GraniteSpeechForConditionalGeneration",
+                                       audio_token_id=int(hf_config.audio_token_index), logits_scaling=1.0)
         if any(a in MULTIMODAL_ARCHITECTURES for a in archs) or (not archs and hf_config.model_type == "llava"):
             # A vision tower and projector before a Llama-family decoder: the decoder's fields are text_config's.
             text = cls.from_hf(hf_config.text_config)

@@ -13,6 +13,7 @@ import torch
 
 from loraplex.models.config import ModelConfig
 from loraplex.models.llama import LlamaForCausalLM
+from loraplex.models.tower_lora import TowerLoRA
 
 
 class LlavaForConditionalGeneration(LlamaForCausalLM):
@@ -39,23 +40,20 @@ class LlavaForConditionalGeneration(LlamaForCausalLM):
             self.multi_modal_projector = LlavaMultiModalProjector(hf_config).to(dtype)
         for p in list(self.vision_tower.parameters()) + list(self.multi_modal_projector.parameters()):
             p.requires_grad_(False)
-        # Tower / projector LoRA: a forward hook on each Linear adds x·A·B of the adapter group being encoded
-        # (``embed_images(lora=...)``); with none set, the hooks return at once.
-        self._tower_lora: dict | None = None
-        for path, linear in self._tower_linears().items():
-            linear.register_forward_hook(self._lora_hook(path))
+        self.tower_lora = TowerLoRA({"vision_tower.": self.vision_tower,
+                                     "multi_modal_projector.": self.multi_modal_projector})
 
-    def _tower_linears(self) -> dict:
-        out = {}
-        for prefix, root in (("vision_tower.", self.vision_tower), ("multi_modal_projector.", self.multi_modal_projector)):
-            for name, module in root.named_modules():
-                if isinstance(module, torch.nn.Linear):
-                    out[prefix + name] = module
-        return out
+    @property
+    def mm_token_id(self) -> int:
+        return self.image_token_id
+
+    def tower_parts(self) -> dict[str, torch.nn.Module]:
+        """Checkpoint part (``checkpoint_name``) -> the module its tensors load into."""
+        return {"vision": self.vision_tower, "projector": self.multi_modal_projector}
 
     def tower_lora_targets(self) -> dict[str, tuple[int, int]]:
         """Linears of the tower and projector that adapters may target: PEFT path from the tower down -> (in, out)."""
-        return {path: (m.in_features, m.out_features) for path, m in self._tower_linears().items()}
+        return self.tower_lora.targets()
 
     @staticmethod
     def tower_aliases(path: str) -> tuple[str, ...]:
@@ -66,15 +64,6 @@ class LlavaForConditionalGeneration(LlamaForCausalLM):
         if path.startswith("vision_tower."):
             return (path, "vision_tower.vision_model." + path[len("vision_tower."):])
         return (path,)
-
-    def _lora_hook(self, path: str):
-        def hook(module, inputs, output):
-            lora = self._tower_lora
-            if lora is None or path not in lora:
-                return None
-            a, b = lora[path]  # [r, in], [out, r] (B scaled)
-            return output + (inputs[0] @ a.t()) @ b.t()
-        return hook
 
     @classmethod
     def checkpoint_name(cls, name: str) -> tuple[str, str]:
@@ -91,14 +80,15 @@ class LlavaForConditionalGeneration(LlamaForCausalLM):
         return "lm", name
 
     @torch.inference_mode()
-    def embed_images(self, pixel_values: torch.Tensor, lora: dict | None = None) -> torch.Tensor:
-        """pixel_values [num_images, 3, H, W] -> image features [num_images * tokens per image, hidden], with the
-        tower / projector LoRA ``lora`` (path -> (A, B) on this device and dtype) of the requests they belong to."""
-        self._tower_lora = lora or None
-        try:
-            return self._embed_images(pixel_values)
-        finally:
-            self._tower_lora = None
+    def encode_mm(self, items: list[tuple[dict, dict | None]]) -> list[torch.Tensor]:
+        """The image features of each request: ``items`` are (its mm_inputs, its tower / projector LoRA: path ->
+        (A, B) on this device and dtype, or None) -> [num images * tokens per image, hidden] per request. One tower
+        run for all of them; each request's rows get its own adapter."""
+        pixels = [mm["pixel_values"] for mm, _ in items]
+        loras = [lora for p, (_, lora) in zip(pixels, items) for _ in range(p.shape[0])]
+        with self.tower_lora.applied(loras):
+            feats = self._embed_images(torch.cat(pixels).to(self.embed_tokens.weight.device))
+        return list(feats.split([p.shape[0] * self.tokens_per_image for p in pixels]))
 
     def _embed_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         out = self.vision_tower(pixel_values.to(self.embed_tokens.weight.dtype), output_hidden_states=True)

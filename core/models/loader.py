@@ -11,11 +11,15 @@ import torch
 from loraplex.errors import UnsupportedModelError
 from loraplex.models.config import ModelConfig
 from loraplex.models.llama import LlamaForCausalLM
+from loraplex.models.granite_speech import GraniteSpeechForConditionalGeneration
 from loraplex.models.llava import LlavaForConditionalGeneration
 
 logger = logging.getLogger("loraplex.models")
 
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.txt"]
+# Multi-modal architectures: a tower and connector (transformers' modules) in front of our decoder.
+_MM_CLASSES = {"LlavaForConditionalGeneration": LlavaForConditionalGeneration,
+               "GraniteSpeechForConditionalGeneration": GraniteSpeechForConditionalGeneration}
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp|input_layernorm|post_attention_layernorm)\.?(.*)$")
 
 
@@ -52,7 +56,8 @@ def _iter_checkpoint(path: Path):
         hf_model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
         yield from hf_model.state_dict().items()
         return
-    files = sorted(path.glob("*.safetensors"))
+    # A checkpoint may ship a PEFT adapter beside its weights (Granite Speech's audio LoRA): not base weights.
+    files = sorted(f for f in path.glob("*.safetensors") if not f.name.startswith("adapter_model"))
     if files:
         from safetensors import safe_open
 
@@ -76,9 +81,8 @@ def load_weights(model: LlamaForCausalLM, path: Path, progress: bool = False) ->
         from tqdm import tqdm
 
         items = tqdm(items, desc="Loading weights", unit=" tensors", leave=False)
-    towers = {}
-    if isinstance(model, LlavaForConditionalGeneration):
-        towers = {"vision": model.vision_tower.state_dict(), "projector": model.multi_modal_projector.state_dict()}
+    parts = getattr(model, "tower_parts", None)
+    towers = {part: m.state_dict() for part, m in parts().items()} if parts is not None else {}
     for name, tensor in items:
         if name.endswith("rotary_emb.inv_freq"):
             continue
@@ -139,12 +143,16 @@ def build_model(path: Path, hf_config, dtype: torch.dtype, device: torch.device,
     if load_format == "dummy":
         return build_dummy_model(cfg, dtype, device, attn_backend, hf_config)
     with torch.device("cpu"):
-        if cfg.architecture == "LlavaForConditionalGeneration":
-            model = LlavaForConditionalGeneration(cfg, hf_config, attn_backend=attn_backend, dtype=dtype, device="cpu")
-        else:
-            model = LlamaForCausalLM(cfg, attn_backend=attn_backend, dtype=dtype, device="cpu")
+        model = _new_model(cfg, hf_config, attn_backend, dtype, "cpu")
     load_weights(model, path, progress)
     return model.to(device).eval()
+
+
+def _new_model(cfg: ModelConfig, hf_config, attn_backend: str, dtype, device) -> LlamaForCausalLM:
+    cls = _MM_CLASSES.get(cfg.architecture)
+    if cls is not None:
+        return cls(cfg, hf_config, attn_backend=attn_backend, dtype=dtype, device=device)
+    return LlamaForCausalLM(cfg, attn_backend=attn_backend, dtype=dtype, device=device)
 
 
 def default_tokenizer_path(path: Path) -> tuple[str, dict]:
@@ -161,14 +169,10 @@ def is_local(model: str) -> bool:
 def build_dummy_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
                       attn_backend: str = "auto", hf_config=None) -> LlamaForCausalLM:
     """Random weights straight on the device: for benchmarks of real-size shapes with no checkpoint."""
-    if cfg.architecture == "LlavaForConditionalGeneration":
-        model = LlavaForConditionalGeneration(cfg, hf_config, attn_backend=attn_backend, dtype=dtype, device=device)
-    else:
-        model = LlamaForCausalLM(cfg, attn_backend=attn_backend, dtype=dtype, device=device)
+    model = _new_model(cfg, hf_config, attn_backend, dtype, device)
     gen = torch.Generator(device=device).manual_seed(0)
     for name, p in model.named_parameters():
-        if name.endswith("norm.weight") or name.endswith(("layernorm.weight", "layer_norm1.weight",
-                                                          "layer_norm2.weight")):
+        if p.dim() == 1 and "norm" in name.lower().rsplit(".", 2)[-2] and name.endswith("weight"):
             p.fill_(1.0)
         elif name.endswith("bias"):
             p.zero_()

@@ -146,7 +146,7 @@ def test_tower_lora_on_a_text_model_is_refused_by_name(tiny_llama, llava, tower_
     from loraplex.lora.request import LoRARequest
 
     text_only = LLM(str(tiny_llama), max_model_len=64, max_num_seqs=2, enable_lora=True, max_lora_rank=8)
-    with pytest.raises(LoRALoadError, match="has no vision tower"):
+    with pytest.raises(LoRALoadError, match="has no tower or connector"):
         text_only.llm_engine.add_lora(LoRARequest("tower", 9, str(tower_adapters["tower1"])))
 
 
