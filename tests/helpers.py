@@ -254,3 +254,17 @@ def random_audio(seed: int, seconds: float = 1.0, sample_rate: int = 16000):
     t = np.arange(int(seconds * sample_rate)) / sample_rate
     clip = 0.3 * np.sin(2 * np.pi * (200 + 50 * seed) * t) + 0.1 * rng.standard_normal(t.shape)
     return clip.astype(np.float32), sample_rate
+
+
+def agree_up_to_near_ties(ours, ref, margin: float = 0.25) -> int:
+    """Count outputs whose tokens match HF's, up to the first step where HF's top two logits are within `margin`.
+    ``ref``: [(tokens, [top-1 minus top-2 logit per step])].
+
+    Both sides compute in bf16 with different kernels, so a near-tie may legitimately go either way; a
+    divergence where HF was decisive is a bug.
+    """
+    good = 0
+    for a, (b, margins) in zip(ours, ref):
+        first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        good += first is None and len(a) == len(b) or (first is not None and margins[first] < margin)
+    return good

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import agree_up_to_near_ties as _agree
 
 from loraplex import EngineArgs, LLMEngine, SamplingParams
 from loraplex.lora.request import LoRARequest
@@ -51,19 +52,6 @@ def _run(engine, loras=None):
             if out.finished:
                 done[int(out.request_id)] = out.outputs[0].token_ids
     return [done[i] for i in range(len(PROMPTS))]
-
-
-def _agree(ours, ref, margin: float = 0.25):
-    """Count prompts whose tokens match HF's, up to the first step where HF's top two logits are within `margin`.
-
-    Both sides compute in bf16 with different kernels, so a near-tie may legitimately go either way; a
-    divergence where HF was decisive is a bug.
-    """
-    good = 0
-    for a, (b, margins) in zip(ours, ref):
-        first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
-        good += first is None and len(a) == len(b) or (first is not None and margins[first] < margin)
-    return good
 
 
 @pytest.mark.parametrize("enforce_eager", [True, False])
