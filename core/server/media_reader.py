@@ -14,6 +14,7 @@ import base64
 import binascii
 import os
 import stat
+import threading
 import time
 import urllib.parse
 from dataclasses import dataclass
@@ -91,6 +92,7 @@ class MediaReader:
     def __init__(self, policy: MediaPolicy):
         self.policy = policy
         self._client = None
+        self._lock = threading.Lock()  # the client is made once, by whichever fetch thread comes first
 
     def read(self, ref: MediaRef) -> bytes:
         if ref.url is None:
@@ -102,8 +104,10 @@ class MediaReader:
         return self._fetch(ref)
 
     def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
+        with self._lock:
+            if self._client is not None:
+                self._client.close()
+                self._client = None
 
     # ------------------------------------------------------------------ files
     def _read_file(self, ref: MediaRef) -> bytes:
@@ -155,12 +159,13 @@ class MediaReader:
     def _http(self):
         import httpx
 
-        if self._client is None:
-            # trust_env=False: no proxy, netrc credentials or CA bundle from the environment for URLs a request
-            # chooses; the redirects are followed here, one by one, each checked.
-            self._client = httpx.Client(trust_env=False, follow_redirects=False,
-                                        limits=httpx.Limits(max_connections=32, max_keepalive_connections=8))
-        return self._client
+        with self._lock:
+            if self._client is None:
+                # trust_env=False: no proxy, netrc credentials or CA bundle from the environment for URLs a request
+                # chooses; the redirects are followed here, one by one, each checked.
+                self._client = httpx.Client(trust_env=False, follow_redirects=False,
+                                            limits=httpx.Limits(max_connections=32, max_keepalive_connections=8))
+            return self._client
 
     def _fetch(self, ref: MediaRef) -> bytes:
         import httpx
