@@ -75,13 +75,27 @@ def _params():
     return SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=TOP)
 
 
-@pytest.fixture(scope="module", params=["thread", "process"])
-def llm(granite, request):
-    """Both adapter loaders: the encoder's and projector's weights travel back from a loader process too."""
+@pytest.fixture(scope="module")
+def llm(granite):
     from loraplex import LLM
 
-    return LLM(str(granite), max_model_len=256, max_num_seqs=8, enable_lora=True, max_lora_rank=8, max_loras=4,
-               lora_loader=request.param, num_lora_loader_workers=1)
+    return LLM(str(granite), max_model_len=256, max_num_seqs=8, enable_lora=True, max_lora_rank=8, max_loras=4)
+
+
+def test_process_loader_carries_tower_weights(llm, granite, adapters):
+    """The encoder's and projector's LoRA weights travel back from a loader process as from a loader thread."""
+    from loraplex import LLM
+    from loraplex.lora.request import LoRARequest
+
+    proc = LLM(str(granite), max_model_len=256, max_num_seqs=8, enable_lora=True, max_lora_rank=8,
+               lora_loader="process", num_lora_loader_workers=1)
+    lora = LoRARequest("all", 3, str(adapters["all"]))
+    prompts = [_prompt(t, s) for t, s in PROMPTS]
+    want = llm.generate(prompts, _params(), lora_request=lora)
+    got = proc.generate(prompts, _params(), lora_request=lora)
+    for a, b in zip(got, want):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        assert a.outputs[0].logprobs[0] == b.outputs[0].logprobs[0]
 
 
 def test_audio_and_text_prompts_equal_hf(llm, granite):
