@@ -120,7 +120,7 @@ class MediaServer:
 
 
 IMAGE = random_image(21)
-WAV, WAVE = _audio_bytes("WAV")
+WAV, WAVE = _audio_bytes("WAV", seconds=1.0)
 
 
 @pytest.fixture(scope="module")
@@ -364,14 +364,25 @@ def _image(url: str) -> dict:
 
 
 def test_fetched_image_equals_data_url(server, media_server, other_server, media_dir):
+    """The same image fetched (directly, through a redirect to another port) or read from a file answers as the
+    data: URL does, in text and in each token's logprob; another image moves the logprobs (so they tell)."""
     data_url = "data:image/png;base64," + base64.b64encode(_png(IMAGE)).decode()
-    want = _chat(server, [_image(data_url)]).choices[0].message.content
+    want = _chat(server, [_image(data_url)], logprobs=True).choices[0]
     redirect = f"{media_server.url}/redirect?to=" + urllib.parse.quote(other_server.url + "/img.png", safe="")
     for url in (media_server.url + "/img.png", redirect, f"file://{media_dir}/img.png"):
-        assert _chat(server, [_image(url)]).choices[0].message.content == want, url
+        got = _chat(server, [_image(url)], logprobs=True).choices[0]
+        assert got.message.content == want.message.content, url
+        np.testing.assert_allclose(_token_logprobs(got), _token_logprobs(want), atol=1e-5, err_msg=url)
+    other_url = "data:image/png;base64," + base64.b64encode(_png(random_image(22))).decode()
+    other = _chat(server, [_image(other_url)], logprobs=True).choices[0]
+    assert abs(_token_logprobs(other)[0] - _token_logprobs(want)[0]) > 5e-5
     stream = _chat(server, [_image(media_server.url + "/img.png"), _image(data_url)], stream=True)
     two = _chat(server, [_image(data_url), _image(data_url)]).choices[0].message.content
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == two
+
+
+def _token_logprobs(choice) -> list[float]:
+    return [t.logprob for t in choice.logprobs.content]
 
 
 def _post(srv, body: dict, route: str = "/v1/chat/completions"):
@@ -459,3 +470,101 @@ def test_cli_refuses_a_missing_media_dir(llava, tmp_path):
                           "--allowed-local-media-path", str(tmp_path / "nope")], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 1 and "is not an existing directory" in out.stderr, out.stderr
+
+
+# ---------------------------------------------------------------------------- audio end to end: Granite Speech
+@pytest.fixture(scope="module")
+def granite(tmp_path_factory):
+    pytest.importorskip("torchaudio")
+    from helpers import make_tiny_granite_speech
+
+    return make_tiny_granite_speech(tmp_path_factory.mktemp("media-granite") / "model")
+
+
+GRANITE_KWARGS = dict(max_model_len=256, max_num_seqs=8, limit_mm_per_prompt={"audio": 1})
+
+
+@pytest.fixture(scope="module", params=["process", "thread"])
+def granite_server(request, granite, media_dir):
+    """Both transports: the speech encoder's input features cross the wire to an engine process too."""
+    from loraplex import EngineArgs, LLMEngine
+    from loraplex.server import create_app
+
+    args = EngineArgs(model=str(granite), **GRANITE_KWARGS)
+    engine = args if request.param == "process" else LLMEngine.from_engine_args(args)
+    app = create_app(engine, served_model_name="granite", api_key="", media_policy=_policy(media_dir))
+    with ServerThread(app) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def granite_offline(granite):
+    from loraplex import LLM
+
+    return LLM(str(granite), **GRANITE_KWARGS)
+
+
+def _input_audio(data: bytes, fmt: str) -> dict:
+    return {"type": "input_audio", "input_audio": {"data": base64.b64encode(data).decode(), "format": fmt}}
+
+
+def _granite_chat(srv, parts, **kw):
+    client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
+    return client.chat.completions.create(
+        model="granite", messages=[{"role": "user", "content": [{"type": "text", "text": "what is said?"}] + parts}],
+        max_tokens=8, temperature=0, extra_body={"ignore_eos": True}, **kw)
+
+
+def test_audio_parts_match_offline(granite_server, granite_offline, granite, media_server):
+    """input_audio (WAV) through the openai client, whole and streamed, equals the offline engine on the same
+    rendered prompt and the same decoded samples, in tokens and in each token's logprob up to float noise (prefix
+    caching may reuse the text's KV blocks; the tiny model's tokens barely depend on the audio, its logprobs do,
+    by more than that noise, as the half-loud clip shows); the same clip as FLAC, as a data:
+    audio_url and fetched from a URL answers the same (16-bit WAV and FLAC decode to the same samples)."""
+    from transformers import AutoTokenizer
+
+    from loraplex import SamplingParams
+
+    srv, wav = granite_server, WAV
+    flac, _ = _audio_bytes("FLAC", seconds=1.0)
+    tok = AutoTokenizer.from_pretrained(granite)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "what is said?\n<|audio|>"}], tokenize=False,
+                                     add_generation_prompt=True)
+    want = granite_offline.generate([{"prompt": prompt, "multi_modal_data": {"audio": decode_audio(wav, "x")}}],
+                                    SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=0))[0]
+    want = want.outputs[0]
+    want_logprobs = [lp[t].logprob for lp, t in zip(want.logprobs, want.token_ids)]
+    got = _granite_chat(srv, [_input_audio(wav, "wav")], logprobs=True).choices[0]
+    assert got.message.content == want.text and len(got.logprobs.content) == len(want.token_ids)
+    np.testing.assert_allclose(_token_logprobs(got), want_logprobs, atol=1e-5)
+    stream = _granite_chat(srv, [_input_audio(wav, "wav")], stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == want.text
+    flac_url = "data:audio/flac;base64," + base64.b64encode(flac).decode()
+    for part in (_input_audio(flac, "flac"), {"type": "audio_url", "audio_url": {"url": flac_url}},
+                 {"type": "audio_url", "audio_url": {"url": media_server.url + "/audio.wav"}}):
+        other = _granite_chat(srv, [part], logprobs=True).choices[0]
+        assert other.message.content == want.text, part
+        np.testing.assert_allclose(_token_logprobs(other), want_logprobs, atol=1e-5, err_msg=str(part)[:80])
+    quiet = io.BytesIO()
+    soundfile.write(quiet, WAVE * 0.5, 16000, format="WAV")
+    softer = _granite_chat(srv, [_input_audio(quiet.getvalue(), "wav")], logprobs=True).choices[0]
+    assert abs(_token_logprobs(softer)[0] - want_logprobs[0]) > 5e-5  # the audio reaches the logits
+    mp3, _ = _audio_bytes("MP3", seconds=1.0)
+    assert _granite_chat(srv, [_input_audio(mp3, "mp3")]).choices[0].finish_reason == "length"
+
+
+def test_bad_audio_is_400(granite_server, media_server):
+    srv, wav = granite_server, WAV
+    for parts, message in [
+        ([_input_audio(wav, "wav")] * 2, "At most 1 audio(s) may be provided in one prompt"),
+        ([_input_audio(b"not audio at all", "wav")], "the audio could not be decoded"),
+        ([_input_audio(b"", "wav")], "the audio is empty"),
+        ([_input_audio(_audio_bytes("OGG")[0], "wav")], "audio in OGG is not supported"),
+        ([_input_audio(wav, "aac")], "'aac' is not supported"),
+        ([{"type": "audio_url", "audio_url": {"url": media_server.url + "/img.png"}}], "could not be decoded"),
+        ([{"type": "audio_url", "audio_url": {"url": "http://localhost:1/a.wav"}}], "Input URL domain: localhost"),
+        ([_image("data:image/png;base64,AAAA")], "takes audio only"),
+    ]:
+        r = _post(srv, {"model": "granite", "messages": [{"role": "user", "content": parts}], "max_tokens": 2})
+        _assert_400(r, message)
+    assert _granite_chat(srv, [_input_audio(wav, "wav")]).choices[0].finish_reason == "length"
