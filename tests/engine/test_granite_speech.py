@@ -255,3 +255,54 @@ def test_cuda_granite_speech_equals_hf(granite, adapters, enforce_eager):
                                            adapters["all"]).eval()
     for (n, text, spec), out in zip(jobs, outs):
         _assert_equal(out, _hf_run(peft_model if n else hf, processor, text, spec), (n, text))
+
+
+def _first_logprobs(out):
+    return {t: round(lp.logprob, 4) for t, lp in out.outputs[0].logprobs[0].items()}
+
+
+def test_inplace_reload_of_a_tower_adapter(granite, adapters):
+    """An in-place reload with an audio request in flight: that request finishes on the old version's encoder and
+    projector weights, a new one with the same audio and prompt (the same prefix: the prefix cache must not serve
+    the old version's blocks) runs on the new version's, each equal to a cold run."""
+    from loraplex import EngineArgs, LLMEngine, LLM
+    from loraplex.lora.request import LoRARequest
+
+    v1, v2 = str(adapters["tower1"]), str(adapters["tower2"])
+    prompt = _prompt(*PROMPTS[0])
+    cold = LLM(str(granite), max_model_len=256, enable_lora=True, max_lora_rank=8)
+    want_v1, want_v2 = (cold.generate([prompt], _params(), lora_request=LoRARequest(n, i, p))[0]
+                        for n, i, p in (("x", 1, v1), ("y", 2, v2)))
+    assert _first_logprobs(want_v1) != _first_logprobs(want_v2)
+    engine = LLMEngine.from_engine_args(EngineArgs(model=str(granite), max_model_len=256, enable_lora=True,
+                                                   max_lora_rank=8))
+    engine.add_request("old", prompt, _params(), lora_request=LoRARequest("a", 1, v1))
+    for _ in range(3):
+        engine.step()
+    engine.add_lora(LoRARequest("a", 1, v2, load_inplace=True))
+    engine.add_request("new", prompt, _params(), lora_request=LoRARequest("a", 1, v2))
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    for rid, want in (("old", want_v1), ("new", want_v2)):
+        assert done[rid].outputs[0].token_ids == want.outputs[0].token_ids, rid
+        assert _first_logprobs(done[rid]) == _first_logprobs(want), rid
+
+
+def test_tower_adapters_through_one_slot_and_the_cpu_cache(granite, adapters, llm):
+    """Three adapters (two of the tower, one of all three parts) through max_loras=1 and a CPU cache of 2: they
+    take turns in the slot and are evicted and reloaded; each request equals its run on the roomy engine."""
+    from loraplex import LLM
+    from loraplex.lora.request import LoRARequest
+
+    tight = LLM(str(granite), max_model_len=256, max_num_seqs=8, enable_lora=True, max_lora_rank=8, max_loras=1,
+                max_cpu_loras=2)
+    loras = [LoRARequest(n, i, str(adapters[n])) for n, i in (("tower1", 2), ("tower2", 4), ("all", 3))]
+    jobs = [(PROMPTS[i % 2 * 3], loras[i % 3]) for i in range(6)]
+    got = tight.generate([_prompt(*p) for p, _ in jobs], _params(), lora_request=[lo for _, lo in jobs])
+    want = llm.generate([_prompt(*p) for p, _ in jobs], _params(), lora_request=[lo for _, lo in jobs])
+    for (p, lo), a, b in zip(jobs, got, want):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids, (p, lo.lora_name)
+        assert _first_logprobs(a) == _first_logprobs(b), (p, lo.lora_name)
