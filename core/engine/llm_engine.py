@@ -29,7 +29,7 @@ logger = logging.getLogger("loraplex.engine")
 _PROMPT_KEYS = {"prompt": None, "prompt_token_ids": None,
                 "multi_modal_data": "this model is text-only",
                 "mm_processor_kwargs": "per-request processor arguments are not supported",
-                "cache_salt": "prefix caching is not implemented, so there is nothing to salt"}
+                "cache_salt": "the prefix cache is keyed by adapter version, not by salt"}
 _UNKNOWN_PROMPT_KEY = "a prompt dict takes 'prompt' or 'prompt_token_ids'"
 
 

@@ -58,7 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="context length: prompt + generated tokens (default: the model's max_position_embeddings)")
     s.add_argument("--max-num-seqs", type=int, default=256, help="sequences in one batch")
     s.add_argument("--max-num-batched-tokens", type=int, default=None,
-                   help="tokens in one step (default: max(max_model_len, 2048 on GPU / 512 on CPU, max_num_seqs))")
+                   help="tokens in one step, decodes and prefill chunks (default: max_model_len, capped at 8192 on "
+                   "GPU / 2048 on CPU with chunked prefill; at least 2048 on GPU / 512 on CPU and max_num_seqs)")
+    s.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the KV of cached prompt prefixes, keyed by adapter version (default: on)")
+    s.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True,
+                   help="prefill long prompts over several steps beside running decodes (default: on)")
     s.add_argument("--max-logprobs", type=int, default=20, help="largest logprobs / top_logprobs a request may ask")
     s.add_argument("--block-size", type=int, default=16, help="KV cache block size: 8, 16, 32, 64 or 128")
     s.add_argument("--gpu-memory-utilization", type=float, default=0.9,
@@ -226,6 +231,7 @@ def serve(args) -> int:
             model=model, tokenizer=args.tokenizer, served_model_name=served[0] if served else None, dtype=args.dtype,
             device=args.device, seed=args.seed, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
+            enable_prefix_caching=args.enable_prefix_caching, enable_chunked_prefill=args.enable_chunked_prefill,
             gpu_memory_utilization=args.gpu_memory_utilization, cpu_kv_cache_space=args.cpu_kv_cache_space,
             enforce_eager=args.enforce_eager, load_format=args.load_format, async_scheduling=args.async_scheduling,
             max_logprobs=args.max_logprobs, trust_remote_code=args.trust_remote_code,

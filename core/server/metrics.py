@@ -40,6 +40,28 @@ class _EngineCollector:
         yield misses
         yield SummaryMetricFamily("loraplex_lora_load_seconds", "Time spent loading adapters from storage.",
                                   count_value=lora.get("num_loads", 0), sum_value=lora.get("load_seconds", 0.0))
+        yield from self._prefix_cache(state.get("engine_stats", {}))
+
+    def _prefix_cache(self, stats: dict):
+        """Prefix cache lookups in tokens: vLLM's two counters (label model_name, the base model), and ours by
+        the model a request named (the base or an adapter)."""
+        info = getattr(self.aengine, "info", None) or {}
+        base = info.get("served_model_name") or info.get("model") or ""
+        for name, doc, key in (("vllm:prefix_cache_queries", "Prefix cache queries, in tokens.",
+                                "num_prefix_cache_queries"),
+                               ("vllm:prefix_cache_hits", "Prefix cache hits, in tokens.", "num_prefix_cache_hits")):
+            family = CounterMetricFamily(name, doc, labels=["model_name"])
+            family.add_metric([base], stats.get(key, 0))
+            yield family
+        by_model = stats.get("prefix_cache_by_model", {})
+        for i, (name, doc) in enumerate((("loraplex_prefix_cache_queries", "Prompt tokens looked up in the prefix "
+                                          "cache, by model (base or adapter)."),
+                                         ("loraplex_prefix_cache_hits", "Prompt tokens found in the prefix cache, by "
+                                          "model (base or adapter)."))):
+            family = CounterMetricFamily(name, doc, labels=["model"])
+            for model, counts in by_model.items():
+                family.add_metric([model or base], counts[i])
+            yield family
 
 
 class ServerMetrics:
