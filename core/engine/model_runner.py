@@ -262,25 +262,27 @@ class ModelRunner:
         Returns None, or ([(seq row, num positions)], (chosen, ranks, top_ids, top_lps)) as device tensors.
         A prefill is launched only once the step before it is read back, so a request's slot, still empty
         here, is filled by this step (by one of its rows, when its n sequences are prefilled together). A chunked
-        prefill adds its chunk's positions when the chunk starts where the slot's computed positions end."""
-        rows, k, claimed, targets = [], 0, set(), []
+        prefill adds the positions of its chunk from where the slot's computed ones end (a sequence prefilled
+        anew after preemption may cut its chunks elsewhere)."""
+        rows, k, claimed, targets, index = [], 0, set(), [], []
         for i, seq in enumerate(seqs):
             slot = seq.prompt_logprobs
             if slot is None or slot.value is not None or id(slot) in claimed or ahead:
                 continue
-            start = seq.num_computed_tokens
-            count = min(start + num_new[i], seq.num_prompt_tokens - 1) - start
-            if start != slot.num_computed or count <= 0:
+            start, done = seq.num_computed_tokens, slot.num_computed
+            end = min(start + num_new[i], seq.num_prompt_tokens - 1)
+            if not start <= done < end:
                 continue
             claimed.add(id(slot))
-            rows.append((i, count))
-            targets.extend(seq.prompt_token_ids[start + 1:start + 1 + count])
+            rows.append((i, end - done))
+            targets.extend(seq.prompt_token_ids[done + 1:end + 1])
+            # Hidden state at prompt position p predicts prompt token p + 1.
+            index.append(torch.arange(qsl[i] + done - start, qsl[i] + end - start, dtype=torch.int64))
             k = max(k, slot.num_logprobs)
         if not rows:
             return None
         dev = self.device
-        # Hidden state at prompt position p predicts prompt token p + 1.
-        index = torch.cat([torch.arange(qsl[i], qsl[i] + n, dtype=torch.int64) for i, n in rows])
+        index = torch.cat(index)
         targets = torch.tensor(targets, dtype=torch.int64)
         index, targets = index.to(dev, non_blocking=True), targets.to(dev, non_blocking=True)
         parts = []

@@ -201,3 +201,32 @@ def test_gpu_chunked_equals_unchunked(long_model, loras, enforce_eager):
     assert {r: o.outputs[0].token_ids for r, o in got.items()} == {r: o.outputs[0].token_ids for r, o in want.items()}
     del got, want
     torch.cuda.empty_cache()
+
+
+def test_prompt_logprobs_survive_preemption_mid_prefill(tiny_llama):
+    """A prompt-logprobs request preempted between its chunks is prefilled anew and still gets every position's
+    logprobs, equal to a roomy unchunked engine's; the decodes around it are unchanged too."""
+    def run(**kw):
+        engine = LLMEngine.from_engine_args(EngineArgs(model=str(tiny_llama), max_model_len=128, block_size=8,
+                                                       max_num_seqs=4, **kw))
+        streams = SamplingParams(temperature=0, max_tokens=56, ignore_eos=True)
+        for i in range(2):
+            engine.add_request(f"s{i}", _prompt(40, 60 + i), streams)
+        done, step = {}, 0
+        while engine.has_unfinished_requests() or step < 4:
+            if step == 3:
+                engine.add_request("x", _prompt(60, 62), SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=2))
+                engine.test_x = engine.requests["x"][0]
+            for out in engine.step():
+                if out.finished:
+                    done[out.request_id] = out
+            step += 1
+        return done, engine
+
+    want, _ = run(enable_chunked_prefill=False, enable_prefix_caching=False)
+    got, engine = run(num_gpu_blocks_override=17, max_num_batched_tokens=16)
+    assert engine.test_x.num_preemptions > 1  # preempted between chunks, prefilled anew in other chunks
+    assert {r: o.outputs[0].token_ids for r, o in got.items()} == {r: o.outputs[0].token_ids for r, o in want.items()}
+    assert len(got["x"].prompt_logprobs) == 60
+    for a, b in zip(got["x"].prompt_logprobs[1:], want["x"].prompt_logprobs[1:], strict=True):
+        assert a.keys() == b.keys() and all(a[t].logprob == pytest.approx(b[t].logprob, abs=1e-4) for t in a)
