@@ -63,7 +63,8 @@ def run_processor(processor, text: str, images=None, audios=None) -> tuple[list[
     if audios:
         kwargs["audio"] = [_audio_for(processor, a, f"audio {i}") for i, a in enumerate(audios)]
     try:
-        out = processor(text=text, return_tensors="pt", **kwargs)
+        # One prompt: nothing to pad (and a tokenizer without a pad token would refuse Granite's padding=True).
+        out = processor(text=text, return_tensors="pt", padding=False, **kwargs)
     except InvalidRequestError:
         raise
     except Exception as e:
