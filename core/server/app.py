@@ -163,7 +163,7 @@ def create_app(engine_or_args, *, served_model_name: str | list[str] | None = No
                            else envs.allowed_lora_paths(), lora_resolution=lora_resolution)
     limits = limits or RequestLimits()
     aengine.max_step_seconds = limits.max_step_seconds
-    state = ServerState(aengine, models, ServerMetrics(aengine),
+    state = ServerState(aengine, models, ServerMetrics(aengine, names[0]),
                         max_request_body_bytes or envs.max_request_body_bytes()
                         or limits.body_bytes(aengine.max_model_len, DEFAULT_MAX_BODY_BYTES),
                         aengine.info["max_logprobs"], limits,

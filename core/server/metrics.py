@@ -17,8 +17,9 @@ _E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.
 
 
 class _EngineCollector:
-    def __init__(self, aengine):
+    def __init__(self, aengine, model_name: str | None = None):
         self.aengine = aengine
+        self.model_name = model_name  # the base model's served name
 
     def collect(self):
         state = self.aengine.state
@@ -46,7 +47,7 @@ class _EngineCollector:
         """Prefix cache lookups in tokens: vLLM's two counters (label model_name, the base model), and ours by
         the model a request named (the base or an adapter)."""
         info = getattr(self.aengine, "info", None) or {}
-        base = info.get("served_model_name") or info.get("model") or ""
+        base = self.model_name or info.get("served_model_name") or info.get("model") or ""
         for name, doc, key in (("vllm:prefix_cache_queries", "Prefix cache queries, in tokens.",
                                 "num_prefix_cache_queries"),
                                ("vllm:prefix_cache_hits", "Prefix cache hits, in tokens.", "num_prefix_cache_hits")):
@@ -69,7 +70,8 @@ class ServerMetrics:
     prometheus_client's shared files and a scrape adds up every process's; the engine's gauges come from this
     process's snapshot, the same in each."""
 
-    def __init__(self, aengine):
+    def __init__(self, aengine, model_name: str | None = None):
+        """``model_name``: the base model's served name (label of the engine's per-model counters)."""
         from loraplex import envs
 
         self.registry = CollectorRegistry()
@@ -88,7 +90,7 @@ class ServerMetrics:
                               ["model"], buckets=_TTFT_BUCKETS, registry=r)
         self.e2e = Histogram("loraplex_e2e_request_latency_seconds", "Request latency, arrival to last token.",
                              ["model"], buckets=_E2E_BUCKETS, registry=r)
-        self.registry.register(_EngineCollector(aengine))
+        self.registry.register(_EngineCollector(aengine, model_name))
 
     def count(self, model: str | None, status: int) -> None:
         self.requests.labels(model or UNKNOWN_MODEL, str(status)).inc()
