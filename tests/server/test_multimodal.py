@@ -122,3 +122,48 @@ def test_bad_images_are_400(server, content, message):
     ok = httpx.post(server.url + "/v1/chat/completions", timeout=30, json={
         "model": "llava", "messages": _messages("hi", [random_image(1)]), "max_tokens": 2})
     assert ok.status_code == 200, ok.text
+
+
+def test_documented_granite_speech_serve_command(tmp_path_factory, tmp_path):
+    """The documentation's command, ``serve <granite speech> --enable-lora --default-mm-loras '{"audio": <model>}'
+    --max-lora-rank 64``, as a real process: an input_audio request through the openai client runs with the
+    checkpoint's audio LoRA (its output equals the offline engine with default_mm_loras), a text-only one on the
+    base model."""
+    import json
+
+    import openai
+    import soundfile
+    from helpers import make_tiny_granite_speech, random_audio
+    from server_helpers import CLIServer
+
+    from loraplex import LLM, SamplingParams
+
+    model = make_tiny_granite_speech(tmp_path_factory.mktemp("serve-granite") / "model",
+                                     lora_targets=r".*language_model\.layers\.\d+\.self_attn\.(q_proj|v_proj)")
+    clip, rate = random_audio(3)
+    wav = io.BytesIO()
+    soundfile.write(wav, clip, rate, format="WAV", subtype="FLOAT")
+    audio_part = {"type": "input_audio", "input_audio": {"data": base64.b64encode(wav.getvalue()).decode(),
+                                                         "format": "wav"}}
+    offline = LLM(str(model), enable_lora=True, max_lora_rank=64, default_mm_loras={"audio": str(model)},
+                  max_model_len=256)
+    tok = offline.get_tokenizer()
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=1)
+    with CLIServer(str(model), "--enable-lora", "--default-mm-loras", json.dumps({"audio": str(model)}),
+                   "--max-lora-rank", "64", "--max-model-len", "256", "--served-model-name", "granite",
+                   log=tmp_path / "serve.log") as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
+        for parts, audio in (([{"type": "text", "text": "what is said?"}, audio_part], True),
+                             ([{"type": "text", "text": "no audio"}], False)):
+            got = client.chat.completions.create(model="granite", messages=[{"role": "user", "content": parts}],
+                                                 max_tokens=6, temperature=0, logprobs=True,
+                                                 extra_body={"ignore_eos": True}).choices[0]
+            text = "\n".join(("<|audio|>" if p["type"] == "input_audio" else p["text"]) for p in parts)
+            prompt = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True)
+            want = offline.generate([{"prompt": prompt, "multi_modal_data": {"audio": (clip, rate)}} if audio
+                                     else prompt], params)[0]
+            assert (want.lora_request is not None) == audio
+            assert got.message.content == want.outputs[0].text, audio
+            for lp, (_, ref) in zip(got.logprobs.content, [next(iter(d.items())) for d in want.outputs[0].logprobs]):
+                assert abs(lp.logprob - ref.logprob) < 1e-4, audio
