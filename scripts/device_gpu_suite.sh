@@ -6,6 +6,11 @@ if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 fi
 source scripts/device_site.sh
+# torchaudio (Granite Speech's feature extractor) comes as a wheel without its deps; its optional C extension is
+# dropped where it does not load against the image's torch (scripts/setup.sh does the same).
+if ! python3 -c "import torchaudio" 2>/dev/null && [ -d /tmp/site/torchaudio ]; then
+  rm -f /tmp/site/torchaudio/lib/*.so
+fi
 logs=${OUT:-/tmp}
 nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv
 python3 -c "import torch, triton, transformers, peft; print('torch', torch.__version__, 'triton', triton.__version__, \
