@@ -17,6 +17,7 @@ import logging
 import time
 
 from loraplex.engine.output_processor import OutputProcessor
+from loraplex.engine.stats_logger import ITL_BUCKETS, StepHistogram
 from loraplex.engine.wire import error_to_wire
 from loraplex.errors import EngineStepError, LoRAAlreadyLoadedError, LoRADisabledError, LoRANotFoundError
 from loraplex.lora.request import LoRARequest
@@ -35,6 +36,10 @@ def core_params(params: SamplingParams) -> SamplingParams:
                                output_kind=RequestOutputKind.DELTA)
 
 
+def _adapter_names(seqs) -> list[str]:
+    return sorted({s.lora_request.lora_name for s in seqs if s.lora_request is not None})
+
+
 class ServingCore:
     def __init__(self, engine):
         self.engine = engine
@@ -43,6 +48,10 @@ class ServingCore:
         self._adapters_epoch = None
         self.num_step_failures = 0
         self.on_registry_change = None  # called when a load registers a name, before its future completes
+        # vLLM's inter-token latency, timed here where the steps run: per sample, each step's new tokens since its
+        # previous ones (request id -> sample index -> monotonic time of its last tokens).
+        self.itl = StepHistogram(ITL_BUCKETS)
+        self._last_token_at: dict[str, dict[int, float]] = {}
         mgr = engine.lora_manager
         if mgr is not None:
             mgr.on_registry_change = self._registry_changed
@@ -61,7 +70,7 @@ class ServingCore:
                 "device": str(e.device), "modalities": list(e.model_config.modalities),
                 "image_placeholder": getattr(e.processor, "image_token", None) if e.processor is not None else None,
                 "audio_placeholder": getattr(e.processor, "audio_token", None) if e.processor is not None else None,
-                "limit_mm_per_prompt": dict(e.args.limit_mm_per_prompt or {})}
+                "limit_mm_per_prompt": dict(e.args.limit_mm_per_prompt or {}), "max_loras": e.args.max_loras}
 
     def has_work(self) -> bool:
         return self.engine.has_unfinished_requests() or self.engine.has_pending_loras()
@@ -92,6 +101,8 @@ class ServingCore:
 
     def abort(self, request_ids: list[str]) -> None:
         self.engine.abort_request(list(request_ids))
+        for rid in request_ids:
+            self._last_token_at.pop(rid, None)
 
     def stop_samples(self, samples: list) -> None:
         """``[(request_id, index), ...]``: samples whose text hit a stop string in the front end."""
@@ -105,6 +116,7 @@ class ServingCore:
         except Exception as e:
             return self._step_failed(e)
         self.num_step_failures = 0
+        self._time_tokens(outputs)
         records = []
         for out in outputs:
             samples = [[o.index, o.token_ids, o.logprobs, o.finish_reason, o.stop_reason] for o in out.outputs]
@@ -112,6 +124,18 @@ class ServingCore:
             records.append([out.request_id, out.finished, samples, out.prompt_logprobs,
                             out.metrics.get("first_token_time"), error])
         return records
+
+    def _time_tokens(self, outputs: list) -> None:
+        now = time.monotonic()
+        for out in outputs:
+            last = self._last_token_at.setdefault(out.request_id, {})
+            for o in out.outputs:
+                if o.token_ids:
+                    if o.index in last:
+                        self.itl.observe(now - last[o.index])
+                    last[o.index] = now
+            if out.finished:
+                del self._last_token_at[out.request_id]
 
     def _step_failed(self, error: Exception) -> list[list]:
         """Retry; only when steps keep failing do the requests in flight end, with a 500."""
@@ -169,9 +193,15 @@ class ServingCore:
     def state(self, force_adapters: bool = False) -> dict:
         """Queue lengths, adapter counters and, when they changed (or when forced), the loaded adapters."""
         engine, mgr = self.engine, self.engine.lora_manager
+        scheduler, bm = engine.scheduler, engine.scheduler.block_manager
         state = {
-            "num_running": engine.scheduler.num_running,
-            "num_waiting": engine.scheduler.num_waiting,
+            "num_running": scheduler.num_running,
+            "num_waiting": scheduler.num_waiting,
+            "kv_cache_usage": 1.0 - bm.num_free_blocks / max(bm.num_usable_blocks, 1),
+            # vLLM's vllm:lora_requests_info labels: the adapters of the sequences running and waiting now.
+            "running_lora_adapters": _adapter_names(scheduler.running),
+            "waiting_lora_adapters": _adapter_names(scheduler.waiting),
+            "itl": self.itl.snapshot(),
             "num_gpu_loras": mgr.num_gpu_loras if mgr is not None else 0,
             "num_cpu_loras": mgr.num_cpu_loras if mgr is not None else 0,
             "num_loras": len(mgr.adapters) if mgr is not None else 0,

@@ -1,6 +1,7 @@
 """StatsLogger: vLLM's periodic stats line, on when ``disable_log_stats=False``."""
 from __future__ import annotations
 
+import bisect
 import logging
 import time
 
@@ -34,3 +35,25 @@ class StatsLogger:
                     self.engine.scheduler.num_running, self.engine.scheduler.num_waiting, 100 * usage,
                     100 * hits / queries if queries else 0.0)
         self._last_time, self._last = now, dict(stats)
+
+
+# vLLM's buckets for vllm:inter_token_latency_seconds (the server's /metrics), in seconds.
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
+               80.0)
+
+
+class StepHistogram:
+    """A histogram kept on the engine side, where each step's timing is seen, and published whole in the serving
+    state (per-bucket counts, the last one past every bound, and the sum): the server's /metrics renders it."""
+
+    def __init__(self, buckets: tuple[float, ...]):
+        self.buckets = buckets
+        self.counts = [0] * (len(buckets) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.buckets, value)] += 1
+        self.sum += value
+
+    def snapshot(self) -> list:
+        return [list(self.counts), self.sum]

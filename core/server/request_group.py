@@ -40,6 +40,8 @@ class RequestGroup:
         self.num_seqs = 1  # sequences of the group (prompts x n), set by the server: they scale the bound
         self._undelivered = 0  # generated tokens waiting in the queue, in unfinished outputs
         self._overflowed = False
+        self.finish_reasons: list[str] = []  # one per sequence that finished, as its output reported it (metrics)
+        self.is_counted = False  # its sequences counted in vllm:request_success
 
     @property
     def max_undelivered(self) -> int:
@@ -49,6 +51,8 @@ class RequestGroup:
         if self._overflowed:
             return  # aborted for a client that stopped reading: nothing more is kept for it
         if item is not None and not isinstance(item, BaseException):
+            # DELTA outputs report a finished sample once, FINAL_ONLY ones only at the end: each counted once.
+            self.finish_reasons += [o.finish_reason for o in item.outputs if o.finish_reason is not None]
             if self.first_token_at is None:
                 first = (getattr(item, "metrics", None) or {}).get("first_token_time")
                 if first is not None:  # the engine's clock: FINAL_ONLY outputs show no tokens before the end

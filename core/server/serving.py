@@ -80,18 +80,28 @@ async def generate(request, req: GenerateRequest, kind: str, state):
     choices = Choices(kind, req.model or state.models.base_name, group.ids, req.params.n, req.logprobs,
                       req.top_logprobs, echo if req.echo else None, req.echo_only)
     if req.stream:
-        return EventStream(_stream(group, choices, req, model_label, state), on_close=group.abort)
+        return EventStream(_stream(group, choices, req, model_label, state), on_close=lambda: _close(group, state))
     # The body is read: the next receive() returns only when the client disconnects.
     watcher = asyncio.create_task(_wait_disconnect(request.receive))
     watcher.add_done_callback(lambda _: group.abort())
     try:
         outputs = await group.collect()
+    except BaseException:
+        _close(group, state)
+        raise
     finally:
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
     state.metrics.observe(model_label, group, usage(outputs))
     return choices.response(outputs)
+
+
+def _close(group, state) -> None:
+    """However a request ends: what still runs is aborted and counted as aborted (a no-op once answered)."""
+    if not group.done:
+        state.metrics.observe_aborted(group)
+    group.abort()
 
 
 async def _stream(group, choices: Choices, req: GenerateRequest, model_label: str, state):
