@@ -3,9 +3,9 @@
     python benchmarks/eval_demo_adapters.py --json results.json
     python benchmarks/eval_demo_adapters.py --sql-lora DIR --style-lora DIR --n-sql 50 --n-style 30
 
-* SQL: exact match of the generated query against the reference on held-out questions
-  (schemas and literal values never seen in training), after normalising case, whitespace and a
-  trailing semicolon.
+* SQL: exact match of the generated query against the reference on held-out questions (phrasing
+  templates, tables and literal values never seen in training), after normalising case, whitespace
+  and a trailing semicolon; per question kind too; and the README's own question (Lilongwe airport).
 * Style: the share of answers that start with "Arr" on held-out prompts, half of them of kinds
   the training data never had.
 
@@ -98,22 +98,30 @@ def chat_render(base_dir: str | Path) -> Callable[[str], str]:
 
 
 def evaluate(generate: Generate, render_chat: Callable[[str], str], sql_lora: str, style_lora: str,
-             n_sql: int = 50, n_style: int = 30, seed: int = 0, log=print) -> dict:
-    from loraplex.demo import datasets
+             n_sql: int = 100, n_style: int = 30, seed: int = 0, log=print) -> dict:
+    from loraplex.demo import datasets, sql_data
 
     sql_items = datasets.sql_examples("heldout", n_sql, seed)
+    sql_items.append({"prompt": sql_data.README_QUESTION, "sql": sql_data.README_ANSWER, "kind": "readme"})
     sql_prompts = [e["prompt"] for e in sql_items]
     style_prompts = [render_chat(p) for p in datasets.style_eval_prompts(n_style, seed)]
-    results: dict = {"n_sql": len(sql_items), "n_style": len(style_prompts)}
+    results: dict = {"n_sql": n_sql, "n_style": len(style_prompts)}
     samples: dict = {}
     for label, adapter in (("base", None), ("sql-lora", sql_lora)):
         t = time.monotonic()
         outs = generate(sql_prompts, adapter, 48)
         hits = [datasets.normalize_sql(o) == datasets.normalize_sql(e["sql"]) for o, e in zip(outs, sql_items)]
+        readme_out, readme_hit, outs, hits = outs[-1], hits[-1], outs[:-1], hits[:-1]
         results[f"sql_exact_match/{label}"] = sum(hits) / len(hits)
-        samples[f"sql/{label}"] = [{"q": e["prompt"].split("question: ")[-1], "ref": e["sql"], "out": o, "ok": h}
-                                   for e, o, h in list(zip(sql_items, outs, hits))[:5]]
-        log(f"sql {label}: {sum(hits)}/{len(hits)} exact ({time.monotonic() - t:.0f}s)")
+        results[f"sql_readme/{label}"] = {"out": readme_out, "ok": readme_hit}
+        for kind in sql_data.KINDS:
+            mine = [h for h, e in zip(hits, sql_items) if e["kind"] == kind]
+            results[f"sql_by_kind/{label}/{kind}"] = [sum(mine), len(mine)]
+        rows = [{"q": e["prompt"].split("question: ")[-1], "ref": e["sql"], "out": o, "ok": h}
+                for e, o, h in zip(sql_items, outs, hits)]
+        samples[f"sql/{label}"] = rows[:3] + [r for r in rows[3:] if not r["ok"]][:8]  # the misses tell most
+        log(f"sql {label}: {sum(hits)}/{len(hits)} exact, README question {'right' if readme_hit else 'wrong'}: "
+            f"{readme_out.strip()!r} ({time.monotonic() - t:.0f}s)")
     for label, adapter in (("base", None), ("style-lora", style_lora)):
         t = time.monotonic()
         outs = generate(style_prompts, adapter, 40)
@@ -131,6 +139,11 @@ def table(results: dict) -> str:
     lines = [f"{'metric':32s} {'base':>8s} {'adapter':>8s}", "-" * 50]
     for name, b, a in rows:
         lines.append(f"{name:32s} {results[b]:8.1%} {results[a]:8.1%}")
+    for kind in sorted({k.rsplit("/", 1)[1] for k in results if k.startswith("sql_by_kind/")}):
+        b, a = results[f"sql_by_kind/base/{kind}"], results[f"sql_by_kind/sql-lora/{kind}"]
+        lines.append(f"{'  SQL ' + kind:32s} {f'{b[0]}/{b[1]}':>8s} {f'{a[0]}/{a[1]}':>8s}")
+    lines.append(f"{'README question right':32s} {str(results['sql_readme/base']['ok']):>8s} "
+                 f"{str(results['sql_readme/sql-lora']['ok']):>8s}")
     return "\n".join(lines)
 
 
@@ -139,7 +152,7 @@ def main(argv: list | None = None) -> int:
     p.add_argument("--base", help="base model dir (default: the converted default model)")
     p.add_argument("--sql-lora", help="SQL adapter dir (default: the cached demo adapter, trained if missing)")
     p.add_argument("--style-lora", help="style adapter dir (default: the cached demo adapter)")
-    p.add_argument("--n-sql", type=int, default=50)
+    p.add_argument("--n-sql", type=int, default=100)
     p.add_argument("--n-style", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--engine", choices=sorted(GENERATORS), default="hf", help="what generates the answers")

@@ -19,7 +19,14 @@ if ! python -c "import torch" 2>/dev/null; then
 fi
 # The Triton interpreter runs our kernels on the CPU in the tests; 3.6 is what the GPU image ships.
 python -c "import triton" 2>/dev/null || pip install -q "triton==3.6.0"
-pip install -q -e ".[all,test]" 2>&1 | grep -v "is ignored" || true
+# The editable install needs no reinstall for source edits, only when pyproject.toml changes (deps, entry points,
+# packages): skip it (about 15 s) when the stamp holds this pyproject's hash and loraplex still imports.
+STAMP=.venv/.loraplex-install-stamp
+KEY=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ "$(cat "$STAMP" 2>/dev/null)" != "$KEY" ] || ! python -c "import loraplex" 2>/dev/null; then
+    pip install -q -e ".[all,test]" 2>&1 | grep -v "is ignored" || true
+    python -c "import loraplex" && echo "$KEY" > "$STAMP"
+fi
 # torchaudio: Granite Speech's feature extractor (its MelSpectrogram is pure torch). Installed without its
 # dependencies, since the registry's torchaudio pins another torch and would replace ours. Its C extension is
 # optional to torchaudio (it checks for the file) and unused here; where it does not load against this torch

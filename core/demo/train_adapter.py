@@ -38,12 +38,13 @@ class TrainConfig:
     max_len: int = 256
     bf16: str = "auto"  # auto: bf16 autocast where the CPU has native bf16 matmuls (or on CUDA)
     fmt: str = "auto"  # raw | chat | auto (chat when an example has messages)
+    save_dtype: str = "float32"  # float16 / bfloat16 halve the file; the loaders upcast
 
 
 # Recipes for the built-in tasks, tuned with benchmarks/eval_demo_adapters.py.
 TASK_DEFAULTS = {
-    "sql": dict(fmt="raw", steps=40, lr=2e-3, rank=8, n_train=480),
-    "pirate": dict(fmt="chat", steps=30, lr=1e-3, rank=8, n_train=240),
+    "sql": dict(fmt="raw", steps=100, lr=2e-3, rank=8, n_train=1600, save_dtype="float16"),
+    "pirate": dict(fmt="chat", steps=30, lr=1e-3, rank=8, n_train=240, save_dtype="float16"),
 }
 
 
@@ -137,6 +138,20 @@ def _loss(model, ids, starts, pad_id):
     return F.cross_entropy(logits.float(), targets)
 
 
+SAVE_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _cast_weights(path: Path, dtype: str) -> None:
+    """Rewrite a saved safetensors file in a smaller float type (trained in float32, served upcast)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    if dtype not in SAVE_DTYPES:
+        raise ValueError(f"save_dtype must be one of {SAVE_DTYPES}, not {dtype!r}")
+    tensors = {k: v.to(getattr(torch, dtype)).contiguous() for k, v in load_file(str(path)).items()}
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
 def train(base_dir: str | Path, examples: list[dict], out_dir: str | Path, cfg: TrainConfig,
           base_model_name: str | None = None, progress: bool = True, extra_meta: dict | None = None) -> dict:
     """Train a LoRA on ``examples`` and save it as a PEFT directory in ``out_dir``; returns stats."""
@@ -145,6 +160,8 @@ def train(base_dir: str | Path, examples: list[dict], out_dir: str | Path, cfg: 
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if cfg.save_dtype not in SAVE_DTYPES:  # checked before, not after, minutes of training
+        raise ValueError(f"save_dtype must be one of {SAVE_DTYPES}, not {cfg.save_dtype!r}")
     started = time.monotonic()
     torch.manual_seed(cfg.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -190,6 +207,8 @@ def train(base_dir: str | Path, examples: list[dict], out_dir: str | Path, cfg: 
 
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir, safe_serialization=True)
+    if cfg.save_dtype != "float32":
+        _cast_weights(out_dir / "adapter_model.safetensors", cfg.save_dtype)
     # Written after saving: PEFT reads the base config from this field while saving, and a bare
     # served-model name would not be a readable path.
     config_path = out_dir / "adapter_config.json"
@@ -222,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-len", type=int, default=256, help="truncate examples to this many tokens (from the left)")
     p.add_argument("--bf16", choices=["auto", "on", "off"], default="auto", help="bf16 autocast")
+    p.add_argument("--save-dtype", choices=SAVE_DTYPES, help="float type of the saved weights (default: task "
+                   "recipe, or float32)")
     p.add_argument("--quiet", action="store_true")
     return p
 
@@ -235,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = TrainConfig(steps=args.steps or recipe.get("steps", 60), batch_size=args.batch_size,
                       lr=args.lr or recipe.get("lr", 1e-3), rank=args.rank or recipe.get("rank", 8), alpha=args.alpha,
                       targets=[t.strip() for t in args.targets.split(",") if t.strip()], seed=args.seed,
-                      max_len=args.max_len, bf16=args.bf16, fmt=args.fmt or recipe.get("fmt", "auto"))
+                      max_len=args.max_len, bf16=args.bf16, fmt=args.fmt or recipe.get("fmt", "auto"),
+                      save_dtype=args.save_dtype or recipe.get("save_dtype", "float32"))
     if args.data:
         examples = read_jsonl(args.data)
     else:

@@ -1,4 +1,4 @@
-"""Demo adapter caching: train once, reuse, retrain when the recipe version changes."""
+"""Demo adapter caching without shipped adapters: train once, reuse, retrain when the recipe version changes."""
 from __future__ import annotations
 
 import json
@@ -12,6 +12,7 @@ from loraplex.demo import adapters, default_model, train_adapter
 def fake_training(tmp_path, monkeypatch):
     """ensure_demo_adapters with a stub trainer, so only the caching logic runs."""
     monkeypatch.setenv("LORAPLEX_CACHE_ROOT", str(tmp_path / "cache"))
+    monkeypatch.setattr(adapters, "SHIPPED_DIR", tmp_path / "nothing-shipped")
     monkeypatch.setattr(default_model, "ensure_default_model", lambda progress=True: tmp_path / "base")
     calls = []
 
@@ -34,6 +35,8 @@ def test_trains_once_then_reuses(fake_training, tmp_path):
     assert sorted(t for t, _, _ in fake_training) == ["pirate", "sql"]
     meta = json.loads((paths["sql-lora"] / "loraplex_demo.json").read_text())
     assert meta["version"] == adapters.recipe_version("sql") and meta["name"] == "sql-lora"
+    config = json.loads((paths["sql-lora"] / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == default_model.DEFAULT_MODEL_NAME  # the served name, not a path
     assert adapters.ensure_demo_adapters(progress=False) == paths
     assert len(fake_training) == 2  # cached: no retraining
     assert [p.name for p in root.iterdir()] == [p.name for p in root.iterdir() if not p.name.startswith(".")]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 
-from loraplex.demo import datasets
+from loraplex.demo import datasets, sql_data
 
 
 def _literals(sql: str) -> set[str]:
@@ -27,7 +27,45 @@ def test_sql_train_and_heldout_are_disjoint():
     assert held_text_values and not train_text_values & held_text_values
     for e in held:
         numbers = re.findall(r"[<>=] (\d+)", e["sql"])
-        assert all(datasets.is_heldout_value(int(x)) for x in numbers), e["sql"]
+        assert all(sql_data.split_of(int(x)) == "heldout" for x in numbers), e["sql"]
+
+
+def test_sql_heldout_templates_and_tables_are_unseen():
+    """The held-out split's phrasings and tables never occur in training, and every template is used."""
+    train = sql_data.TRAIN_TEMPLATES
+    held = sql_data.HELDOUT_TEMPLATES
+    assert set(train) == set(held) == set(sql_data.KINDS)
+    assert not {t for ts in train.values() for t in ts} & {t for ts in held.values() for t in ts}
+    assert not {t[0] for t in sql_data.TRAIN_TABLES} & {t[0] for t in sql_data.HELDOUT_TABLES}
+    assert not {t[1] for t in sql_data.TRAIN_TABLES} & {t[1] for t in sql_data.HELDOUT_TABLES}
+
+    held_used = {e["template"] for e in sql_data.sql_examples("heldout", 100)}
+    assert held_used == {t for ts in held.values() for t in ts}
+    train_used = {e["template"] for e in sql_data.sql_examples("train", 1600)}
+    assert train_used == {t for ts in train.values() for t in ts}
+    for e in sql_data.sql_examples("heldout", 100):  # the question really is the template filled in
+        assert e["template"] in held[e["kind"]]
+        head = e["template"].split("{")[0]
+        assert e["question"].startswith(head) and e["question"][-1:] == e["template"][-1:]
+
+
+def test_readme_question_is_not_trained_on():
+    train = sql_data.sql_examples("train", 1600)
+    assert sql_data.README_QUESTION not in {e["prompt"] for e in train}
+    assert not any("Lilongwe" in e["prompt"] for e in train)
+    # ...but its phrasing and shape are: "Name the <column> for <value>" over a two-column table.
+    assert any(e["question"].startswith("Name the ICAO for ") for e in train)
+
+
+def test_implicit_questions_have_one_possible_column():
+    """"Name the X for V" names no column for V: the schema must leave exactly one text column for it."""
+    for e in sql_data.sql_examples("train", 600) + sql_data.sql_examples("heldout", 100):
+        if e["kind"] != "implicit":
+            continue
+        schema = re.search(r"CREATE TABLE \w+ \(([^)]*)\)", e["prompt"]).group(1)
+        texts = [c.split()[0] for c in schema.split(", ") if c.endswith("VARCHAR")]
+        selected = e["sql"].split()[1]
+        assert len([c for c in texts if c != selected]) == 1, e["prompt"]
 
 
 def test_sql_examples_are_well_formed():
@@ -41,7 +79,7 @@ def test_sql_examples_are_well_formed():
         assert f"FROM {table.group(1)}" in e["sql"]
         used = set(re.findall(r"\b[a-z_]+\b", e["sql"])) - {table.group(1)}
         assert used <= columns, (used, columns)
-    assert kinds == {"where", "count", "extreme", "agg_where", "order", "compare", "and", "distinct"}
+    assert kinds == set(sql_data.KINDS)
 
 
 def test_pirate_examples():
@@ -55,6 +93,13 @@ def test_pirate_examples():
     prompts = datasets.style_eval_prompts(30)
     assert len(prompts) == len(set(prompts)) == 30
     assert not set(prompts) & {e["prompt"] for e in datasets.pirate_examples("train", 400)}
+
+
+def test_bad_split_is_a_value_error():
+    import pytest
+
+    with pytest.raises(ValueError, match="split must be"):
+        sql_data.sql_examples("test", 3)
 
 
 def test_markers_and_normalisation():
