@@ -4,8 +4,9 @@
     prompt + 128 tokens of their own, 128 new tokens, ignore_eos), submitted at once, adapters interleaved.
     Throughput and time to first token (p50/p99) with prefix caching on and off (chunked prefill on in both).
 (b) A long prompt among decodes: 64 streams decode; one 16,000-token prompt arrives. Inter-token latency of the
-    running streams (p50/p99/max) from its arrival to its first token, and its own time to first token, with
-    chunked prefill on (a 2,048-token budget) and off (the budget must then hold the whole prompt).
+    running streams (p50/p99/max), and its own time to first token, with
+    chunked prefill on (a 2,048-token budget) and off (the budget must then hold the whole prompt); the window
+    runs from its arrival to its 8th token.
 
 Llama-3.2-3B's shape with random weights (bf16), rank-16 adapters on all seven projections. Prints a table and
 writes JSON.
@@ -125,7 +126,8 @@ def bench_shared_prefix(model_dir: Path, adapter_dirs: list[Path], args, vocab: 
 
 # ---------------------------------------------------------------------------------------------- (b)
 def long_prompt_run(engine, args, vocab: int) -> dict:
-    """Streams decode; after warm_steps a long prompt arrives. ITL of the streams while it is prefilled."""
+    """Streams decode; after warm_steps a long prompt (8 new tokens) arrives. ITL of the streams from its arrival
+    to its last token: its prefill (one step, or its chunks) and its 7 decode steps."""
     from loraplex import SamplingParams
 
     stream = SamplingParams(temperature=0, max_tokens=args.stream_tokens, ignore_eos=True, detokenize=False)
@@ -141,7 +143,7 @@ def long_prompt_run(engine, args, vocab: int) -> dict:
                                SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, detokenize=False))
             synchronize()
             arrived = time.perf_counter()
-        in_window = arrived is not None and long_first is None  # this step runs while the long one prefills
+        in_window = arrived is not None and long_done is None  # from its arrival to its last token
         outs = engine.step()
         now = time.perf_counter()
         step += 1
