@@ -18,11 +18,12 @@ from loraplex.models.tower_lora import TowerLoRA
 
 
 class GraniteSpeechForConditionalGeneration(LlamaForCausalLM):
-    # Checkpoint name prefixes: IBM's checkpoints (encoder.*, language_model.model.*) and transformers 5 (model.*).
+    # Checkpoint name prefixes: IBM's checkpoints (encoder.*, language_model.model.*, language_model.lm_head.*),
+    # transformers 5.17's (model.language_model.model.*) and later transformers 5's (model.language_model.*,
+    # lm_head.*): the decoder's part is whatever follows the language model's prefix.
     TOWER_PREFIXES = {"model.encoder.": "encoder", "encoder.": "encoder", "model.projector.": "projector",
                       "projector.": "projector"}
-    LM_PREFIXES = {"model.language_model.": "model.", "language_model.model.": "model.",
-                   "language_model.lm_head.": "lm_head."}
+    LM_PREFIXES = ("model.language_model.", "language_model.")
 
     def __init__(self, cfg: ModelConfig, hf_config, attn_backend: str = "auto", dtype=None, device=None):
         super().__init__(cfg, attn_backend=attn_backend, dtype=dtype, device=device)
@@ -58,9 +59,10 @@ class GraniteSpeechForConditionalGeneration(LlamaForCausalLM):
         for prefix, part in cls.TOWER_PREFIXES.items():
             if name.startswith(prefix):
                 return part, name[len(prefix):]
-        for prefix, new in cls.LM_PREFIXES.items():
+        for prefix in cls.LM_PREFIXES:
             if name.startswith(prefix):
-                return "lm", new + name[len(prefix):]
+                rest = name[len(prefix):]
+                return "lm", rest if rest.startswith(("model.", "lm_head.")) else "model." + rest
         return "lm", name
 
     @torch.inference_mode()

@@ -322,3 +322,34 @@ def test_tower_adapters_through_one_slot_and_the_cpu_cache(granite, adapters, ll
     for (p, lo), a, b in zip(jobs, got, want):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids, (p, lo.lora_name)
         assert _first_logprobs(a) == _first_logprobs(b), (p, lo.lora_name)
+
+
+@pytest.mark.parametrize("layout", ["model.language_model.model.", "model.language_model."])
+def test_checkpoint_layouts(granite, tmp_path, layout):
+    """The checkpoint's decoder under each transformers version's names (IBM's ``language_model.model.*``, 5.17's
+    ``model.language_model.model.*``, later 5.x's ``model.language_model.*``) loads to the same model."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from loraplex import LLM
+
+    copy = tmp_path / "model"
+    shutil.copytree(granite, copy)
+    tensors = load_file(str(copy / "model.safetensors"))
+    renamed = {}
+    for name, t in tensors.items():
+        if name.startswith("language_model.model."):
+            name = layout + name[len("language_model.model."):]
+        elif name.startswith("language_model.lm_head."):
+            name = "lm_head." + name[len("language_model.lm_head."):]
+        else:
+            name = "model." + name
+        renamed[name] = t
+    save_file(renamed, str(copy / "model.safetensors"), metadata={"format": "pt"})
+    prompts = [_prompt(t, s) for t, s in PROMPTS[:2]]
+    want = LLM(str(granite), max_model_len=256).generate(prompts, _params())
+    got = LLM(str(copy), max_model_len=256).generate(prompts, _params())
+    for a, b in zip(got, want):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        assert _first_logprobs(a) == _first_logprobs(b)
