@@ -224,7 +224,7 @@ def main() -> None:
               else "float32", max_model_len=max_model_len, max_num_seqs=args.batch, enable_lora=True,
               max_lora_rank=args.rank, max_loras=4, disable_log_stats=True)
     prompts = [make_prompt() for _ in range(args.requests)]
-    warm = [make_prompt() for _ in range(8)]
+    warm = [make_prompt() for _ in range(2 * args.batch)]  # every batch shape the timed run meets
     # The processor's share: it runs in add_request, before any GPU work (vLLM runs it in its front end).
     from loraplex.engine.multimodal import run_processor
 

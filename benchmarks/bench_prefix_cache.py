@@ -136,7 +136,7 @@ def long_prompt_run(engine, args, vocab: int) -> dict:
                            stream)
     last: dict[str, float] = {}
     gaps: list[float] = []
-    step, arrived, long_first, long_done = 0, None, None, None
+    step, arrived, long_first, long_done, long_out = 0, None, None, None, None
     while engine.has_unfinished_requests():
         if step == args.warm_steps:
             engine.add_request("long", {"prompt_token_ids": _tokens(args.long_len, 7, vocab)},
@@ -152,7 +152,7 @@ def long_prompt_run(engine, args, vocab: int) -> dict:
                 if long_first is None and o.outputs[0].token_ids:
                     long_first = now
                 if o.finished:
-                    long_done = now
+                    long_done, long_out = now, o
                 continue
             if o.request_id in last and in_window:
                 gaps.append(now - last[o.request_id])
@@ -164,7 +164,9 @@ def long_prompt_run(engine, args, vocab: int) -> dict:
             "itl_p50_ms": 1e3 * _pct(gaps, 0.5) if gaps else None,
             "itl_p99_ms": 1e3 * _pct(gaps, 0.99) if gaps else None,
             "itl_max_ms": 1e3 * max(gaps) if gaps else None,
-            "long_ttft_ms": 1e3 * (long_first - arrived) if long_first and arrived else None}
+            "long_ttft_ms": 1e3 * (long_first - arrived) if long_first and arrived else None,
+            "long_tokens": len(long_out.outputs[0].token_ids) if long_out else None,
+            "long_error": str(long_out.error) if long_out is not None and long_out.error is not None else None}
 
 
 def bench_long_prompt(model_dir: Path, args, vocab: int) -> list[dict]:
