@@ -67,12 +67,12 @@ def _hf_run(model, processor, text, spec) -> tuple[list[int], torch.Tensor]:
 LOGPROB_TOL = 2e-5
 
 
-def _assert_equal(out, want, what):
-    """Our output equals HF's: the tokens, and the first step's top logprobs within LOGPROB_TOL."""
+def _assert_equal(out, want, what, tol: float = LOGPROB_TOL):
+    """Our output equals HF's: the tokens, and the first step's top logprobs within ``tol``."""
     tokens, logprobs = want
     assert out.outputs[0].token_ids == tokens, what
     for token_id, lp in out.outputs[0].logprobs[0].items():
-        assert abs(lp.logprob - logprobs[token_id].item()) < LOGPROB_TOL, (what, token_id)
+        assert abs(lp.logprob - logprobs[token_id].item()) < tol, (what, token_id, lp.logprob, logprobs[token_id])
 
 
 def _params():
@@ -270,7 +270,9 @@ def test_cuda_granite_speech_equals_hf(granite, adapters, enforce_eager):
     peft_model = PeftModel.from_pretrained(transformers.GraniteSpeechForConditionalGeneration.from_pretrained(granite),
                                            adapters["all"]).eval()
     for (n, text, spec), out in zip(jobs, outs):
-        _assert_equal(out, _hf_run(peft_model if n else hf, processor, text, spec), (n, text))
+        # fp32 on CUDA against HF on the CPU: Triton's dots round through TF32, so logprobs agree to ~1e-3 only
+        # (an adapter moves them by ~1e-1, silence for audio by ~6e-3).
+        _assert_equal(out, _hf_run(peft_model if n else hf, processor, text, spec), (n, text), tol=2e-3)
 
 
 def _first_logprobs(out):
