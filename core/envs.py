@@ -32,6 +32,13 @@ def is_set(name: str) -> bool:
     return get(name) is not None
 
 
+def name_of(name: str) -> str:
+    """The variable that ``get(name)`` reads: ``LORAPLEX_<name>`` unless only ``VLLM_<name>`` is set."""
+    if os.environ.get("LORAPLEX_" + name) is None and os.environ.get("VLLM_" + name) is not None:
+        return "VLLM_" + name
+    return "LORAPLEX_" + name
+
+
 # --- plugins ---------------------------------------------------------------------------------
 
 def plugins() -> list[str] | None:

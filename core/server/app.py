@@ -7,6 +7,8 @@ through ``_endpoint``, which checks the API key and turns any exception into its
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import hmac
 import logging
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ from loraplex.server import routes_admin, routes_openai
 from loraplex.server.async_engine import AsyncEngine, EngineClient
 from loraplex.server.errors import EXCEPTION_HANDLERS, APIError, error_response
 from loraplex.server.frontend import Frontend
+from loraplex.server.generation_config import check_source, default_sampling_params, load_chat_template
 from loraplex.server.limits import RequestLimits
 from loraplex.server.media import MediaSpec
 from loraplex.server.media_reader import MediaPolicy
@@ -40,6 +43,8 @@ class ServerState:
     limits: RequestLimits = RequestLimits()
     frontend: Frontend | None = None  # tokenizes and renders chat templates off the engine thread
     media: MediaSpec = MediaSpec()  # what the served model takes besides text
+    # Sampling defaults of --generation-config (OpenAI field names), for what a request leaves out.
+    sampling_defaults: dict = dataclasses.field(default_factory=dict)
 
 
 def _authorize(request, keys: tuple[str, ...], user_keys: tuple[str, ...]) -> None:
@@ -122,7 +127,9 @@ def create_app(engine_or_args, *, served_model_name: str | list[str] | None = No
                admin_api_key: str | None = None, allowed_lora_paths: list[str] | None = None,
                lora_modules: list | None = None, allow_runtime_lora_updating: bool | None = None,
                max_request_body_bytes: int | None = None, lora_resolution=None, progress: bool = False,
-               limits: RequestLimits | None = None, media_policy: MediaPolicy | None = None) -> Starlette:
+               limits: RequestLimits | None = None, media_policy: MediaPolicy | None = None,
+               chat_template: str | None = None, generation_config: str = "auto",
+               override_generation_config: dict | None = None) -> Starlette:
     """A vLLM-compatible OpenAI server over one engine.
 
     ``engine_or_args``: ``EngineArgs`` start an engine-core process of its own (the API server and the engine
@@ -134,6 +141,9 @@ def create_app(engine_or_args, *, served_model_name: str | list[str] | None = No
     ``lora_modules`` entries are ``name=path`` strings, JSON strings, dicts or LoRARequests, loaded
     before the server accepts requests. ``media_policy``: what a multi-modal request's media may be read from
     (files, remote URLs); None: ``MediaPolicy.from_env()``, which reads no files and fetches no URL.
+    ``chat_template`` (a file or the template itself, vLLM's ``--chat-template``) replaces the tokenizer's;
+    ``generation_config`` (``auto``: the model's generation_config.json, ``vllm``: none, or a folder) and
+    ``override_generation_config`` give the sampling defaults of requests, as in vLLM.
     """
     info = engine_or_args.info if isinstance(engine_or_args, EngineClient) else None
     if isinstance(served_model_name, str):
@@ -154,7 +164,15 @@ def create_app(engine_or_args, *, served_model_name: str | list[str] | None = No
         if name in aliases:
             raise ValueError(f"--lora-modules: the adapter name '{name}' conflicts with a served base model")
         modules.append((name, path, base))
+    template = load_chat_template(chat_template)  # before the engine starts: a bad value fails at once
+    check_source(generation_config)
     aengine = _build_engine(engine_or_args, progress, modules)
+    sampling_defaults = default_sampling_params(generation_config, aengine.info.get("model_path"),
+                                                override_generation_config)
+    tokenizer = aengine.tokenizer
+    if template is not None and tokenizer is not None:
+        tokenizer = copy.deepcopy(tokenizer)  # the engine's own (LLM.chat in this process) keeps its template
+        tokenizer.chat_template = template
     runtime = envs.allow_runtime_lora_updating() if allow_runtime_lora_updating is None else allow_runtime_lora_updating
     api_key = api_key if api_key is not None else envs.api_key()
     admin_api_key = admin_api_key if admin_api_key is not None else envs.admin_api_key()
@@ -167,10 +185,11 @@ def create_app(engine_or_args, *, served_model_name: str | list[str] | None = No
                         max_request_body_bytes or envs.max_request_body_bytes()
                         or limits.body_bytes(aengine.max_model_len, DEFAULT_MAX_BODY_BYTES),
                         aengine.info["max_logprobs"], limits,
-                        Frontend(aengine.tokenizer, limits, aengine.processor, aengine.info.get("limit_mm_per_prompt"),
+                        Frontend(tokenizer, limits, aengine.processor, aengine.info.get("limit_mm_per_prompt"),
                                  media_policy or MediaPolicy.from_env()),
                         MediaSpec(tuple(aengine.info.get("modalities") or ()), aengine.info.get("image_placeholder"),
-                                  aengine.info.get("audio_placeholder")))
+                                  aengine.info.get("audio_placeholder")),
+                        sampling_defaults)
 
     user_keys = tuple(k for k in (api_key, admin_api_key) if k) if api_key else ()
     admin_keys = (admin_api_key,) if admin_api_key else user_keys

@@ -50,6 +50,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--served-model-name", nargs="+", default=None,
                    help="name(s) the base model answers to (default: MODEL)")
     s.add_argument("--tokenizer", default=None, help="tokenizer directory or hub id (default: the model's)")
+    s.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) of the model (default: "
+                   "the latest)")
+    s.add_argument("--download-dir", default=None, help="where hub models are downloaded (default: the Hugging "
+                   "Face cache)")
+    s.add_argument("--chat-template", default=None, help="chat template replacing the tokenizer's: a file, or the "
+                   "template itself (vLLM's rule: text with {, } or a newline is a template)")
+    s.add_argument("--chat-template-content-format", choices=["auto", "string"], default="auto",
+                   help="how message content reaches the template: auto or string (a string of the text parts)")
+    s.add_argument("--generation-config", default="auto",
+                   help="default sampling values of requests: auto (the model's generation_config.json, as vLLM), "
+                        "vllm (none), or a folder holding a generation_config.json (default: auto)")
+    s.add_argument("--override-generation-config", type=_json_object, default=None, metavar="JSON",
+                   help='sampling defaults on top of --generation-config, e.g. \'{"temperature": 0.5}\'')
     s.add_argument("--dtype", default="auto", help="auto (float32 on CPU; the checkpoint's half type, or bfloat16, "
                    "on GPU), float32, float16, bfloat16")
     s.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
@@ -79,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     lora.add_argument("--enable-lora", action="store_true",
                       help="serve adapters (on with --lora-modules or the demo)")
     lora.add_argument("--lora-modules", nargs="+", action="extend", default=[], metavar="MODULE",
-                      help='adapters to preload: name=path or \'{"name": ..., "path": ..., "base_model_name": ...}\'')
+                      help='adapters to preload: name=path or \'{"name": ..., "path": ..., "base_model_name": ...}\' '
+                      "(default: none)")
     lora.add_argument("--max-loras", type=int, default=1, help="distinct adapters in one batch")
     lora.add_argument("--max-lora-rank", type=int, default=None,
                       help=f"largest adapter rank (default {DEFAULT_MAX_LORA_RANK}; the demo raises it to fit)")
@@ -120,7 +134,23 @@ def build_parser() -> argparse.ArgumentParser:
     sec.add_argument("--max-step-seconds", type=float, default=RequestLimits.max_step_seconds,
                      help="a step running longer marks the engine stuck: /health answers 503")
     s.add_argument("--disable-log-stats", action="store_true", help="no periodic throughput/queue/KV-cache log line")
-    s.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="only 1: loraplex runs on one device")
+    s.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="only 1: tensor parallelism is not supported yet (loraplex runs on one device)")
+    s.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1,
+                   help="only 1: pipeline parallelism is not supported yet")
+    s.add_argument("--data-parallel-size", "-dp", type=int, default=1,
+                   help="only 1: run one server per device behind a load balancer instead")
+    s.add_argument("--quantization", "-q", default=None, help="refused: quantized base models are not supported "
+                   "yet (default: none, the checkpoint's weights)")
+    s.add_argument("--kv-cache-dtype", default="auto", help="only auto: the KV cache in the model's dtype")
+    s.add_argument("--tokenizer-mode", default="auto", help="only auto: the checkpoint's (fast) tokenizer")
+    s.add_argument("--speculative-config", type=_json_object, default=None, metavar="JSON",
+                   help="refused: speculative decoding is not supported yet")
+    s.add_argument("--enable-sleep-mode", action="store_true", help="refused: sleep mode is not supported yet")
+    s.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="refused: tool calls are not parsed from the output yet")
+    s.add_argument("--tool-call-parser", default=None, help="refused: tool calls are not parsed from the output yet")
+    s.add_argument("--reasoning-parser", default=None, help="refused: reasoning output is not parsed yet")
     lora.add_argument("--default-mm-loras", type=_json_object, default=None, metavar="JSON",
                       help='modality -> adapter applied when a request carries it and names none, e.g. '
                            '\'{"audio": "/path/to/lora"}\' (multi-modal models)')
@@ -142,9 +172,42 @@ def build_parser() -> argparse.ArgumentParser:
                         "and SSE on several cores)")
     s.add_argument("--disable-frontend-multiprocessing", action="store_true",
                    help="run the engine in a thread of the API server's process, not in an engine process of its own")
-    # Accepted so that vLLM command lines run unchanged: loraplex logs no request bodies anyway.
-    s.add_argument("--disable-log-requests", action="store_true", help=argparse.SUPPRESS)
+    s.add_argument("--disable-log-requests", action="store_true",
+                   help="accepted for vLLM command lines: loraplex logs no requests anyway")
+    s.add_argument("--enable-log-requests", action="store_true",
+                   help="refused: loraplex does not log requests yet (vLLM's default is off too)")
+    s.add_argument("--disable-uvicorn-access-log", action="store_true", help="no uvicorn access log line per request")
+    s.add_argument("--root-path", default=None, help="ASGI root_path, when a proxy serves the API under a path prefix")
     return parser
+
+
+# vLLM flags loraplex takes only at their neutral value: (dest, flag, accepted values, why others are refused).
+NOT_YET = (
+    ("tensor_parallel_size", "--tensor-parallel-size", (1,), "tensor parallelism is not supported yet: loraplex "
+     "runs each model on one device; use 1"),
+    ("pipeline_parallel_size", "--pipeline-parallel-size", (1,), "pipeline parallelism is not supported yet; use 1"),
+    ("data_parallel_size", "--data-parallel-size", (1,), "data parallelism is not supported yet: run one server "
+     "per device behind a load balancer"),
+    ("quantization", "--quantization", (None,), "quantized base models are not supported yet"),
+    ("kv_cache_dtype", "--kv-cache-dtype", ("auto",), "a KV cache in another dtype than the model's is not "
+     "supported yet"),
+    ("tokenizer_mode", "--tokenizer-mode", ("auto",), "only the checkpoint's own tokenizer (auto) is supported"),
+    ("speculative_config", "--speculative-config", (None,), "speculative decoding is not supported yet"),
+    ("enable_sleep_mode", "--enable-sleep-mode", (False,), "sleep mode is not supported yet"),
+    ("enable_auto_tool_choice", "--enable-auto-tool-choice", (False,), "tool calls are not parsed from the output "
+     "yet (requests with tools are refused with 400)"),
+    ("tool_call_parser", "--tool-call-parser", (None,), "tool calls are not parsed from the output yet"),
+    ("reasoning_parser", "--reasoning-parser", (None,), "reasoning output is not parsed yet"),
+    ("enable_log_requests", "--enable-log-requests", (False,), "loraplex does not log requests yet"),
+)
+
+
+def refuse_unsupported(args) -> None:
+    for dest, flag, accepted, why in NOT_YET:
+        value = getattr(args, dest)
+        if value not in accepted:
+            shown = "" if isinstance(value, bool) else f" {value}"
+            raise SystemExit(f"loraplex: {flag}{shown}: {why}")
 
 
 def _json_object(text: str) -> dict:
@@ -188,9 +251,10 @@ def _max_rank(modules: list[str]) -> int:
     return max(ranks, default=0)
 
 
-def _banner(url: str, model: str, adapters: list[str], api_key: bool, key_from_env: bool = True) -> str:
-    # Name where the key lives: the environment variable, or the --api-key the operator typed.
-    key = "$LORAPLEX_API_KEY" if key_from_env else "<--api-key>"
+def _banner(url: str, model: str, adapters: list[str], api_key: bool, key_from_env: bool = True,
+            key_env: str = "LORAPLEX_API_KEY") -> str:
+    # Name where the key lives: the environment variable that holds it, or the --api-key the operator typed.
+    key = f"${key_env}" if key_from_env else "<--api-key>"
     auth = f' -H "Authorization: Bearer {key}"' if api_key else ""
     body = json.dumps({"model": adapters[0] if adapters else model, "prompt": "Hello, my name is",
                        "max_tokens": 32, "temperature": 0})
@@ -209,6 +273,9 @@ def serve(args) -> int:
     from loraplex.server.media_reader import MediaPolicy
     from loraplex.server.models import parse_lora_module
 
+    refuse_unsupported(args)
+    # Bars redraw in place: on a terminal only. Elsewhere (a log file) each phase is one plain line.
+    progress = sys.stderr.isatty()
     modules = list(args.lora_modules)
     model, served = args.model or args.model_flag, args.served_model_name
     demo = model is None
@@ -229,6 +296,7 @@ def serve(args) -> int:
     try:
         engine_args = EngineArgs(
             model=model, tokenizer=args.tokenizer, served_model_name=served[0] if served else None, dtype=args.dtype,
+            revision=args.revision, download_dir=args.download_dir,
             device=args.device, seed=args.seed, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
             enable_prefix_caching=args.enable_prefix_caching, enable_chunked_prefill=args.enable_chunked_prefill,
@@ -249,6 +317,10 @@ def serve(args) -> int:
                                max_step_seconds=args.max_step_seconds)
         media_policy = MediaPolicy.from_env(args.allowed_media_domains, args.allowed_local_media_path,
                                             args.max_media_bytes)
+        from loraplex.server.generation_config import check_source, load_chat_template
+
+        template = load_chat_template(args.chat_template)
+        check_source(args.generation_config)
     except ValueError as e:
         raise SystemExit(f"loraplex: {e}")
     print(f"loraplex: loading {model} ...", file=sys.stderr, flush=True)
@@ -265,14 +337,14 @@ def serve(args) -> int:
             raise SystemExit("loraplex: --api-server-count > 1 needs the engine in a process of its own; "
                              "drop --disable-frontend-multiprocessing")
         return _serve_api_servers(args, engine_args, modules, served, api_key, limits, model, started, display,
-                                  base_name, names, media_policy)
+                                  base_name, names, media_policy, template, progress)
     if args.disable_frontend_multiprocessing:  # vLLM's flag: the engine runs in the API server's process
         # The engine thread shares the GIL with the event loop. At CPython's default 5 ms switch interval, a busy
         # event loop (a flood of requests, even refused ones) makes every GIL hand-back in a step wait up to 5 ms;
         # 0.5 ms keeps the engine's pace under load at a small cost in switching.
         sys.setswitchinterval(SWITCH_INTERVAL_S)
         try:
-            engine = LLMEngine.from_engine_args(engine_args, progress=True)
+            engine = LLMEngine.from_engine_args(engine_args, progress=progress)
         except Exception as e:  # a missing or unsupported model: one clear line, not a traceback
             raise SystemExit(f"loraplex: cannot load model {model}: {type(e).__name__}: {e}")
     else:
@@ -280,8 +352,9 @@ def serve(args) -> int:
     try:
         app = create_app(engine, served_model_name=served, api_key=api_key, admin_api_key=args.admin_api_key,
                          allowed_lora_paths=args.allowed_lora_paths, lora_modules=modules,
-                         max_request_body_bytes=args.max_request_body_bytes, progress=True, limits=limits,
-                         media_policy=media_policy)
+                         max_request_body_bytes=args.max_request_body_bytes, progress=progress, limits=limits,
+                         media_policy=media_policy, chat_template=template, generation_config=args.generation_config,
+                         override_generation_config=args.override_generation_config)
     except EngineStartError as e:
         if e.stage == "model":
             raise SystemExit(f"loraplex: cannot load model {model}: {e}")
@@ -299,12 +372,14 @@ def serve(args) -> int:
             if self.should_exit:
                 return
             port = self.servers[0].sockets[0].getsockname()[1] if self.servers else args.port
-            print(_banner(f"http://{display}:{port}", base_name, names, bool(api_key), not args.api_key), flush=True)
+            print(_banner(f"http://{display}:{port}", base_name, names, bool(api_key), not args.api_key,
+                          envs.name_of("API_KEY")), flush=True)
 
     from loraplex.server.http_protocol import protocol_class
 
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
-                            timeout_graceful_shutdown=10, http=protocol_class(args.header_timeout))
+                            timeout_graceful_shutdown=10, http=protocol_class(args.header_timeout),
+                            access_log=not args.disable_uvicorn_access_log, root_path=args.root_path or "")
     try:
         Server(config).run()
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown
@@ -313,7 +388,7 @@ def serve(args) -> int:
 
 
 def _serve_api_servers(args, engine_args, modules, served, api_key, limits, model, started, display, base_name,
-                       names, media_policy) -> int:
+                       names, media_policy, template, progress) -> int:
     from loraplex.server.engine_proc import EngineStartError
     from loraplex.server.launcher import serve_api_servers
     from loraplex.server.models import parse_lora_module
@@ -326,18 +401,22 @@ def _serve_api_servers(args, engine_args, modules, served, api_key, limits, mode
         raise SystemExit("loraplex: --lora-modules: an adapter name conflicts with a served base model")
     app_kwargs = dict(served_model_name=served, api_key=api_key, admin_api_key=args.admin_api_key,
                       allowed_lora_paths=args.allowed_lora_paths, max_request_body_bytes=args.max_request_body_bytes,
-                      limits=limits, media_policy=media_policy)
+                      limits=limits, media_policy=media_policy, chat_template=template,
+                      generation_config=args.generation_config,
+                      override_generation_config=args.override_generation_config)
     uvicorn_kwargs = dict(host=args.host, port=args.port, log_level=args.uvicorn_log_level,
-                          timeout_graceful_shutdown=10, header_timeout=args.header_timeout)
+                          timeout_graceful_shutdown=10, header_timeout=args.header_timeout,
+                          access_log=not args.disable_uvicorn_access_log, root_path=args.root_path or "")
 
     def on_started(port: int, engine_pid: int) -> None:
         print(f"loraplex: model loaded in {time.monotonic() - started:.1f}s (engine in process {engine_pid}, "
               f"{args.api_server_count} API server processes)", file=sys.stderr, flush=True)
-        print(_banner(f"http://{display}:{port}", base_name, names, bool(api_key), not args.api_key), flush=True)
+        print(_banner(f"http://{display}:{port}", base_name, names, bool(api_key), not args.api_key,
+                      envs.name_of("API_KEY")), flush=True)
 
     try:
         return serve_api_servers(args.api_server_count, engine_args, lora_modules, app_kwargs, uvicorn_kwargs,
-                                 on_started)
+                                 on_started, progress=progress)
     except EngineStartError as e:
         if e.stage == "model":
             raise SystemExit(f"loraplex: cannot load model {model}: {e}")

@@ -45,7 +45,7 @@ def _api_server_main(index: int, sock, handle: dict, engine_args, app_kwargs: di
 
 
 def serve_api_servers(num: int, engine_args, lora_modules: list, app_kwargs: dict, uvicorn_kwargs: dict,
-                      on_started=None) -> int:
+                      on_started=None, progress: bool = True) -> int:
     """Run until stopped; ``on_started(port, engine_pid)`` once the first API server answers /health."""
     import urllib.request
 
@@ -61,7 +61,7 @@ def serve_api_servers(num: int, engine_args, lora_modules: list, app_kwargs: dic
     os.environ[envs.PROMETHEUS_MULTIPROC_DIR] = metrics_dir  # read by prometheus_client in the API servers
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
-    core = EngineCoreProcess.start(engine_args, lora_modules, progress=True, num_clients=num)
+    core = EngineCoreProcess.start(engine_args, lora_modules, progress=progress, num_clients=num)
     ctx = multiprocessing.get_context("spawn")
     servers = []
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 from starlette.responses import JSONResponse, Response
 
 from loraplex.server import serving
+from loraplex.server.generation_config import apply_defaults, cap_max_tokens
 from loraplex.server.protocol import parse_chat, parse_completion, read_json
 
 
@@ -24,9 +25,11 @@ async def _generate(request, kind: str) -> Response:
     body = await read_json(request, state.max_body_bytes)
     # Known before the body is checked, so a 400 on a served model is counted under its name.
     request.state.model_label = state.models.known_label(body.get("model"))
+    body = apply_defaults(body, state.sampling_defaults)
     if kind == "chat":
         req = parse_chat(body, state.max_logprobs, state.limits, state.models.max_model_len, state.media)
     else:
         req = parse_completion(body, state.max_logprobs, state.limits, state.models.max_model_len)
+    cap_max_tokens(req.params, state.sampling_defaults)
     result = await serving.generate(request, req, kind, state)
     return result if isinstance(result, Response) else JSONResponse(result)

@@ -49,7 +49,6 @@ def test_bad_model_is_a_clear_error(tmp_path):
 
 def test_refused_vllm_flags_name_themselves(tiny_llama):
     for flags, name in ((["--fully-sharded-loras"], "fully_sharded_loras"),
-                        (["--tensor-parallel-size", "2"], "tensor_parallel_size"),
                         (["--lora-dtype", "int4"], "lora_dtype"),
                         (["--enable-lora", "--default-mm-loras", '{"audio": "/lora"}'], "default_mm_loras"),
                         (["--limit-mm-per-prompt", '{"image": 2}'], "limit_mm_per_prompt")):
