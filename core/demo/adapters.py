@@ -3,12 +3,13 @@
 ``ensure_demo_adapters()`` returns ``{"sql-lora": dir, "pirate-lora": dir}``. Each directory is
 named after the adapter, so pointing ``LORAPLEX_LORA_RESOLVER_CACHE_DIR`` at
 ``<cache root>/adapters`` lets the filesystem resolver serve them by name. A ``loraplex_demo.json``
-in each holds the recipe version. The package ships both adapters (``data/adapters/``); one whose
+in each holds the recipe version. The package ships both adapters (``shipped-adapters/``); one whose
 version is not today's recipe's (changed recipe, data or base model) is not used, and the adapter
 is trained instead, as it is when nothing is shipped.
 
     python -m loraplex.demo.adapters            # ensures both (copies or trains), prints name -> path
-    python -m loraplex.demo.adapters --train    # retrains both into the package's data/adapters/
+    python -m loraplex.demo.adapters --train    # retrains both into the package's shipped-adapters/
+    python -m loraplex.demo.adapters --train sql-lora --out /tmp/demo   # one of them, elsewhere
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from loraplex import envs
 
 # Bump RECIPE_REVISION when training code changes in a way the recipe dicts do not show.
 RECIPE_REVISION = "2"
-SHIPPED_DIR = Path(__file__).parent / "data" / "adapters"
+SHIPPED_DIR = Path(__file__).parent / "shipped-adapters"
 
 DEMO_ADAPTERS = {
     "sql-lora": "sql",
@@ -165,15 +166,16 @@ def ensure_demo_adapters(progress: bool = True) -> dict[str, Path]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m loraplex.demo.adapters", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--train", action="store_true", help="retrain both adapters with today's recipe (minutes)")
+    p.add_argument("--train", nargs="*", choices=sorted(DEMO_ADAPTERS), metavar="NAME", default=None,
+                   help="retrain these adapters (none named: both) with today's recipe (minutes)")
     p.add_argument("--out", type=Path, default=None,
                    help=f"with --train: where the adapter directories go (default: {SHIPPED_DIR})")
     args = p.parse_args(argv)
-    if args.out is not None and not args.train:
+    if args.out is not None and args.train is None:
         p.error("--out needs --train")
-    if args.train:
+    if args.train is not None:
         out = args.out or SHIPPED_DIR
-        paths = {name: train_demo_adapter(name, out / name) for name in DEMO_ADAPTERS}
+        paths = {name: train_demo_adapter(name, out / name) for name in args.train or DEMO_ADAPTERS}
     else:
         paths = ensure_demo_adapters()
     for name, path in paths.items():

@@ -43,7 +43,7 @@ class TrainConfig:
 
 # Recipes for the built-in tasks, tuned with benchmarks/eval_demo_adapters.py.
 TASK_DEFAULTS = {
-    "sql": dict(fmt="raw", steps=100, lr=2e-3, rank=8, n_train=1600, save_dtype="float16"),
+    "sql": dict(fmt="raw", steps=120, lr=2e-3, rank=8, n_train=1600, save_dtype="float16"),
     "pirate": dict(fmt="chat", steps=30, lr=1e-3, rank=8, n_train=240, save_dtype="float16"),
 }
 

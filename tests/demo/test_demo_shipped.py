@@ -181,3 +181,15 @@ def test_serve_without_model_uses_the_shipped_adapters(demo_cache):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_package_data_globs_cover_the_shipped_files():
+    """pyproject's package-data for loraplex.demo names every shipped file (a wheel would lack the rest)."""
+    import tomllib
+
+    root = Path(__file__).parents[2]
+    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["loraplex.demo"]
+    demo = root / "core" / "demo"
+    covered = {p for g in globs for p in demo.glob(g) if p.is_file()}
+    shipped = {p for p in adapters.SHIPPED_DIR.rglob("*") if p.is_file()}
+    assert shipped and shipped <= covered
