@@ -118,7 +118,7 @@ def test_server_refuses_media_for_a_text_only_model(server, part):
     r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=30)
     assert r.status_code == 400
     err = r.json()["error"]
-    assert err["param"] == "messages[0].content" and f"'{part['type']}' part" in err["message"]
+    assert err["param"] == "messages[0].content[1]" and f"'{part['type']}' part" in err["message"]
     assert "text-only" in err["message"]
 
 
