@@ -63,9 +63,11 @@ def _is_complete(model_dir: Path) -> bool:
 
 
 def _log(progress: bool, message: str) -> None:
-    logger.info(message)
+    # One line either way: printed for the person watching, else logged (the CLI's logging prints it too).
     if progress:
         print(f"[loraplex.demo] {message}", file=sys.stderr, flush=True)
+    else:
+        logger.info(message)
 
 
 def _convert(gguf: Path, out_dir: Path, progress: bool) -> None:
@@ -73,7 +75,12 @@ def _convert(gguf: Path, out_dir: Path, progress: bool) -> None:
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    steps = tqdm(total=4, desc=f"Converting {DEFAULT_MODEL_NAME}", unit="step", disable=not progress)
+    is_tty = sys.stderr.isatty()  # bars redraw in place: on a terminal only, never into a log file
+    if not is_tty:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # its "Writing model shards" bar
+    steps = tqdm(total=4, desc=f"Converting {DEFAULT_MODEL_NAME}", unit="step", disable=not progress or not is_tty)
     steps.set_postfix_str("tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     steps.update()
