@@ -47,8 +47,9 @@ def build(model_dir: Path, args, **kw):
         dtype="bfloat16" if args.device == "cuda" else "float32", seed=0, **kw))
 
 
-def _free(engine) -> None:
-    del engine
+def _free() -> None:
+    """Give the last engine's memory back (the caller dropped its reference first): the next one sizes its KV
+    cache from what is free."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -120,7 +121,8 @@ def bench_shared_prefix(model_dir: Path, adapter_dirs: list[Path], args, vocab: 
         res = shared_prefix_run(engine, loras, args, vocab, seed=2)
         rows.append({"workload": f"shared prefix, caching {'on' if caching else 'off'}", **res})
         print(json.dumps(rows[-1]), flush=True)
-        _free(engine)
+        del engine
+        _free()
     return rows
 
 
@@ -182,7 +184,8 @@ def bench_long_prompt(model_dir: Path, args, vocab: int) -> list[dict]:
         res = long_prompt_run(engine, args, vocab)
         rows.append({"workload": f"long prompt, chunked {'on' if chunked else 'off'} (budget {budget})", **res})
         print(json.dumps(rows[-1]), flush=True)
-        _free(engine)
+        del engine
+        _free()
     return rows
 
 

@@ -18,12 +18,11 @@ from loraplex.models.tower_lora import TowerLoRA
 
 
 class GraniteSpeechForConditionalGeneration(LlamaForCausalLM):
-    # Checkpoint name prefixes: IBM's checkpoints (encoder.*, language_model.model.*, language_model.lm_head.*),
-    # transformers 5.17's (model.language_model.model.*) and later transformers 5's (model.language_model.*,
-    # lm_head.*): the decoder's part is whatever follows the language model's prefix.
+    # Checkpoint name prefixes of the tower parts; everything else is the decoder's, under whichever of the names
+    # transformers versions give it (IBM's language_model.model.* / language_model.lm_head.*, later 5.x's
+    # model.language_model.* / lm_head.*, and the H200 image's 5.17, which nests one "model." deeper).
     TOWER_PREFIXES = {"model.encoder.": "encoder", "encoder.": "encoder", "model.projector.": "projector",
                       "projector.": "projector"}
-    LM_PREFIXES = ("model.language_model.", "language_model.")
 
     def __init__(self, cfg: ModelConfig, hf_config, attn_backend: str = "auto", dtype=None, device=None):
         super().__init__(cfg, attn_backend=attn_backend, dtype=dtype, device=device)
@@ -59,11 +58,10 @@ class GraniteSpeechForConditionalGeneration(LlamaForCausalLM):
         for prefix, part in cls.TOWER_PREFIXES.items():
             if name.startswith(prefix):
                 return part, name[len(prefix):]
-        for prefix in cls.LM_PREFIXES:
-            if name.startswith(prefix):
-                rest = name[len(prefix):]
-                return "lm", rest if rest.startswith(("model.", "lm_head.")) else "model." + rest
-        return "lm", name
+        rest = name.replace("language_model.", "", 1)
+        while rest.startswith("model."):
+            rest = rest[len("model."):]
+        return "lm", rest if rest.startswith("lm_head.") else "model." + rest
 
     @torch.inference_mode()
     def encode_mm(self, items: list[tuple[dict, dict | None]]) -> list[torch.Tensor]:
