@@ -128,18 +128,27 @@ def test_documented_granite_speech_serve_command(tmp_path_factory, tmp_path):
     """The documentation's command, ``serve <granite speech> --enable-lora --default-mm-loras '{"audio": <model>}'
     --max-lora-rank 64``, as a real process: an input_audio request through the openai client runs with the
     checkpoint's audio LoRA (its output equals the offline engine with default_mm_loras), a text-only one on the
-    base model."""
+    base model. With the filesystem resolver on, a request naming an encoder + projector adapter by its directory
+    name gets it loaded at runtime and runs with it."""
     import json
+    import shutil
 
     import openai
     import soundfile
-    from helpers import make_tiny_granite_speech, random_audio
+    from helpers import make_granite_speech_adapter, make_tiny_granite_speech, random_audio
     from server_helpers import CLIServer
 
     from loraplex import LLM, SamplingParams
+    from loraplex.lora.request import LoRARequest
 
-    model = make_tiny_granite_speech(tmp_path_factory.mktemp("serve-granite") / "model",
+    root = tmp_path_factory.mktemp("serve-granite")
+    model = make_tiny_granite_speech(root / "model",
                                      lora_targets=r".*language_model\.layers\.\d+\.self_attn\.(q_proj|v_proj)")
+    plain = make_tiny_granite_speech(root / "plain")  # the same base weights, no adapter inside
+    tower = make_granite_speech_adapter(plain, root / "adapters" / "tower", r".*(encoder\.layers\.\d+\.attn\.to_q"
+                                        r"|projector\.linear)", seed=6)
+    config = json.loads((tower / "adapter_config.json").read_text())
+    (tower / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(model)}))
     clip, rate = random_audio(3)
     wav = io.BytesIO()
     soundfile.write(wav, clip, rate, format="WAV", subtype="FLOAT")
@@ -149,13 +158,25 @@ def test_documented_granite_speech_serve_command(tmp_path_factory, tmp_path):
                   max_model_len=256)
     tok = offline.get_tokenizer()
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=1)
+    env = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "LORAPLEX_PLUGINS": "lora_filesystem_resolver",
+           "VLLM_LORA_RESOLVER_CACHE_DIR": str(root / "adapters")}
     with CLIServer(str(model), "--enable-lora", "--default-mm-loras", json.dumps({"audio": str(model)}),
-                   "--max-lora-rank", "64", "--max-model-len", "256", "--served-model-name", "granite",
-                   log=tmp_path / "serve.log") as srv:
+                   "--max-lora-rank", "64", "--max-model-len", "256", log=tmp_path / "serve.log", env=env) as srv:
         client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
+        resolved = client.chat.completions.create(
+            model="tower", messages=[{"role": "user", "content": [{"type": "text", "text": "what is said?"},
+                                                                  audio_part]}],
+            max_tokens=6, temperature=0, logprobs=True, extra_body={"ignore_eos": True}).choices[0]
+        prompt = tok.apply_chat_template([{"role": "user", "content": "what is said?\n<|audio|>"}], tokenize=False,
+                                         add_generation_prompt=True)
+        want = offline.generate([{"prompt": prompt, "multi_modal_data": {"audio": (clip, rate)}}], params,
+                                lora_request=LoRARequest("tower", 7, str(tower)))[0]
+        assert resolved.message.content == want.outputs[0].text
+        for lp, d in zip(resolved.logprobs.content, want.outputs[0].logprobs):
+            assert abs(lp.logprob - next(iter(d.values())).logprob) < 1e-4
         for parts, audio in (([{"type": "text", "text": "what is said?"}, audio_part], True),
                              ([{"type": "text", "text": "no audio"}], False)):
-            got = client.chat.completions.create(model="granite", messages=[{"role": "user", "content": parts}],
+            got = client.chat.completions.create(model=str(model), messages=[{"role": "user", "content": parts}],
                                                  max_tokens=6, temperature=0, logprobs=True,
                                                  extra_body={"ignore_eos": True}).choices[0]
             text = "\n".join(("<|audio|>" if p["type"] == "input_audio" else p["text"]) for p in parts)
