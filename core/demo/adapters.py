@@ -79,9 +79,13 @@ def _private_copy(source: Path, parent: Path, name: str) -> Path:
     """A temporary directory beside the target holding a copy of ``source``, readable by all."""
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=parent))
-    for path in source.iterdir():
-        if path.is_file():
-            shutil.copyfile(path, tmp / path.name)
+    try:
+        for path in source.iterdir():
+            if path.is_file():
+                shutil.copyfile(path, tmp / path.name)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk must not leave a half copy beside the cache
+        raise
     return tmp
 
 

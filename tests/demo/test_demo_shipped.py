@@ -133,7 +133,8 @@ def test_readme_sql_example_script_prints_the_right_sql(demo_cache):
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = proc.stdout.strip().splitlines()[-1]
     assert line.startswith("Generated SQL: ")
-    assert normalize_sql(ast.literal_eval(line.removeprefix("Generated SQL: "))) == normalize_sql(sql_data.README_ANSWER)
+    generated = ast.literal_eval(line.removeprefix("Generated SQL: "))
+    assert normalize_sql(generated) == normalize_sql(sql_data.README_ANSWER)
 
 
 def _free_port() -> int:
