@@ -80,3 +80,35 @@ def test_cli_with_own_data(tiny_llama, tmp_path, capsys):
     assert meta["task"] == "custom" and meta["steps"] == 2
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_llama)
     assert train_adapter.main(["--out", str(out)]) == 2  # neither --task nor --data
+
+
+def test_fp16_save_halves_the_file_and_loads_in_loraplex(tiny_llama, tmp_path):
+    """save_dtype float16: the same adapter in half the bytes, which loraplex's loader upcasts and serves."""
+    from safetensors import safe_open
+
+    from loraplex import LLM, SamplingParams
+    from loraplex.lora.request import LoRARequest
+
+    examples = [{"prompt": f"Q{i}:", "completion": f" {i}"} for i in range(4)]
+    full, half = tmp_path / "fp32", tmp_path / "fp16"
+    train(tiny_llama, examples, full, _tiny_cfg(), progress=False)
+    train(tiny_llama, examples, half, _tiny_cfg(save_dtype="float16"), progress=False)
+    with safe_open(str(full / "adapter_model.safetensors"), "pt") as a, \
+            safe_open(str(half / "adapter_model.safetensors"), "pt") as b:
+        assert sorted(a.keys()) == sorted(b.keys())
+        for k in a.keys():
+            assert b.get_tensor(k).dtype == torch.float16
+            torch.testing.assert_close(b.get_tensor(k).float(), a.get_tensor(k), rtol=1e-3, atol=1e-5)
+    size = lambda d: (d / "adapter_model.safetensors").stat().st_size  # noqa: E731
+    assert size(half) < 0.6 * size(full)
+    llm = LLM(str(tiny_llama), enable_lora=True, max_lora_rank=8, dtype="float32")
+    out = llm.generate(["Q1:"], SamplingParams(temperature=0, max_tokens=3),
+                       lora_request=LoRARequest("half", 1, str(half)))
+    assert len(out[0].outputs[0].token_ids) >= 1
+
+
+def test_bad_save_dtype_is_refused_before_training(tiny_llama, tmp_path):
+    with pytest.raises(ValueError, match="save_dtype"):
+        train(tiny_llama, [{"prompt": "a", "completion": " b"}], tmp_path / "x", _tiny_cfg(save_dtype="int8"),
+              progress=False)
+    assert not (tmp_path / "x").exists()
