@@ -181,7 +181,9 @@ def train(base_dir: str | Path, examples: list[dict], out_dir: str | Path, cfg: 
     bf16 = _use_bf16(cfg.bf16, device)
     order, losses = [], []
     rng = random.Random(cfg.seed)
-    bar = tqdm(range(cfg.steps), desc="training LoRA", unit="step", disable=not progress, mininterval=2)
+    # The bar only on a terminal: redrawn into a log file it is noise; the plain lines below say the same.
+    bar = tqdm(range(cfg.steps), desc="training LoRA", unit="step", disable=not progress or not sys.stderr.isatty(),
+               mininterval=2)
     for step in bar:
         batch = []
         while len(batch) < cfg.batch_size:

@@ -141,32 +141,6 @@ def test_serve_with_filesystem_resolver(tiny_llama, adapters, big_rank_adapter, 
     assert served.proc.returncode == 0, "".join(served.log)
 
 
-def _demo_cached() -> bool:
-    try:
-        from loraplex.demo.adapters import DEMO_ADAPTERS, adapters_dir
-        from loraplex.demo.default_model import default_model_dir
-    except ImportError:
-        return False
-    return (default_model_dir() / "config.json").is_file() and all(
-        (adapters_dir() / name / "adapter_config.json").is_file() for name in DEMO_ADAPTERS)
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not _demo_cached(), reason="demo model/adapters not cached: python -m loraplex.demo.adapters")
-def test_serve_without_model_uses_the_demo():
-    served = Served(["serve", "--host", "127.0.0.1", "--port", "0", "--max-model-len", "512",
-                     "--uvicorn-log-level", "warning"], dict(os.environ))
-    try:
-        assert served.model == "SmolLM2-135M-Instruct"
-        ids = [m["id"] for m in httpx.get(served.url + "/v1/models").json()["data"]]
-        assert ids[0] == "SmolLM2-135M-Instruct" and {"sql-lora", "pirate-lora"} <= set(ids)
-        r = httpx.post(served.url + "/v1/completions", timeout=120,
-                       json={"model": "sql-lora", "prompt": "SELECT", "max_tokens": 8, "temperature": 0})
-        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
-    finally:
-        served.stop()
-
-
 def test_serve_help_describes_every_flag_once():
     """Every flag has a description, and a default shows once (none for flags whose help says it)."""
     helptext = run_cli("serve", "--help").stdout
