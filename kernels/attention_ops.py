@@ -34,7 +34,7 @@ _DECODE_GATHER_BYTES = 256 << 20
 def check_paged_attention_args(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                block_tables: torch.Tensor, seq_lens: torch.Tensor,
                                query_start_loc: torch.Tensor, out: torch.Tensor | None,
-                               sliding_window: int | None) -> None:
+                               sliding_window: int | None, softcap: float | None = None) -> None:
     """Shape/dtype/device checks shared by both backends; never syncs with the device."""
     if q.dim() != 3:
         raise ValueError(f"paged_attention: q must be [num_tokens, num_heads, head_dim], got {tuple(q.shape)}")
@@ -73,6 +73,25 @@ def check_paged_attention_args(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
                          f"{tuple(out.shape)} {out.dtype} on {out.device}")
     if sliding_window is not None and (not isinstance(sliding_window, int) or sliding_window <= 0):
         raise ValueError(f"paged_attention: sliding_window must be a positive int or None, got {sliding_window!r}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"paged_attention: softcap must be a positive float or None, got {softcap!r}")
+
+
+def _sdpa(q, k, v, mask, scale, softcap, is_causal=False):
+    """SDPA, or with a soft cap (Gemma 2: scores = tanh(scores / softcap) * softcap before the mask and softmax)
+    the same product written out, since SDPA has no hook between the scores and the softmax.
+
+    q: [..., q_len, head_dim]; k, v: [..., L, head_dim]; mask: bool, broadcastable to [..., q_len, L], or None.
+    """
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
+    scores = torch.tanh(torch.matmul(q, k.transpose(-1, -2)) * (scale / softcap)) * softcap  # [..., q_len, L]
+    if is_causal:
+        q_len, length = scores.shape[-2], scores.shape[-1]
+        mask = torch.ones(q_len, length, dtype=torch.bool, device=q.device).tril(length - q_len)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(scores.softmax(-1), v)
 
 
 def _gather_kv(cache: torch.Tensor, tables: torch.Tensor, length: int) -> torch.Tensor:
@@ -82,7 +101,8 @@ def _gather_kv(cache: torch.Tensor, tables: torch.Tensor, length: int) -> torch.
     return blocks.flatten(-4, -3)[..., :length, :, :]
 
 
-def _decode_batch(q, k_cache, v_cache, block_tables, seq_lens, tokens, seqs, max_len, scale, sliding_window, out):
+def _decode_batch(q, k_cache, v_cache, block_tables, seq_lens, tokens, seqs, max_len, scale, sliding_window, softcap,
+                  out):
     # One SDPA over all decode sequences: K/V padded to the longest one and masked per row.
     num_heads, head_dim = q.shape[1], q.shape[2]
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
@@ -105,11 +125,11 @@ def _decode_batch(q, k_cache, v_cache, block_tables, seq_lens, tokens, seqs, max
         mask &= pos[None, :] >= (lens - sliding_window)[:, None]
     # The query heads of one KV head ride in SDPA's query-length dim, so K/V are never repeated for GQA.
     qb = q[tok_idx].float().view(len(seqs), num_kv_heads, group, head_dim)  # [B, num_kv_heads, group, head_dim]
-    o = F.scaled_dot_product_attention(qb, k, v, attn_mask=mask[:, None, None, :], scale=scale)
+    o = _sdpa(qb, k, v, mask[:, None, None, :], scale, softcap)
     out[tok_idx] = o.reshape(len(seqs), num_heads, head_dim).to(out.dtype)
 
 
-def _prefill_one(q, k_cache, v_cache, block_table, start, q_len, seq_len, scale, sliding_window, out):
+def _prefill_one(q, k_cache, v_cache, block_table, start, q_len, seq_len, scale, sliding_window, softcap, out):
     num_heads, head_dim = q.shape[1], q.shape[2]
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -123,14 +143,14 @@ def _prefill_one(q, k_cache, v_cache, block_table, start, q_len, seq_len, scale,
     ctx = seq_len - q_len
     if ctx == 0 and (sliding_window is None or sliding_window >= seq_len):
         # Plain causal prompt: SDPA's built-in causal mask is cheaper than materialising one.
-        o = F.scaled_dot_product_attention(qs, k, v, is_causal=True, scale=scale)
+        o = _sdpa(qs, k, v, None, scale, softcap, is_causal=True)
     else:
         q_pos = torch.arange(ctx, seq_len, device=q.device)[:, None]  # [q_len, 1]
         k_pos = torch.arange(seq_len, device=q.device)[None, :]  # [1, L]
         mask = k_pos <= q_pos  # [q_len, L]
         if sliding_window is not None:
             mask &= k_pos > q_pos - sliding_window
-        o = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, scale=scale)
+        o = _sdpa(qs, k, v, mask, scale, softcap)
     # o: [num_kv_heads, group, q_len, head_dim]
     out[start:start + q_len] = o.permute(2, 0, 1, 3).reshape(q_len, num_heads, head_dim).to(out.dtype)
 
@@ -138,13 +158,15 @@ def _prefill_one(q, k_cache, v_cache, block_table, start, q_len, seq_len, scale,
 def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                         seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float,
                         out: torch.Tensor | None = None, max_query_len: int | None = None,
-                        max_seq_len: int | None = None, sliding_window: int | None = None) -> torch.Tensor:
+                        max_seq_len: int | None = None, sliding_window: int | None = None,
+                        softcap: float | None = None) -> torch.Tensor:
     """Torch paged attention (fp32 math); same contract as :func:`paged_attention`.
 
     Reads seq_lens/query_start_loc on the host (one sync), so it is not CUDA-graph capturable.
     Rows of padding sequences (seq_len 0) and tokens outside query_start_loc come back as zeros.
     """
-    check_paged_attention_args(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, sliding_window)
+    check_paged_attention_args(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, sliding_window,
+                               softcap)
     if out is None:
         out = torch.zeros_like(q)  # [num_tokens, num_heads, head_dim]
     else:
@@ -158,7 +180,7 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         nonlocal decode_max
         if decode_seqs:
             _decode_batch(q, k_cache, v_cache, block_tables, seq_lens, decode_tokens, decode_seqs, decode_max,
-                          scale, sliding_window, out)
+                          scale, sliding_window, softcap, out)
         decode_tokens.clear()
         decode_seqs.clear()
         decode_max = 0
@@ -170,7 +192,8 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         if q_len > seq_len:
             raise ValueError(f"paged_attention: sequence {s} has {q_len} query tokens but seq_len {seq_len}")
         if q_len > 1:
-            _prefill_one(q, k_cache, v_cache, block_tables[s], start, q_len, seq_len, scale, sliding_window, out)
+            _prefill_one(q, k_cache, v_cache, block_tables[s], start, q_len, seq_len, scale, sliding_window, softcap,
+                         out)
             continue
         new_max = max(decode_max, seq_len)
         if decode_seqs and (len(decode_seqs) + 1) * new_max * row_bytes > _DECODE_GATHER_BYTES:
@@ -201,7 +224,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float,
                     out: torch.Tensor | None = None, max_query_len: int | None = None,
                     max_seq_len: int | None = None, sliding_window: int | None = None,
-                    backend: str = "auto") -> torch.Tensor:
+                    backend: str = "auto", softcap: float | None = None) -> torch.Tensor:
     """Causal varlen attention of this step's queries over the paged KV cache (prefill, decode or both).
 
     q:               [num_tokens, num_heads, head_dim], num_heads a multiple of num_kv_heads
@@ -209,6 +232,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     block_tables:    [num_seqs, max_blocks_per_seq] int32
     seq_lens:        [num_seqs] int32, context length including this step's tokens; 0 = padding sequence
     query_start_loc: [num_seqs + 1] int32; query i of seq s sits at position seq_lens[s] - q_len + i
+    softcap:         None, or Gemma 2's attention logit soft cap: scores = tanh(scores / softcap) * softcap
     Returns out [num_tokens, num_heads, head_dim] in q's dtype. ``backend="auto"`` honours LORAPLEX_KERNELS.
     """
     if _resolve_backend(backend, q) == "triton":
@@ -216,7 +240,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     else:
         impl = paged_attention_ref
     return impl(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out=out,
-                max_query_len=max_query_len, max_seq_len=max_seq_len, sliding_window=sliding_window)
+                max_query_len=max_query_len, max_seq_len=max_seq_len, sliding_window=sliding_window, softcap=softcap)
 
 
 def __getattr__(name: str):

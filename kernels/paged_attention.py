@@ -25,9 +25,9 @@ __all__ = ["paged_attention_triton"]
 
 @triton.jit
 def _attend_tile(q, q_pos, m_i, l_i, acc, t, kv_end, table_row, k_base, v_base, dim, dim_ok, qk_scale,
-                 sliding_window, stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
+                 softcap, sliding_window, stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
                  BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, SLIDING: tl.constexpr, MASK: tl.constexpr,
-                 UPCAST: tl.constexpr):
+                 UPCAST: tl.constexpr, SOFTCAP: tl.constexpr):
     """One online-softmax step over keys [t * TILE_N, (t + 1) * TILE_N).
 
     MASK=False is for tiles every row of the block sees in full (below the causal diagonal, no window): they skip
@@ -54,6 +54,12 @@ def _attend_tile(q, q_pos, m_i, l_i, acc, t, kv_end, table_row, k_base, v_base, 
 
     # "ieee" keeps fp32 inputs off TF32; for fp16/bf16 inputs it is ignored.
     s = tl.dot(q, k, input_precision="ieee") * qk_scale  # [BLOCK_M, TILE_N]
+    if SOFTCAP:
+        # qk_scale is scale / softcap here and softcap carries log2(e): s = tanh(scores / cap) * cap, in base 2.
+        # tanh from exp2 of -2|x| (never overflows; no libdevice, so the interpreter runs it too).
+        e = tl.exp2(tl.abs(s) * -2.885390081777927)  # exp(-2|x|); 2.885... = 2 * log2(e)
+        th = (1.0 - e) / (1.0 + e)
+        s = tl.where(s < 0, -th, th) * softcap
     if MASK:
         visible = k_ok[None, :] & (k_pos[None, :] <= q_pos[:, None])
         if SLIDING:
@@ -72,30 +78,33 @@ def _attend_tile(q, q_pos, m_i, l_i, acc, t, kv_end, table_row, k_base, v_base, 
 
 @triton.jit
 def _attend_tiles(q, q_pos, m_i, l_i, acc, tile_begin, tile_end, kv_end, table_row, k_base, v_base, dim, dim_ok,
-                  qk_scale, sliding_window, stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
+                  qk_scale, softcap, sliding_window, stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
                   BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, SLIDING: tl.constexpr, MASK: tl.constexpr,
-                  UPCAST: tl.constexpr, INTERPRET: tl.constexpr):
+                  UPCAST: tl.constexpr, SOFTCAP: tl.constexpr, INTERPRET: tl.constexpr):
     if INTERPRET:
         # The interpreter (numpy >= 2.4) cannot take tensor bounds in range(); compiled code keeps the for loop,
         # which Triton software-pipelines.
         t = tile_begin
         while t < tile_end:
             m_i, l_i, acc = _attend_tile(q, q_pos, m_i, l_i, acc, t, kv_end, table_row, k_base, v_base, dim, dim_ok,
-                                         qk_scale, sliding_window, stride_kb, stride_ks, stride_kd,
-                                         stride_vb, stride_vs, stride_vd, BLOCK_SIZE, TILE_N, SLIDING, MASK, UPCAST)
+                                         qk_scale, softcap, sliding_window, stride_kb, stride_ks, stride_kd,
+                                         stride_vb, stride_vs, stride_vd, BLOCK_SIZE, TILE_N, SLIDING, MASK, UPCAST,
+                                         SOFTCAP)
             t += 1
     else:
         for t in range(tile_begin, tile_end):
             m_i, l_i, acc = _attend_tile(q, q_pos, m_i, l_i, acc, t, kv_end, table_row, k_base, v_base, dim, dim_ok,
-                                         qk_scale, sliding_window, stride_kb, stride_ks, stride_kd,
-                                         stride_vb, stride_vs, stride_vd, BLOCK_SIZE, TILE_N, SLIDING, MASK, UPCAST)
+                                         qk_scale, softcap, sliding_window, stride_kb, stride_ks, stride_kd,
+                                         stride_vb, stride_vs, stride_vd, BLOCK_SIZE, TILE_N, SLIDING, MASK, UPCAST,
+                                         SOFTCAP)
     return m_i, l_i, acc
 
 
 @triton.jit
 def _paged_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
-    qk_scale,  # softmax scale * log2(e): the kernel works in base 2
+    qk_scale,  # softmax scale * log2(e): the kernel works in base 2 (with SOFTCAP: scale / softcap)
+    softcap,  # with SOFTCAP: the cap * log2(e)
     sliding_window,
     stride_qt, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
@@ -111,6 +120,7 @@ def _paged_attention_kernel(
     BLOCK_M: tl.constexpr,  # BLOCK_Q * GROUP_P rows, >= 16 for tl.dot
     TILE_N: tl.constexpr,  # keys per inner iteration
     SLIDING: tl.constexpr,
+    SOFTCAP: tl.constexpr,  # Gemma 2's attention logit soft cap: tanh(scores / cap) * cap before the softmax
     UPCAST: tl.constexpr,  # compute in fp32 (the interpreter's bf16 arithmetic is wrong)
     INTERPRET: tl.constexpr,  # the interpreter (numpy >= 2.4) cannot take tensor bounds in range()
 ):
@@ -158,13 +168,13 @@ def _paged_attention_kernel(
     k_base = k_cache_ptr + kv_head * stride_kh
     v_base = v_cache_ptr + kv_head * stride_vh
     m_i, l_i, acc = _attend_tiles(q, q_pos, m_i, l_i, acc, tile_begin, num_full, kv_end, table_row, k_base, v_base,
-                                  dim, dim_ok, qk_scale, sliding_window, stride_kb, stride_ks, stride_kd,
+                                  dim, dim_ok, qk_scale, softcap, sliding_window, stride_kb, stride_ks, stride_kd,
                                   stride_vb, stride_vs, stride_vd, BLOCK_SIZE, TILE_N, SLIDING, False, UPCAST,
-                                  INTERPRET)
+                                  SOFTCAP, INTERPRET)
     m_i, l_i, acc = _attend_tiles(q, q_pos, m_i, l_i, acc, num_full, num_tiles, kv_end, table_row, k_base, v_base,
-                                  dim, dim_ok, qk_scale, sliding_window, stride_kb, stride_ks, stride_kd,
+                                  dim, dim_ok, qk_scale, softcap, sliding_window, stride_kb, stride_ks, stride_kd,
                                   stride_vb, stride_vs, stride_vd, BLOCK_SIZE, TILE_N, SLIDING, True, UPCAST,
-                                  INTERPRET)
+                                  SOFTCAP, INTERPRET)
 
     acc = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     o_off = (q_start + tok).to(tl.int64)[:, None] * stride_ot + head[:, None] * stride_oh
@@ -191,14 +201,16 @@ def _launch_config(group_p: int, head_dim_p: int, max_query_len: int, num_progra
 def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                            seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float,
                            out: torch.Tensor | None = None, max_query_len: int | None = None,
-                           max_seq_len: int | None = None, sliding_window: int | None = None) -> torch.Tensor:
+                           max_seq_len: int | None = None, sliding_window: int | None = None,
+                           softcap: float | None = None) -> torch.Tensor:
     """Triton paged attention; same contract as ``loraplex.kernels.attention_ops.paged_attention``.
 
     Pass ``max_query_len`` (a host int, 1 for decode) to keep the launch free of host syncs (CUDA graphs);
     ``max_seq_len`` is accepted for API parity but unused, since key loops are bounded by seq_lens in the kernel.
     Rows of padding sequences (seq_len 0) are written as zeros; tokens outside query_start_loc are not written.
     """
-    check_paged_attention_args(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, sliding_window)
+    check_paged_attention_args(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, sliding_window,
+                               softcap)
     num_tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     if head_dim > 256:
@@ -223,13 +235,16 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                                                             num_seqs * num_kv_heads, interpret)
     block_q = block_m // group_p
     grid = (num_seqs, num_kv_heads, cdiv(max_query_len, block_q))
+    log2e = math.log2(math.e)
+    # With a soft cap the scale goes in before the tanh and log2(e) after it (the cap multiplies the tanh).
+    qk_scale, cap = (scale * log2e, 0.0) if softcap is None else (scale / softcap, softcap * log2e)
     _paged_attention_kernel[grid](
         q, k_cache, v_cache, out, block_tables, seq_lens, query_start_loc,
-        scale * math.log2(math.e), sliding_window or 0,
+        qk_scale, cap, sliding_window or 0,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(), block_tables.stride(0),
         GROUP=group, GROUP_P=group_p, HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p, BLOCK_SIZE=block_size,
         BLOCK_Q=block_q, BLOCK_M=block_m, TILE_N=tile_n, SLIDING=sliding_window is not None,
-        UPCAST=interpret or q.dtype == torch.float32, INTERPRET=interpret,
+        SOFTCAP=softcap is not None, UPCAST=interpret or q.dtype == torch.float32, INTERPRET=interpret,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out

@@ -24,13 +24,15 @@ class AttentionMetadata:
 
 class Attention(nn.Module):
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, sliding_window: int | None = None,
-                 backend: str = "auto", scale: float | None = None):
+                 backend: str = "auto", scale: float | None = None, softcap: float | None = None):
         super().__init__()
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = head_dim ** -0.5 if scale is None else scale
+        # Per layer: Gemma alternates windowed and full layers, so each layer's Attention carries its own.
         self.sliding_window = sliding_window
+        self.softcap = softcap  # Gemma 2: scores = tanh(scores / softcap) * softcap before the softmax
         self.backend = backend
         # Views into the engine's KV cache, attached by the model runner once it is sized.
         self.k_cache: torch.Tensor | None = None  # [num_blocks, block_size, num_kv_heads, head_dim]
@@ -46,4 +48,4 @@ class Attention(nn.Module):
         return paged_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens,
                                meta.query_start_loc, self.scale, max_query_len=meta.max_query_len,
                                max_seq_len=meta.max_seq_len, sliding_window=self.sliding_window,
-                               backend=self.backend)
+                               backend=self.backend, softcap=self.softcap)

@@ -73,8 +73,8 @@ def make_case(specs, num_heads, num_kv_heads, head_dim, block_size, dtype, devic
     return Case(specs, to(q), to(k_cache), to(v_cache), to(block_tables), to(seq_lens), to(qsl), keys, values)
 
 
-def oracle(case: Case, scale: float, sliding_window=None) -> torch.Tensor:
-    """Contiguous K/V per sequence, explicit causal (+window) mask, fp64 math."""
+def oracle(case: Case, scale: float, sliding_window=None, softcap=None) -> torch.Tensor:
+    """Contiguous K/V per sequence, explicit causal (+window) mask, optional soft cap, fp64 math."""
     q = case.q.cpu().double()
     group = q.shape[1] // case.keys[0].shape[1] if case.keys else 1
     out = torch.zeros_like(q)
@@ -84,6 +84,8 @@ def oracle(case: Case, scale: float, sliding_window=None) -> torch.Tensor:
             k = case.keys[s].double().repeat_interleave(group, dim=1)  # [seq_len, num_heads, head_dim]
             v = case.values[s].double().repeat_interleave(group, dim=1)
             scores = torch.einsum("qhd,khd->hqk", q[start:start + q_len], k) * scale
+            if softcap is not None:
+                scores = torch.tanh(scores / softcap) * softcap
             q_pos = torch.arange(seq_len - q_len, seq_len)[:, None]
             k_pos = torch.arange(seq_len)[None, :]
             mask = k_pos <= q_pos
@@ -135,6 +137,26 @@ def test_sliding_window(backend, sliding_window):
     case = make_case(MIXED, 4, 2, 64, 16, torch.float32, seed=2)
     check(run(backend, case, 0.125, sliding_window=sliding_window), oracle(case, 0.125, sliding_window),
           torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("softcap,sliding_window", [(2.0, None), (0.5, 5), (50.0, None)])
+def test_softcap(backend, softcap, sliding_window):
+    # Gemma 2's attention logit soft cap over decode, padding, prefill and prefill-with-context rows (MIXED), with
+    # and without a window. Scale 1.0 on N(0, 1) q/k gives scores of a few units: caps of 0.5 and 2 change the
+    # softmax a lot, 50 barely (the tanh near 0 must not lose precision).
+    case = make_case(MIXED, 4, 2, 32, 16, torch.float32, seed=8)
+    out = run(backend, case, 1.0, sliding_window=sliding_window, softcap=softcap)
+    check(out, oracle(case, 1.0, sliding_window, softcap), torch.float32)
+    if softcap < 10:  # the cap matters: uncapped attention is far from it
+        assert (out.double() - oracle(case, 1.0, sliding_window)).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_softcap_bf16_long_prefill(backend):
+    # Several query blocks and full (unmasked) key tiles: the soft cap must apply on the MASK=False path too.
+    case = make_case([(40, 40), (33, 70), (1, 50)], 4, 2, 32, 16, torch.bfloat16, seed=9)
+    check(run(backend, case, 0.5, softcap=3.0), oracle(case, 0.5, softcap=3.0), torch.bfloat16)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -208,6 +230,8 @@ def test_argument_errors():
         paged_attention_ref(q, kc, vc, bt.float(), sl, qsl, 1.0)
     with pytest.raises(ValueError, match="sliding_window"):
         paged_attention_ref(q, kc, vc, bt, sl, qsl, 1.0, sliding_window=0)
+    with pytest.raises(ValueError, match="softcap"):
+        paged_attention_ref(q, kc, vc, bt, sl, qsl, 1.0, softcap=0.0)
     with pytest.raises(ValueError, match="out"):
         paged_attention_ref(q, kc, vc, bt, sl, qsl, 1.0, out=torch.empty(3, 4, 32))
     cache, k = torch.zeros(4, 16, 2, 32), torch.randn(3, 2, 32)
