@@ -76,6 +76,22 @@ def make_tiny_model(out_dir, arch: str = "llama", seed: int = 0, **overrides) ->
         cfg = transformers.GraniteConfig(**{**common, "embedding_multiplier": 6.0, "attention_multiplier": 0.05,
                                             "residual_multiplier": 0.5, "logits_scaling": 4.0})
         cls = transformers.GraniteForCausalLM
+    elif arch in ("gemma2", "gemma3"):
+        # Caps small enough to bind (scores and logits here are a few units), a window shorter than most prompts,
+        # a query_pre_attn_scalar other than head_dim, tied embeddings as Gemma ships them.
+        gemma = dict(common, num_hidden_layers=3, head_dim=16, hidden_activation="gelu_pytorch_tanh",
+                     query_pre_attn_scalar=10, sliding_window=8, final_logit_softcapping=1.5, tie_word_embeddings=True)
+        if arch == "gemma2":
+            cfg = transformers.Gemma2Config(**gemma, attn_logit_softcapping=0.8,
+                                            layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+            cls = transformers.Gemma2ForCausalLM
+        else:
+            # Gemma 3's 5:1 pattern cut to 2:1; local rope base 10k against 1M (linear-scaled) on the full layers.
+            cfg = transformers.Gemma3TextConfig(**gemma, layer_types=[
+                "sliding_attention", "sliding_attention", "full_attention"], rope_parameters={
+                "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1_000_000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}})
+            cls = transformers.Gemma3ForCausalLM
     else:
         raise ValueError(arch)
     for key, value in overrides.items():
@@ -87,6 +103,8 @@ def make_tiny_model(out_dir, arch: str = "llama", seed: int = 0, **overrides) ->
         for name, p in model.named_parameters():
             if p.dim() == 2:
                 p.normal_(0.0, 0.08)
+            elif arch.startswith("gemma") and "norm" in name:  # x * (1 + w) with w = 0 hides which norm is which
+                p.normal_(0.0, 0.3)
     model.save_pretrained(out_dir, safe_serialization=True)
     _tiny_tokenizer(out_dir)
     return out_dir

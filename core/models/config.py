@@ -14,6 +14,9 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen3ForCausalLM": "qwen3",
     # Llama with four scalars: embeddings, attention scores, residual branches and logits (Granite 3.x).
     "GraniteForCausalLM": "granite",
+    # Their own blocks (core/models/gemma.py): four norms, GeLU, soft-capping, sliding-window layers.
+    "Gemma2ForCausalLM": "gemma2",
+    "Gemma3ForCausalLM": "gemma3",
 }
 # A tower + connector before one of the decoders above: vision (core/models/llava.py), speech
 # (core/models/granite_speech.py).
@@ -47,6 +50,15 @@ class ModelConfig:
     attention_multiplier: float | None = None
     residual_multiplier: float = 1.0
     logits_scaling: float = 1.0
+    # Gemma 2 / 3 (core/models/gemma.py). Soft caps: x = tanh(x / cap) * cap on attention scores before the softmax,
+    # on the final logits. layer_types: per layer "sliding_attention" (sliding_window applies) or "full_attention";
+    # empty: sliding_window applies to every layer (Mistral). local_rope_*: the sliding layers' rope (Gemma 3's
+    # rope_local_base_freq), None: the full layers' one.
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
+    layer_types: tuple[str, ...] = ()
+    local_rope_theta: float | None = None
+    local_rope_scaling: dict = field(default_factory=dict)
     # Fused Triton RMSNorm / rotary / SiLU·mul on CUDA (LORAPLEX_FUSED_OPS=1). Off by default: experimental.
     fused_ops: bool = False
     # Multi-modal models: the placeholder token that the processor expands, one per feature row of an image
@@ -61,6 +73,12 @@ class ModelConfig:
     @property
     def modalities(self) -> tuple[str, ...]:
         return tuple(m for m, t in (("image", self.image_token_id), ("audio", self.audio_token_id)) if t is not None)
+
+    def layer_window(self, layer_idx: int) -> int | None:
+        """The sliding window of one layer (None: full attention)."""
+        if self.layer_types and self.layer_types[layer_idx] != "sliding_attention":
+            return None
+        return self.sliding_window
 
     @property
     def q_size(self) -> int:
@@ -94,7 +112,8 @@ class ModelConfig:
         if arch is None:
             model_type = getattr(hf_config, "model_type", None)
             by_type = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                       "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "granite": "GraniteForCausalLM"}
+                       "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "granite": "GraniteForCausalLM",
+                       "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
             arch = by_type.get(model_type) if not archs else None
         if arch is None:
             raise UnsupportedModelError(
@@ -105,7 +124,7 @@ class ModelConfig:
         kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
         head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
         act = getattr(hf_config, "hidden_act", "silu")
-        if act not in ("silu", "swish"):
+        if act not in ("silu", "swish") and family not in ("gemma2", "gemma3"):  # Gemma: read in _gemma_fields
             raise UnsupportedModelError(f"unsupported activation {act!r}")
         rope = dict(getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {})
         theta = rope.get("rope_theta") or getattr(hf_config, "rope_theta", None) or 10000.0
@@ -118,7 +137,7 @@ class ModelConfig:
             raise UnsupportedModelError("mlp_bias=True (a bias on gate/up/down) is not supported")
         eos = getattr(hf_config, "eos_token_id", None)
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
-        return cls(
+        cfg = cls(
             architecture=arch,
             vocab_size=hf_config.vocab_size,
             hidden_size=hf_config.hidden_size,
@@ -143,3 +162,44 @@ class ModelConfig:
                 residual_multiplier=float(hf_config.residual_multiplier),
                 logits_scaling=float(hf_config.logits_scaling))),
         )
+        return dataclasses.replace(cfg, **_gemma_fields(hf_config, family)) if family.startswith("gemma") else cfg
+
+
+def _gemma_fields(hf_config, family: str) -> dict:
+    """Gemma 2 / 3's fields over the Llama ones, from transformers 5's config (4.x's spellings where they differ)."""
+    act = getattr(hf_config, "hidden_activation", None) or getattr(hf_config, "hidden_act", "gelu_pytorch_tanh")
+    if act != "gelu_pytorch_tanh":
+        raise UnsupportedModelError(f"unsupported Gemma hidden_activation {act!r} (gelu_pytorch_tanh is)")
+    for name in ("use_bidirectional_attention", "attention_bias"):
+        if getattr(hf_config, name, False):
+            raise UnsupportedModelError(f"Gemma with {name}=True is not supported")
+    num_layers = hf_config.num_hidden_layers
+    # Without layer_types (transformers 4.x): every pattern-th layer is full, the others sliding.
+    pattern = 2 if family == "gemma2" else getattr(hf_config, "_sliding_window_pattern",
+                                                   getattr(hf_config, "sliding_window_pattern", 6))
+    types = tuple(getattr(hf_config, "layer_types", None)
+                  or ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(num_layers)])
+    unknown = set(types) - {"sliding_attention", "full_attention"}
+    if unknown or len(types) != num_layers:
+        raise UnsupportedModelError(f"unsupported Gemma layer_types {sorted(unknown) or len(types)}")
+    fields = dict(hidden_act=act, layer_types=types, sliding_window=getattr(hf_config, "sliding_window", None),
+                  attention_multiplier=float(hf_config.query_pre_attn_scalar) ** -0.5,
+                  final_logit_softcapping=_float_or_none(getattr(hf_config, "final_logit_softcapping", None)),
+                  # HF's Gemma 3 has the field but never applies it; its q/k norms replace the cap.
+                  attn_logit_softcapping=_float_or_none(getattr(hf_config, "attn_logit_softcapping", None))
+                  if family == "gemma2" else None,
+                  qk_norm=family == "gemma3")
+    if family == "gemma3":
+        rope = getattr(hf_config, "rope_parameters", None) or {}
+        if "full_attention" in rope:  # transformers 5: one rope per layer type, scaling on the full layers
+            full, local = dict(rope["full_attention"]), dict(rope.get("sliding_attention") or {})
+        else:  # 4.x: rope_theta / rope_scaling for the full layers, rope_local_base_freq for the sliding ones
+            full = {**(getattr(hf_config, "rope_scaling", None) or {}), "rope_theta": hf_config.rope_theta}
+            local = {"rope_theta": getattr(hf_config, "rope_local_base_freq", 10000.0)}
+        fields.update(rope_theta=float(full.get("rope_theta", 1_000_000.0)), rope_scaling=full,
+                      local_rope_theta=float(local.get("rope_theta", 10000.0)), local_rope_scaling=local)
+    return fields
+
+
+def _float_or_none(value) -> float | None:
+    return None if value is None else float(value)

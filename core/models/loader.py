@@ -10,6 +10,7 @@ import torch
 
 from loraplex.errors import UnsupportedModelError
 from loraplex.models.config import ModelConfig
+from loraplex.models.gemma import GemmaForCausalLM
 from loraplex.models.llama import LlamaForCausalLM
 from loraplex.models.granite_speech import GraniteSpeechForConditionalGeneration
 from loraplex.models.llava import LlavaForConditionalGeneration
@@ -20,7 +21,10 @@ _HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", 
 # Multi-modal architectures: a tower and connector (transformers' modules) in front of our decoder.
 _MM_CLASSES = {"LlavaForConditionalGeneration": LlavaForConditionalGeneration,
                "GraniteSpeechForConditionalGeneration": GraniteSpeechForConditionalGeneration}
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp|input_layernorm|post_attention_layernorm)\.?(.*)$")
+# Text decoders with blocks of their own; the others are LlamaForCausalLM.
+_TEXT_CLASSES = {"Gemma2ForCausalLM": GemmaForCausalLM, "Gemma3ForCausalLM": GemmaForCausalLM}
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp|input_layernorm|post_attention_layernorm"
+                    r"|pre_feedforward_layernorm|post_feedforward_layernorm)\.?(.*)$")  # the last two: Gemma
 
 
 def resolve_model_path(model: str, revision: str | None = None, download_dir: str | None = None) -> Path:
@@ -152,7 +156,8 @@ def _new_model(cfg: ModelConfig, hf_config, attn_backend: str, dtype, device) ->
     cls = _MM_CLASSES.get(cfg.architecture)
     if cls is not None:
         return cls(cfg, hf_config, attn_backend=attn_backend, dtype=dtype, device=device)
-    return LlamaForCausalLM(cfg, attn_backend=attn_backend, dtype=dtype, device=device)
+    cls = _TEXT_CLASSES.get(cfg.architecture, LlamaForCausalLM)
+    return cls(cfg, attn_backend=attn_backend, dtype=dtype, device=device)
 
 
 def default_tokenizer_path(path: Path) -> tuple[str, dict]:
