@@ -23,7 +23,9 @@ from loraplex.kernels._triton_utils import slot_block
 __all__ = ["lora_expand_triton"]
 
 
-@triton.jit
+# num_tokens (and the buffer's strides over it) change every step: no variant per value class (== 1, % 16),
+# which would compile in the middle of serving.
+@triton.jit(do_not_specialize=["num_tokens", "stride_up", "stride_us"])
 def _lora_expand_kernel(
     buf_ptr, b_ptr, out_ptr, offsets_ptr, sorted_ids_ptr, counts_ptr, starts_ptr, ranks_ptr, pages_ptr,
     num_tokens, total_out,

@@ -22,7 +22,8 @@ from loraplex.kernels import _triton_utils as tu
 __all__ = ["lora_expand_decode"]
 
 
-@triton.jit
+# The buffer's strides over tokens change with the batch: no variant per value class (see lora_expand).
+@triton.jit(do_not_specialize=["stride_up", "stride_us"])
 def _expand_decode_kernel(
     buf_ptr, b_ptr, out_ptr, offsets_ptr, slots_ptr, ranks_ptr, pages_ptr, total_out,
     stride_up, stride_us, stride_ut, stride_ur,

@@ -26,7 +26,9 @@ from loraplex.kernels.lora_ops import check_shrink_args
 __all__ = ["lora_shrink_triton"]
 
 
-@triton.jit
+# num_tokens (and the output's strides over it) change every step: no variant per value class (== 1, % 16),
+# which would compile in the middle of serving.
+@triton.jit(do_not_specialize=["num_tokens", "stride_op", "stride_os"])
 def _lora_shrink_kernel(
     x_ptr, a_ptr, out_ptr, sorted_ids_ptr, counts_ptr, starts_ptr, ranks_ptr, pages_ptr,
     num_tokens, scale,

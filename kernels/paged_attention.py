@@ -100,7 +100,9 @@ def _attend_tiles(q, q_pos, m_i, l_i, acc, tile_begin, tile_end, kv_end, table_r
     return m_i, l_i, acc
 
 
-@triton.jit
+# The block-table width changes from step to step (the longest sequence's blocks): specialising on it (== 1,
+# % 16) would compile a new variant in the middle of serving, a stall of over a second on an H200.
+@triton.jit(do_not_specialize=["stride_bt"])
 def _paged_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
     qk_scale,  # softmax scale * log2(e): the kernel works in base 2 (with SOFTCAP: scale / softcap)
