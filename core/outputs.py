@@ -35,7 +35,8 @@ class RequestOutput:
     """One request's result after a step. With the default ``RequestOutputKind.CUMULATIVE`` each output holds
     everything so far; with DELTA, ``outputs`` holds only the samples with something new, each with only the new
     text, token ids and logprobs (``prompt_logprobs`` once); with FINAL_ONLY, outputs are empty until the
-    final, cumulative one. ``metrics["first_token_time"]``: time.monotonic() of the first generated token."""
+    final, cumulative one. ``metrics["first_token_time"]``: time.monotonic() of the first generated token.
+    ``num_cached_tokens``: prompt tokens its first sequence found in the prefix cache when it was admitted."""
 
     request_id: str
     prompt: str | None
@@ -48,6 +49,8 @@ class RequestOutput:
     # Why the request ended early, when it did not run at all (an adapter that failed to load); the server
     # answers it with this error's status. None for every request that ran.
     error: Exception | None = None
+    # Prompt tokens found in the prefix cache when the request was admitted (vLLM's num_cached_tokens).
+    num_cached_tokens: int | None = None
 
     @property
     def num_generated_tokens(self) -> int:

@@ -77,6 +77,7 @@ class Sequence:
     # as a digest; the hashes of its full blocks so far; how many of its blocks are in the cache's index; and
     # how many prompt tokens its last admission found cached.
     cache_key: bytes = b""
+    cache_salt: str | None = None  # the request's salt (vLLM's cache_salt), part of cache_key
     block_hashes: list[bytes] = field(default_factory=list)
     num_registered_blocks: int = 0
     num_cached_tokens: int = 0

@@ -63,10 +63,12 @@ def mm_digest(mm_inputs: dict | None) -> bytes:
     return h.digest()
 
 
-def cache_key(lora_model, mm_inputs: dict | None, mm_hash: bytes | None = None) -> bytes:
-    """A sequence's cache key: what besides its tokens decides its K/V."""
+def cache_key(lora_model, mm_inputs: dict | None, mm_hash: bytes | None = None, salt: str | None = None) -> bytes:
+    """A sequence's cache key: what besides its tokens decides its K/V, and the request's cache salt (vLLM's
+    ``cache_salt``: only requests with the same salt share blocks, so one tenant cannot time another's prompts)."""
     digest = mm_hash if mm_hash is not None else mm_digest(mm_inputs)
-    return hashlib.blake2b(version_id(lora_model).to_bytes(8, "little") + digest, digest_size=16).digest()
+    salted = b"" if salt is None else b"salt" + salt.encode("utf-8", "surrogatepass")
+    return hashlib.blake2b(version_id(lora_model).to_bytes(8, "little") + digest + salted, digest_size=16).digest()
 
 
 def block_hash(parent: bytes, token_ids: list[int], key: bytes) -> bytes:

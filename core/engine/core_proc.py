@@ -67,8 +67,8 @@ def main(args, lora_modules: list, address: str, conn, progress: bool, log_level
 
 # The commands a front end may send (ServingCore methods), each with how its msgpack arguments are decoded.
 _DECODE = {
-    "add": lambda requests: ([(rid, ids, params_from_wire(p), lora, mm_from_wire(mm))
-                              for rid, ids, p, lora, mm in requests],),
+    "add": lambda requests: ([(rid, ids, params_from_wire(p), lora, mm_from_wire(mm), salt)
+                              for rid, ids, p, lora, mm, salt in requests],),
     "abort": lambda ids: (ids,),
     "stop_samples": lambda samples: (samples,),
     "load_adapter": lambda *args: args,

@@ -28,8 +28,7 @@ logger = logging.getLogger("loraplex.engine")
 # Keys of a prompt dict (vLLM's TextPrompt / TokensPrompt). None: served; a string: why it is refused.
 _PROMPT_KEYS = {"prompt": None, "prompt_token_ids": None,
                 "multi_modal_data": "this model is text-only",
-                "mm_processor_kwargs": "per-request processor arguments are not supported",
-                "cache_salt": "the prefix cache is keyed by adapter version, not by salt"}
+                "mm_processor_kwargs": "per-request processor arguments are not supported"}
 _UNKNOWN_PROMPT_KEY = "a prompt dict takes 'prompt' or 'prompt_token_ids'"
 
 
@@ -130,6 +129,12 @@ class LLMEngine:
         if params.prompt_logprobs is not None and params.prompt_logprobs > self.args.max_logprobs:
             raise InvalidRequestError(f"Requested prompt logprobs of {params.prompt_logprobs}, which is greater "
                                       f"than max allowed: {self.args.max_logprobs}")
+        salt = None
+        if isinstance(prompt, dict) and "cache_salt" in prompt:
+            salt = prompt["cache_salt"]
+            if not isinstance(salt, str) or not salt:
+                raise InvalidRequestError("Parameter 'cache_salt' must be a non-empty string if provided.")
+            prompt = {k: v for k, v in prompt.items() if k != "cache_salt"}
         if mm_inputs is not None:
             if self.mm is None:
                 raise UnsupportedArgumentError("mm_inputs", "this model is text-only")
@@ -159,6 +164,7 @@ class LLMEngine:
                          priority=priority, mm_inputs=mm_inputs) for i in range(params.n)]
         self.outputs.attach_prompt_logprobs(seqs)
         for seq in seqs:
+            seq.cache_salt = salt
             self.outputs.attach(seq)
             self.scheduler.add(seq)
         self.requests[request_id] = seqs

@@ -136,7 +136,8 @@ class OutputProcessor:
         prompt, prompt_ids, lora_request = self.meta[request_id]
         if kind is RequestOutputKind.FINAL_ONLY and not all(s.is_finished for s in seqs):
             # LLMEngine.step() reports every request it touched: a FINAL_ONLY one gets an empty placeholder.
-            return RequestOutput(request_id, prompt, prompt_ids, [], False, lora_request, metrics=_metrics(seqs))
+            return RequestOutput(request_id, prompt, prompt_ids, [], False, lora_request, metrics=_metrics(seqs),
+                                 num_cached_tokens=seqs[0].num_cached_tokens)
         outs = []
         for s in seqs:
             ids = list(s.output_token_ids)  # like vLLM, a final EOS stays in token_ids (never in the text)
@@ -150,7 +151,7 @@ class OutputProcessor:
         slot = seqs[0].prompt_logprobs
         return RequestOutput(request_id, prompt, prompt_ids, outs, finished, lora_request,
                              prompt_logprobs=list(slot.value) if slot is not None and slot.value is not None else None,
-                             metrics=_metrics(seqs))
+                             metrics=_metrics(seqs), num_cached_tokens=seqs[0].num_cached_tokens)
 
     def _delta_output(self, request_id: str, seqs: list[Sequence]) -> RequestOutput:
         """What is new since this request's previous output: per sample the new token ids, their logprobs and
@@ -191,4 +192,5 @@ class OutputProcessor:
         if not sent.prompt_logprobs and slot is not None and slot.value is not None:
             prompt_logprobs, sent.prompt_logprobs = slot.value, True
         return RequestOutput(request_id, prompt, prompt_ids, outs, all(s.is_finished for s in seqs), lora_request,
-                             prompt_logprobs=prompt_logprobs, metrics=_metrics(seqs))
+                             prompt_logprobs=prompt_logprobs, metrics=_metrics(seqs),
+                             num_cached_tokens=seqs[0].num_cached_tokens)

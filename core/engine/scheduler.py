@@ -61,17 +61,18 @@ class Scheduler:
         self._order: list[Sequence] | None = None  # policy order of `waiting`, until it changes
         self._waiting_epoch = 0  # bumped whenever `waiting` changes
         self._prefetched_at: tuple | None = None
-        self._last_key: tuple | None = None  # (lora_model, mm_inputs, key): a request's n sequences share one
+        self._last_key: tuple | None = None  # (lora_model, mm_inputs, salt, key): a request's n sequences share one
 
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
         if self.block_manager.is_caching:
             last = self._last_key
-            if last is not None and last[0] is seq.lora_model and last[1] is seq.mm_inputs:
-                seq.cache_key = last[2]
+            if (last is not None and last[0] is seq.lora_model and last[1] is seq.mm_inputs
+                    and last[2] == seq.cache_salt):
+                seq.cache_key = last[3]
             else:
-                seq.cache_key = cache_key(seq.lora_model, seq.mm_inputs)
-                self._last_key = (seq.lora_model, seq.mm_inputs, seq.cache_key)
+                seq.cache_key = cache_key(seq.lora_model, seq.mm_inputs, salt=seq.cache_salt)
+                self._last_key = (seq.lora_model, seq.mm_inputs, seq.cache_salt, seq.cache_key)
         self._enqueue(seq)
 
     def _enqueue(self, seq: Sequence) -> None:

@@ -88,11 +88,13 @@ class ServingCore:
         return dataclasses.replace(current.request, load_inplace=False)
 
     def add(self, requests: list) -> None:
-        """Add ``[(request_id, prompt_token_ids, params, lora_name, mm_inputs or None), ...]``, all or nothing."""
+        """Add ``[(request_id, prompt_token_ids, params, lora_name, mm_inputs or None, cache_salt or None), ...]``,
+        all or nothing."""
         engine, added = self.engine, []
         try:
-            for rid, ids, params, lora_name, mm in requests:
-                engine.add_request(rid, {"prompt_token_ids": ids}, core_params(params),
+            for rid, ids, params, lora_name, mm, salt in requests:
+                prompt = {"prompt_token_ids": ids} if salt is None else {"prompt_token_ids": ids, "cache_salt": salt}
+                engine.add_request(rid, prompt, core_params(params),
                                    lora_request=self.lora_request(lora_name), mm_inputs=mm)
                 added.append(rid)
         except BaseException:

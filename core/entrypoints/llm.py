@@ -134,5 +134,9 @@ class LLM:
     def list_loras(self) -> list[LoRARequest]:
         return self.llm_engine.list_loras()
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix block (vLLM's ``LLM.reset_prefix_cache``); False while requests run."""
+        return self.llm_engine.reset_prefix_cache()
+
     def pin_lora(self, lora_name_or_id) -> bool:
         return self.llm_engine.pin_lora(lora_name_or_id)

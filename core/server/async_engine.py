@@ -100,7 +100,8 @@ class EngineClient:
             self._routes[rid] = group
         group.ids = ids
         try:
-            await self._call("add", [(rid, p["prompt_token_ids"], params, lora_name, p.get("mm"))
+            await self._call("add", [(rid, p["prompt_token_ids"], params, lora_name, p.get("mm"),
+                                      p.get("cache_salt"))
                                      for rid, p in zip(ids, prompts)])
         except BaseException as e:
             for rid in ids:

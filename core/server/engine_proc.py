@@ -260,7 +260,8 @@ class ProcEngineClient(EngineClient):
         if self._push is None:
             raise EngineUnavailableError("The engine client is not started")
         if kind == "add":
-            args = ([[rid, ids, params_to_wire(p), lora, mm_to_wire(mm)] for rid, ids, p, lora, mm in args[0]],)
+            args = ([[rid, ids, params_to_wire(p), lora, mm_to_wire(mm), salt]
+                     for rid, ids, p, lora, mm, salt in args[0]],)
         elif kind == "add_resolved":
             args = (lora_to_wire(args[0]),)
         self._push.send(pack([kind, self._out_address, call_id, *args]), flags=zmq.NOBLOCK, copy=False)

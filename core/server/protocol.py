@@ -92,6 +92,7 @@ _SAMPLING_FIELDS = frozenset({
     "min_tokens", "presence_penalty", "frequency_penalty", "repetition_penalty", "ignore_eos", "stop",
     "stop_token_ids", "skip_special_tokens", "include_stop_str_in_output", "logit_bias", "tools", "response_format",
     "user",  # the OpenAI API's end-user id: informational only, in vLLM too
+    "cache_salt",  # vLLM's: only requests with the same salt share prefix-cache blocks
 })
 COMPLETION_FIELDS = _SAMPLING_FIELDS | {"prompt", "max_tokens", "logprobs", "echo", "suffix", "prompt_logprobs"}
 CHAT_FIELDS = _SAMPLING_FIELDS | {"messages", "max_tokens", "max_completion_tokens", "logprobs", "top_logprobs",
@@ -190,6 +191,7 @@ class GenerateRequest:
     echo: bool = False       # completions: the prompt (and, with logprobs, its logprobs) before the completion
     echo_only: bool = False  # echo with max_tokens 0: the prompt alone (one token is generated and not shown)
     media: list = field(default_factory=list)  # chat: a MediaRef per media part, in order (read later)
+    cache_salt: str | None = None
 
 
 def _validation_error(message: str, param: str, value=None) -> APIError:
@@ -209,6 +211,13 @@ def _check_logprobs(value, kind: str, param: str, max_logprobs: int) -> None:
         shown = "-1 (the whole vocabulary)" if value == -1 else value
         raise _validation_error(f"Requested {kind} logprobs of {shown}, which is greater than max allowed: "
                                 f"{max_logprobs}", param, value)
+
+
+def _cache_salt(body: dict) -> str | None:
+    value = _get(body, "cache_salt", "str")
+    if value is not None and not value:
+        raise _validation_error("Parameter 'cache_salt' must be a non-empty string if provided.", "cache_salt")
+    return None if value is None else _text(value, "cache_salt")
 
 
 def _prompt_logprobs(body: dict, stream: bool, max_logprobs: int) -> int | None:
@@ -293,7 +302,8 @@ def parse_completion(body: dict, max_logprobs: int, limits: RequestLimits = DEFA
     echo_only = echo and max_tokens == 0
     params = _sampling(body, 1 if echo_only else max_tokens, logprobs, max_logprobs, prompt_logprobs)
     req = GenerateRequest(model, params, stream, include_usage, prompts=prompts,
-                          logprobs=logprobs is not None, top_logprobs=logprobs or 0, echo=echo, echo_only=echo_only)
+                          logprobs=logprobs is not None, top_logprobs=logprobs or 0, echo=echo, echo_only=echo_only,
+                          cache_salt=_cache_salt(body))
     _check_limits(req, limits, max_model_len)
     return req
 
@@ -368,7 +378,7 @@ def parse_chat(body: dict, max_logprobs: int, limits: RequestLimits = DEFAULT_LI
             raise _bad(param, "a string", kwargs["chat_template"])
     kwargs["add_generation_prompt"] = _get(body, "add_generation_prompt", "bool", True)
     req = GenerateRequest(model, params, stream, include_usage, messages=messages, chat_kwargs=kwargs,
-                          media=refs, logprobs=want_logprobs, top_logprobs=top or 0)
+                          media=refs, logprobs=want_logprobs, top_logprobs=top or 0, cache_salt=_cache_salt(body))
     _check_limits(req, limits, max_model_len)
     return req
 

@@ -48,6 +48,7 @@ async def prepare_prompts(req: GenerateRequest, state) -> tuple[list[dict], list
                     prompts.append({"prompt_token_ids": list(p)})
         for p in prompts:
             _check_length(max_model_len, p["prompt_token_ids"], req.params.max_tokens)
+            p["cache_salt"] = req.cache_salt
         echo = []
         if req.echo:
             if tok is None:

@@ -167,6 +167,49 @@ def test_inplace_reload_in_flight_finds_nothing_of_the_old_version(tiny_llama, a
     _check_consistent(engine)
 
 
+def test_cache_salt_separates_tenants(tiny_llama):
+    """vLLM's cache_salt: only requests with the same salt share blocks (the base model's and an unsalted
+    request's are not found either); the output carries num_cached_tokens; a bad salt is refused."""
+    from loraplex.errors import InvalidRequestError
+
+    engine = _engine(tiny_llama)
+    prompt, cold = _ids(70, 6), None
+
+    def run(rid, salt=None):
+        body = {"prompt_token_ids": prompt, **({"cache_salt": salt} if salt is not None else {})}
+        engine.add_request(rid, body, GREEDY)
+        while engine.has_unfinished_requests():
+            for o in engine.step():
+                if o.finished and o.request_id == rid:
+                    return o
+
+    first = run("s1", salt="tenant-1")
+    assert first.num_cached_tokens == 0
+    assert run("s2", salt="tenant-2").num_cached_tokens == 0
+    assert run("u", salt=None).num_cached_tokens == 0
+    again = run("s1b", salt="tenant-1")
+    assert again.num_cached_tokens == 64 and again.outputs[0].token_ids == first.outputs[0].token_ids
+    assert run("u2").num_cached_tokens == 64
+    for bad in ("", 3, None):
+        with pytest.raises(InvalidRequestError, match="cache_salt"):
+            engine.add_request(f"bad{bad!r}", {"prompt_token_ids": prompt, "cache_salt": bad}, GREEDY)
+    assert engine.get_num_unfinished_requests() == 0
+    assert cache_key(None, None, salt="x") != cache_key(None, None, salt="y") != cache_key(None, None)
+    assert engine.reset_prefix_cache() and run("s1c", salt="tenant-1").num_cached_tokens == 0
+    _check_consistent(engine)
+
+
+def test_llm_reset_prefix_cache(tiny_llama):
+    from loraplex import LLM
+
+    llm = LLM(str(tiny_llama), max_model_len=256, block_size=BS, max_num_seqs=4)
+    prompt = {"prompt_token_ids": _ids(40, 8)}
+    assert llm.generate(prompt, GREEDY)[0].num_cached_tokens == 0
+    assert llm.generate(prompt, GREEDY)[0].num_cached_tokens == 32
+    assert llm.reset_prefix_cache() is True
+    assert llm.generate(prompt, GREEDY)[0].num_cached_tokens == 0
+
+
 def test_cache_key_units():
     class Version:  # stands in for a LoRAModel: hashed by identity
         pass

@@ -66,7 +66,7 @@ def test_extreme_seeds_still_generate(llm):
         assert [len(o.token_ids) for o in out.outputs] == [3, 3]
 
 
-@pytest.mark.parametrize("key", ["multi_modal_data", "mm_processor_kwargs", "cache_salt", "promt"])
+@pytest.mark.parametrize("key", ["multi_modal_data", "mm_processor_kwargs", "promt"])
 def test_prompt_keys_refused(llm, key):
     with pytest.raises(UnsupportedArgumentError) as info:
         llm.generate({"prompt": "Hi", key: {"image": None}}, SamplingParams(max_tokens=2))

@@ -39,3 +39,40 @@ def test_prefix_cache_counters(server):
     for model in ("tiny", "a1"):
         assert sample(text, "loraplex_prefix_cache_queries_total", model=model) == 160
         assert sample(text, "loraplex_prefix_cache_hits_total", model=model) == 64
+
+
+def test_cache_salt_over_http(server):
+    """vLLM's cache_salt on both endpoints: only the same salt finds the blocks; a bad one is a 400 naming it."""
+    c = httpx.Client(base_url=server.url, timeout=60)
+    prompt = "".join(chr(97 + (7 * i) % 26) for i in range(80))
+
+    def hits() -> float:
+        text = c.get("/metrics").text
+        return sample(text, "loraplex_prefix_cache_hits_total", model="tiny") if 'model="tiny"' in text else 0.0
+
+    def post(salt, chat=False):
+        body = {"model": "tiny", "max_tokens": 2, "temperature": 0, "ignore_eos": True, "cache_salt": salt}
+        if chat:
+            body["messages"] = [{"role": "user", "content": prompt}]
+        else:
+            body["prompt"] = prompt
+        r = c.post("/v1/chat/completions" if chat else "/v1/completions", json=body)
+        return r
+
+    def settled(before: float, want: float) -> float:
+        deadline = time.monotonic() + 10
+        while (now := hits()) - before != want and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return now - before
+
+    for chat in (False, True):
+        start = hits()
+        assert post(f"t1-{chat}", chat).status_code == 200
+        assert post(f"t2-{chat}", chat).status_code == 200  # another tenant: nothing of t1's
+        assert settled(start, 0) == 0
+        assert post(f"t1-{chat}", chat).status_code == 200
+        assert settled(start, 64) >= 64  # the same salt: its full blocks but the last
+    for bad in ("", 3, ["x"]):
+        r = post(bad)
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == "cache_salt"
