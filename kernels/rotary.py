@@ -57,13 +57,18 @@ if HAS_TRITON:
 
 
 def rotary_ref(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """q: [num_tokens, num_heads, head_dim], k: [num_tokens, num_kv_heads, head_dim]; cos/sin: [max_pos, head_dim/2]."""
+    """q: [num_tokens, num_heads, head_dim], k: [num_tokens, num_kv_heads, head_dim]; cos/sin: [max_pos, rot/2]
+    with rot <= head_dim: the first rot dims of each head rotate (rotate-half within them), the rest pass (Phi)."""
     c = cos[positions].unsqueeze(1)
     s = sin[positions].unsqueeze(1)
+    rot_dim = 2 * cos.shape[-1]
 
     def rot(x):
-        x1, x2 = x.float().chunk(2, dim=-1)
-        return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
+        x1, x2 = x[..., :rot_dim].float().chunk(2, dim=-1)
+        parts = [x1 * c - x2 * s, x2 * c + x1 * s]
+        if rot_dim < x.shape[-1]:
+            parts.append(x[..., rot_dim:].float())
+        return torch.cat(parts, dim=-1).to(x.dtype)
 
     return rot(q), rot(k)
 
@@ -122,7 +127,9 @@ def rotary_and_cache_triton(positions, q, k, v, cos, sin, k_cache, v_cache, slot
 
 def rotary(positions, q, k, cos, sin, use_triton: bool = False):
     half = q.shape[-1] // 2
-    if use_triton and q.is_cuda and HAS_TRITON and q.shape[-1] % 2 == 0 and half & (half - 1) == 0:
+    # The fused kernel rotates whole heads: partial rotation (cos narrower than half a head) takes the reference.
+    if use_triton and q.is_cuda and HAS_TRITON and q.shape[-1] % 2 == 0 and half & (half - 1) == 0 \
+            and cos.shape[-1] == half:
         return rotary_triton(positions, q, k, cos, sin)
     return rotary_ref(positions, q, k, cos, sin)
 
@@ -132,7 +139,7 @@ def rotary_and_cache(positions, q, k, v, cos, sin, k_cache, v_cache, slot_mappin
     [num_blocks, block_size, num_kv_heads, head_dim]; slot_mapping: [num_tokens]. Returns the rotated q."""
     half = q.shape[-1] // 2
     if use_triton and q.is_cuda and HAS_TRITON and q.shape[-1] % 2 == 0 and half & (half - 1) == 0 \
-            and k_cache is not None and k_cache.is_contiguous() and v_cache.is_contiguous():
+            and cos.shape[-1] == half and k_cache is not None and k_cache.is_contiguous() and v_cache.is_contiguous():
         return rotary_and_cache_triton(positions, q, k, v, cos, sin, k_cache, v_cache, slot_mapping)
     q, k = rotary_ref(positions, q, k, cos, sin)
     write_kv_cache(k, v, k_cache, v_cache, slot_mapping)

@@ -92,6 +92,20 @@ def make_tiny_model(out_dir, arch: str = "llama", seed: int = 0, **overrides) ->
                 "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1_000_000.0},
                 "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}})
             cls = transformers.Gemma3ForCausalLM
+    elif arch == "phi3":
+        # Phi-3-mini's shape in small: fused qkv / gate_up, a sliding window shorter than most prompts, half of
+        # each head rotated.
+        cfg = transformers.Phi3Config(**{**common, "sliding_window": 12, "rope_parameters": {
+            "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}})
+        cls = transformers.Phi3ForCausalLM
+    elif arch == "phi4mini":
+        # Phi-4-mini's rope: LongRoPE (short factors up to the pre-training length 256, whose attention factor
+        # sqrt(1 + ln 2 / ln 256) scales cos and sin) on 3/4 of each head.
+        cfg = transformers.Phi3Config(**{**common, "head_dim": 16, "original_max_position_embeddings": 256, "rope_parameters": {
+            "rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+            "short_factor": [1.0, 1.3, 1.9, 2.6, 3.2, 4.1], "long_factor": [2.0, 3.0, 5.0, 8.0, 13.0, 21.0],
+            "original_max_position_embeddings": 256}})
+        cls = transformers.Phi3ForCausalLM
     else:
         raise ValueError(arch)
     for key, value in overrides.items():

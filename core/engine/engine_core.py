@@ -104,10 +104,18 @@ def build_engine_parts(args: EngineArgs, progress: bool = False) -> dict:
     dtype = pick_dtype(args.dtype, hf_config, device)
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    max_model_len = args.max_model_len or model_config.max_position_embeddings
+    limit = model_config.max_served_len
+    if args.max_model_len is None and limit < model_config.max_position_embeddings:
+        logger.info("max_model_len defaults to %d: LongRoPE's pre-training length (longer sequences would need the "
+                    "long factors)", limit)
+    max_model_len = args.max_model_len or limit
     if max_model_len > model_config.max_position_embeddings:
         raise ConfigError(f"EngineArgs.max_model_len must be <= the model's max_position_embeddings "
                           f"({model_config.max_position_embeddings}), got {max_model_len}", "max_model_len")
+    if max_model_len > limit:
+        raise ConfigError(f"EngineArgs.max_model_len must be <= {limit} for this model: past its LongRoPE "
+                          f"original_max_position_embeddings the long rope factors apply, which loraplex does not "
+                          f"implement, got {max_model_len}", "max_model_len")
     is_cuda = device.type == "cuda"
     if args.max_num_batched_tokens is None:
         # Chunked prefill bounds a step by the budget, not by the longest prompt.

@@ -14,13 +14,15 @@ from loraplex.kernels.lora_ops import add_lora, lora_buffer, lora_expand, lora_s
 
 class Linear(nn.Module):
     def __init__(self, in_features: int, out_sizes: list[int], bias: bool = False,
-                 names: list[str] | None = None, dtype=None, device=None):
+                 names: list[str] | None = None, dtype=None, device=None, fused_name: str | None = None):
         super().__init__()
         self.in_features = in_features
         self.out_sizes = list(out_sizes)
         self.out_features = sum(out_sizes)
         # HF module names of the slices, e.g. ["q_proj", "k_proj", "v_proj"]
         self.names = list(names or [])
+        # The HF module that holds every slice at once where a checkpoint fuses them (Phi-3's qkv_proj).
+        self.fused_name = fused_name
         offsets = [0]
         for size in out_sizes:
             offsets.append(offsets[-1] + size)
@@ -45,9 +47,12 @@ class Linear(nn.Module):
         self.lora_slice_offsets = torch.tensor(self.offsets, dtype=torch.int32, device=self.weight.device)
 
     def load_weight(self, name: str, tensor: torch.Tensor, kind: str = "weight") -> None:
-        """Copy one HF module's weight (or bias) into its slice."""
-        i = self.slice_of(name) if self.names else 0
-        lo, hi = self.offsets[i], self.offsets[i + 1]
+        """Copy one HF module's weight (or bias) into its slice, or into all of them for the fused module."""
+        if name == self.fused_name:
+            lo, hi = 0, self.out_features
+        else:
+            i = self.slice_of(name) if self.names else 0
+            lo, hi = self.offsets[i], self.offsets[i + 1]
         target = self.weight if kind == "weight" else self.bias
         if target is None:
             raise ValueError(f"{name} has no {kind}")

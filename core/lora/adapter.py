@@ -32,7 +32,8 @@ def _tower_key(key: str) -> tuple[str, str] | None:
         path = path.removeprefix(prefix)
     return (path, rest[:1]) if path.startswith(_TOWER_ROOTS) else None
 _KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
-_ALL_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_ALL_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                "qkv_proj", "gate_up_proj")  # the last two: checkpoints that fuse them (Phi-3)
 
 
 _PARSED: dict[str, tuple[int, str, str] | None] = {}  # every adapter of a model repeats the same few hundred keys
@@ -227,7 +228,9 @@ def plan_adapter(layout: PageLayout, config: dict, tensors: dict[str, torch.Tens
             raise LoRALoadError(f"{where}: lora_A and lora_B must both be present", name)
         a, b = ab["A"], ab["B"]
         seg = layout.segment(layer, module)
-        b_lo, b_hi = seg.b_span(module)
+        # A fused module (Phi-3's qkv_proj) covers every slice of its packed linear: B spans them all.
+        slices = (module,) if module in seg.names else seg.names
+        b_lo, b_hi = seg.b_span(slices[0])[0], seg.b_span(slices[-1])[1]
         rank = a.shape[0] if a.dim() == 2 else -1
         if rank == 0:
             raise LoRALoadError(f"{where}: rank 0 (empty lora_A)", name)
@@ -241,7 +244,10 @@ def plan_adapter(layout: PageLayout, config: dict, tensors: dict[str, torch.Tens
             raise LoRARankError(f"{where}: rank {rank} exceeds max_lora_rank {max_lora_rank}", name)
         alpha = _pattern_value(config.get("alpha_pattern"), f"model.layers.{layer}.{module}", alpha_default, name)
         scale = alpha / math.sqrt(rank) if rslora else alpha / rank
-        pieces.append(_Piece(f"{layer}.{module}", a, b, float(scale), seg.a_span(module), (b_lo, b_hi)))
+        for sub in slices:  # one A per slice (the same one for a fused module), B split by slice rows
+            lo, hi = seg.b_span(sub)
+            sub_b = b if len(slices) == 1 else b[lo - b_lo: hi - b_lo]
+            pieces.append(_Piece(f"{layer}.{sub}", a, sub_b, float(scale), seg.a_span(sub), (lo, hi)))
         max_rank = max(max_rank, rank)
     # An adapter of the tower alone still takes one (zero) page row, so that it has a pool entry like any other.
     return AdapterPlan(name, max(max_rank, 1), pieces, tower_plan)

@@ -5,6 +5,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from loraplex.errors import UnsupportedModelError
+from loraplex.layers.rotary import longrope_original_len
 
 # Architectures our model code implements; all are Llama-shaped decoders.
 SUPPORTED_ARCHITECTURES = {
@@ -17,6 +18,8 @@ SUPPORTED_ARCHITECTURES = {
     # Their own blocks (core/models/gemma.py): four norms, GeLU, soft-capping, sliding-window layers.
     "Gemma2ForCausalLM": "gemma2",
     "Gemma3ForCausalLM": "gemma3",
+    # Llama with fused qkv_proj / gate_up_proj in the checkpoint and partial rotary (core/models/phi3.py).
+    "Phi3ForCausalLM": "phi3",
 }
 # A tower + connector before one of the decoders above: vision (core/models/llava.py), speech
 # (core/models/granite_speech.py).
@@ -42,6 +45,8 @@ class ModelConfig:
     attention_bias: bool = False  # bias on q/k/v (Qwen2, some Llamas)
     qk_norm: bool = False  # per-head RMSNorm on q and k (Qwen3)
     sliding_window: int | None = None
+    # Phi: the share of each head that rotary rotates (the first int(head_dim * factor) dims).
+    partial_rotary_factor: float = 1.0
     eos_token_ids: tuple[int, ...] = ()
     hidden_act: str = "silu"
     # Granite's multipliers (1.0 / None elsewhere): x = embed * embedding_multiplier; softmax scale
@@ -81,6 +86,18 @@ class ModelConfig:
         return self.sliding_window
 
     @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def max_served_len(self) -> int:
+        """The longest sequence served: max_position_embeddings, or with LongRoPE its pre-training length (past
+        it HF switches every position to the long factors, which a KV cache written with the short ones cannot
+        follow)."""
+        original = longrope_original_len(self.rope_scaling)
+        return min(original, self.max_position_embeddings) if original else self.max_position_embeddings
+
+    @property
     def q_size(self) -> int:
         return self.num_attention_heads * self.head_dim
 
@@ -90,6 +107,7 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, hf_config) -> "ModelConfig":
+        _refuse_quantized(hf_config)
         archs = list(getattr(hf_config, "architectures", None) or [])
         if "GraniteSpeechForConditionalGeneration" in archs or (not archs and hf_config.model_type == "granite_speech"):
             # Speech encoder and Q-Former projector before a Granite decoder: the decoder's fields are text_config's,
@@ -113,7 +131,7 @@ class ModelConfig:
             model_type = getattr(hf_config, "model_type", None)
             by_type = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                        "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "granite": "GraniteForCausalLM",
-                       "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
+                       "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM"}
             arch = by_type.get(model_type) if not archs else None
         if arch is None:
             raise UnsupportedModelError(
@@ -129,12 +147,20 @@ class ModelConfig:
         rope = dict(getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {})
         theta = rope.get("rope_theta") or getattr(hf_config, "rope_theta", None) or 10000.0
         window = None
-        if family == "mistral":
+        if family in ("mistral", "phi3"):
             window = getattr(hf_config, "sliding_window", None)
         elif family in ("qwen2", "qwen3") and getattr(hf_config, "use_sliding_window", False):
             raise UnsupportedModelError("Qwen sliding-window attention (use_sliding_window=True) is not supported")
         if getattr(hf_config, "mlp_bias", False):
             raise UnsupportedModelError("mlp_bias=True (a bias on gate/up/down) is not supported")
+        partial = float(rope.get("partial_rotary_factor", getattr(hf_config, "partial_rotary_factor", None) or 1.0))
+        if longrope_original_len({**rope, "original_max_position_embeddings": 0}) is not None:
+            # transformers 4.x keeps the pre-training length beside rope_scaling, 5.x inside rope_parameters.
+            original = rope.get("original_max_position_embeddings") or getattr(
+                hf_config, "original_max_position_embeddings", None)
+            if not original:
+                raise UnsupportedModelError("longrope rope scaling without original_max_position_embeddings")
+            rope["original_max_position_embeddings"] = int(original)
         eos = getattr(hf_config, "eos_token_id", None)
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
         cfg = cls(
@@ -154,6 +180,7 @@ class ModelConfig:
             attention_bias=family == "qwen2" or bool(getattr(hf_config, "attention_bias", False)),
             qk_norm=family == "qwen3",
             sliding_window=window,
+            partial_rotary_factor=partial,
             eos_token_ids=eos_ids,
             hidden_act=act,
             **({} if family != "granite" else dict(
@@ -163,6 +190,29 @@ class ModelConfig:
                 logits_scaling=float(hf_config.logits_scaling))),
         )
         return dataclasses.replace(cfg, **_gemma_fields(hf_config, family)) if family.startswith("gemma") else cfg
+
+
+# quantization_config["quant_method"] -> why it is refused. Refused at start, before any weight is read: a quantized
+# checkpoint loaded as if it were not fails on its first packed tensor, or worse, runs on garbage.
+_QUANT_METHODS = {
+    "bitsandbytes": "bitsandbytes NF4 / FP4 / int8 bases are not supported yet; load the bf16 base",
+    "fp8": "FP8 checkpoints are not supported yet; load the bf16 base",
+    "compressed-tensors": "compressed-tensors (FP8 / INT8 / W4A16) checkpoints are not supported yet",
+    "gptq": "GPTQ checkpoints are not supported",
+    "awq": "AWQ checkpoints are not supported",
+}
+
+
+def _refuse_quantized(hf_config) -> None:
+    configs = [hf_config] + [getattr(hf_config, n) for n in ("text_config",) if getattr(hf_config, n, None)]
+    for config in configs:
+        quant = getattr(config, "quantization_config", None)
+        if not quant:
+            continue
+        method = (quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None))
+        method = str(getattr(method, "value", method) or "unknown").lower()
+        why = _QUANT_METHODS.get(method, "quantized checkpoints are not supported")
+        raise UnsupportedModelError(f"quantization_config with quant_method {method!r}: {why}")
 
 
 def _gemma_fields(hf_config, family: str) -> dict:

@@ -1,4 +1,4 @@
-"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM, Granite) over a flat token batch and paged KV
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM, Granite; Phi-3 in phi3.py) over a flat token batch and paged KV
 cache."""
 from __future__ import annotations
 
@@ -31,13 +31,13 @@ class LlamaAttention(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.qkv_proj = Linear(cfg.hidden_size, [cfg.q_size, cfg.kv_size, cfg.kv_size], bias=cfg.attention_bias,
-                               names=["q_proj", "k_proj", "v_proj"], dtype=dtype, device=device)
+                               names=["q_proj", "k_proj", "v_proj"], dtype=dtype, device=device, fused_name="qkv_proj")
         self.o_proj = Linear(cfg.q_size, [cfg.hidden_size], names=["o_proj"], dtype=dtype, device=device)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype, device, cfg.fused_ops)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype, device, cfg.fused_ops)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling,
-                                      fused=cfg.fused_ops)
+                                      fused=cfg.fused_ops, rotary_dim=cfg.rotary_dim)
         self.attn = Attention(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
                               cfg.sliding_window, attn_backend, scale=cfg.attention_multiplier)
 
@@ -60,7 +60,7 @@ class LlamaMLP(nn.Module):
     def __init__(self, cfg: ModelConfig, dtype, device):
         super().__init__()
         self.gate_up_proj = Linear(cfg.hidden_size, [cfg.intermediate_size] * 2, names=["gate_proj", "up_proj"],
-                                   dtype=dtype, device=device)
+                                   dtype=dtype, device=device, fused_name="gate_up_proj")
         self.down_proj = Linear(cfg.intermediate_size, [cfg.hidden_size], names=["down_proj"], dtype=dtype,
                                 device=device)
         self.fused = cfg.fused_ops

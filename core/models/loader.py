@@ -14,6 +14,7 @@ from loraplex.models.gemma import GemmaForCausalLM
 from loraplex.models.llama import LlamaForCausalLM
 from loraplex.models.granite_speech import GraniteSpeechForConditionalGeneration
 from loraplex.models.llava import LlavaForConditionalGeneration
+from loraplex.models.phi3 import Phi3ForCausalLM
 
 logger = logging.getLogger("loraplex.models")
 
@@ -22,7 +23,8 @@ _HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", 
 _MM_CLASSES = {"LlavaForConditionalGeneration": LlavaForConditionalGeneration,
                "GraniteSpeechForConditionalGeneration": GraniteSpeechForConditionalGeneration}
 # Text decoders with blocks of their own; the others are LlamaForCausalLM.
-_TEXT_CLASSES = {"Gemma2ForCausalLM": GemmaForCausalLM, "Gemma3ForCausalLM": GemmaForCausalLM}
+_TEXT_CLASSES = {"Gemma2ForCausalLM": GemmaForCausalLM, "Gemma3ForCausalLM": GemmaForCausalLM,
+                 "Phi3ForCausalLM": Phi3ForCausalLM}
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp|input_layernorm|post_attention_layernorm"
                     r"|pre_feedforward_layernorm|post_feedforward_layernorm)\.?(.*)$")  # the last two: Gemma
 

@@ -47,7 +47,8 @@ def run_staggered(engine: LLMEngine, prompts, params, arrivals):
     return [results[i] for i in range(len(prompts))]
 
 
-@pytest.mark.parametrize("arch", ["llama", "llama3", "mistral", "qwen2", "qwen3", "granite", "gemma2", "gemma3"])
+@pytest.mark.parametrize("arch", ["llama", "llama3", "mistral", "qwen2", "qwen3", "granite", "gemma2", "gemma3",
+                                  "phi3", "phi4mini"])
 def test_greedy_matches_hf(tiny_model_factory, arch):
     path = tiny_model_factory(arch)
     expected = hf_greedy(path, PROMPTS)

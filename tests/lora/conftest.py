@@ -16,6 +16,17 @@ ADAPTER_SPECS = {
     32: (["up_proj", "down_proj", "q_proj"], {}),
 }
 
+# Phi-3's checkpoints fuse q/k/v and gate/up, so PEFT targets the fused modules.
+_FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
+          "up_proj": "gate_up_proj"}
+
+
+def _fused(targets, extra: dict):
+    if not isinstance(targets, str):
+        targets = list(dict.fromkeys(_FUSED.get(t, t) for t in targets))
+    extra = {k: {_FUSED.get(m, m): v for m, v in p.items()} if isinstance(p, dict) else p for k, p in extra.items()}
+    return targets, extra
+
 
 @pytest.fixture(scope="session")
 def adapter_factory(tmp_path_factory, tiny_model_factory):
@@ -26,6 +37,8 @@ def adapter_factory(tmp_path_factory, tiny_model_factory):
         key = (arch, rank, seed)
         if key not in cache:
             targets, extra = ADAPTER_SPECS[rank]
+            if arch.startswith("phi"):
+                targets, extra = _fused(targets, extra)
             out = tmp_path_factory.mktemp(f"lora-{arch}-r{rank}-s{seed}")
             cache[key] = make_peft_adapter(tiny_model_factory(arch), out, rank=rank, targets=targets, seed=seed,
                                            **extra)
