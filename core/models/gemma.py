@@ -15,7 +15,7 @@ from loraplex.layers.attention import Attention, AttentionMetadata
 from loraplex.layers.linear import Linear
 from loraplex.layers.rotary import RotaryEmbedding
 from loraplex.models.config import ModelConfig
-from loraplex.models.llama import LlamaForCausalLM
+from loraplex.models.llama import LlamaAttention, LlamaForCausalLM
 
 
 class GemmaRMSNorm(nn.Module):
@@ -32,10 +32,13 @@ class GemmaRMSNorm(nn.Module):
         return (xf * (1.0 + self.weight.float())).to(x.dtype)
 
 
-class GemmaAttention(nn.Module):
+class GemmaAttention(LlamaAttention):
+    """Llama's forward over Gemma's parts: Gemma norms on q/k (Gemma 3), a rotary shared by the layers of one
+    kind, the layer's own window and the attention soft cap (Gemma 2)."""
+
     def __init__(self, cfg: ModelConfig, layer_idx: int, rotary: RotaryEmbedding, attn_backend: str, dtype,
                  device):
-        super().__init__()
+        nn.Module.__init__(self)  # not Llama's __init__: its norms, rotary and window are not Gemma's
         self.cfg = cfg
         self.qkv_proj = Linear(cfg.hidden_size, [cfg.q_size, cfg.kv_size, cfg.kv_size], names=["q_proj", "k_proj",
                                "v_proj"], dtype=dtype, device=device)
@@ -47,20 +50,6 @@ class GemmaAttention(nn.Module):
         self.attn = Attention(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
                               cfg.layer_window(layer_idx), attn_backend, scale=cfg.attention_multiplier,
                               softcap=cfg.attn_logit_softcapping)
-
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        cfg = self.cfg
-        qkv = self.qkv_proj(x)  # [num_tokens, q_size + 2 * kv_size]
-        q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
-        q = q.reshape(-1, cfg.num_attention_heads, cfg.head_dim)
-        k = k.reshape(-1, cfg.num_key_value_heads, cfg.head_dim)
-        v = v.reshape(-1, cfg.num_key_value_heads, cfg.head_dim)
-        if cfg.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        attn = self.attn
-        q = self.rotary.forward_to_cache(positions, q, k, v, attn.k_cache, attn.v_cache, meta.slot_mapping)
-        out = attn.attend(q, meta)  # [num_tokens, num_heads, head_dim]
-        return self.o_proj(out.reshape(-1, cfg.q_size))
 
 
 class GemmaMLP(nn.Module):

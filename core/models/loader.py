@@ -178,9 +178,10 @@ def build_dummy_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device
     """Random weights straight on the device: for benchmarks of real-size shapes with no checkpoint."""
     model = _new_model(cfg, hf_config, attn_backend, dtype, device)
     gen = torch.Generator(device=device).manual_seed(0)
+    unit = 0.0 if cfg.architecture.startswith("Gemma") else 1.0  # Gemma's norms scale by (1 + w)
     for name, p in model.named_parameters():
         if p.dim() == 1 and "norm" in name.lower().rsplit(".", 2)[-2] and name.endswith("weight"):
-            p.fill_(1.0)
+            p.fill_(unit)
         elif name.endswith("bias"):
             p.zero_()
         else:

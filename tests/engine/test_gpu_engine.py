@@ -55,7 +55,7 @@ def _run(engine, loras=None):
 
 
 @pytest.mark.parametrize("enforce_eager", [True, False])
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2", "gemma3", "phi3", "phi4mini"])
 def test_bf16_matches_hf(tiny_model_factory, arch, enforce_eager):
     path = tiny_model_factory(arch)
     ref = _hf(path)
@@ -66,16 +66,18 @@ def test_bf16_matches_hf(tiny_model_factory, arch, enforce_eager):
 
 
 @pytest.mark.parametrize("enforce_eager", [True, False])
-def test_bf16_lora_matches_peft(tiny_model_factory, tmp_path, enforce_eager):
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "phi3"])
+def test_bf16_lora_matches_peft(tiny_model_factory, tmp_path, arch, enforce_eager):
     import sys
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).parents[1]))
     from helpers import make_peft_adapter
 
-    path = tiny_model_factory("llama")
+    path = tiny_model_factory(arch)
+    some = ["qkv_proj", "down_proj"] if arch.startswith("phi") else ["q_proj", "v_proj", "down_proj"]
     adapters = {f"r{r}": str(make_peft_adapter(path, tmp_path / f"r{r}", rank=r, seed=r,
-                                               targets="all-linear" if r == 16 else ["q_proj", "v_proj", "down_proj"]))
+                                               targets="all-linear" if r == 16 else some))
                 for r in (4, 8, 16)}
     names = [None, "r4", "r8", "r16", None, "r16", "r4", "r8"]
     ref = _hf(path, adapters, names)
