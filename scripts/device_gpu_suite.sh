@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the device: the GPU suite, with the server's packages from carried wheels (.whl) so its GPU test runs.
-#   run (carry .whl):  bash scripts/device_gpu_suite.sh [pytest args]
+#   here: bash scripts/device_wheels.sh; on the device (carry .whl): bash scripts/device_gpu_suite.sh [pytest args]
 set -uo pipefail
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
