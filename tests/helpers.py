@@ -106,6 +106,23 @@ def make_tiny_model(out_dir, arch: str = "llama", seed: int = 0, **overrides) ->
             "short_factor": [1.0, 1.3, 1.9, 2.6, 3.2, 4.1], "long_factor": [2.0, 3.0, 5.0, 8.0, 13.0, 21.0],
             "original_max_position_embeddings": 256}})
         cls = transformers.Phi3ForCausalLM
+    elif arch == "mixtral":
+        # 4 experts, 2 per token, a window shorter than most prompts.
+        cfg = transformers.MixtralConfig(**{**common, "num_local_experts": 4, "num_experts_per_tok": 2,
+                                            "sliding_window": 12})
+        cls = transformers.MixtralForCausalLM
+    elif arch == "qwen2_moe":
+        # A shared expert behind its gate, top-k not renormalised, the first layer dense (mlp_only_layers).
+        cfg = transformers.Qwen2MoeConfig(**{**common, "num_experts": 4, "num_experts_per_tok": 2,
+                                             "moe_intermediate_size": 40, "shared_expert_intermediate_size": 56,
+                                             "norm_topk_prob": False, "mlp_only_layers": [0],
+                                             "use_sliding_window": False})
+        cls = transformers.Qwen2MoeForCausalLM
+    elif arch == "qwen3_moe":
+        cfg = transformers.Qwen3MoeConfig(**{**common, "head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2,
+                                             "moe_intermediate_size": 40, "norm_topk_prob": True,
+                                             "use_sliding_window": False})
+        cls = transformers.Qwen3MoeForCausalLM
     else:
         raise ValueError(arch)
     for key, value in overrides.items():

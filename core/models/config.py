@@ -20,6 +20,10 @@ SUPPORTED_ARCHITECTURES = {
     "Gemma3ForCausalLM": "gemma3",
     # Llama with fused qkv_proj / gate_up_proj in the checkpoint and partial rotary (core/models/phi3.py).
     "Phi3ForCausalLM": "phi3",
+    # Mixture of Experts (core/models/moe.py): Llama's attention, a router and experts in sparse layers.
+    "MixtralForCausalLM": "mixtral",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
 }
 # A tower + connector before one of the decoders above: vision (core/models/llava.py), speech
 # (core/models/granite_speech.py).
@@ -49,6 +53,14 @@ class ModelConfig:
     partial_rotary_factor: float = 1.0
     eos_token_ids: tuple[int, ...] = ()
     hidden_act: str = "silu"
+    # Mixture of Experts (core/models/moe.py): experts per sparse layer and per token, each expert's width, whether
+    # the top-k weights are renormalised, Qwen2-MoE's shared expert width (0: none), which layers are sparse.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True
+    shared_expert_intermediate_size: int = 0
+    moe_layers: tuple[bool, ...] = ()
     # Granite's multipliers (1.0 / None elsewhere): x = embed * embedding_multiplier; softmax scale
     # attention_multiplier instead of head_dim ** -0.5; residual += branch * residual_multiplier; logits / logits_scaling.
     embedding_multiplier: float = 1.0
@@ -131,7 +143,9 @@ class ModelConfig:
             model_type = getattr(hf_config, "model_type", None)
             by_type = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                        "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "granite": "GraniteForCausalLM",
-                       "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM"}
+                       "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM",
+                       "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+                       "qwen3_moe": "Qwen3MoeForCausalLM"}
             arch = by_type.get(model_type) if not archs else None
         if arch is None:
             raise UnsupportedModelError(
@@ -147,9 +161,9 @@ class ModelConfig:
         rope = dict(getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {})
         theta = rope.get("rope_theta") or getattr(hf_config, "rope_theta", None) or 10000.0
         window = None
-        if family in ("mistral", "phi3"):
+        if family in ("mistral", "phi3", "mixtral"):
             window = getattr(hf_config, "sliding_window", None)
-        elif family in ("qwen2", "qwen3") and getattr(hf_config, "use_sliding_window", False):
+        elif family.startswith("qwen") and getattr(hf_config, "use_sliding_window", False):
             raise UnsupportedModelError("Qwen sliding-window attention (use_sliding_window=True) is not supported")
         if getattr(hf_config, "mlp_bias", False):
             raise UnsupportedModelError("mlp_bias=True (a bias on gate/up/down) is not supported")
@@ -177,8 +191,9 @@ class ModelConfig:
             rope_theta=float(theta),
             rope_scaling=rope,
             tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
-            attention_bias=family == "qwen2" or bool(getattr(hf_config, "attention_bias", False)),
-            qk_norm=family == "qwen3",
+            attention_bias=(family == "qwen2" or (family == "qwen2_moe" and getattr(hf_config, "qkv_bias", True))
+                            or bool(getattr(hf_config, "attention_bias", False))),
+            qk_norm=family in ("qwen3", "qwen3_moe"),
             sliding_window=window,
             partial_rotary_factor=partial,
             eos_token_ids=eos_ids,
@@ -189,6 +204,8 @@ class ModelConfig:
                 residual_multiplier=float(hf_config.residual_multiplier),
                 logits_scaling=float(hf_config.logits_scaling))),
         )
+        if family in ("mixtral", "qwen2_moe", "qwen3_moe"):
+            return dataclasses.replace(cfg, **_moe_fields(hf_config, family))
         return dataclasses.replace(cfg, **_gemma_fields(hf_config, family)) if family.startswith("gemma") else cfg
 
 
@@ -213,6 +230,24 @@ def _refuse_quantized(hf_config) -> None:
         method = str(getattr(method, "value", method) or "unknown").lower()
         why = _QUANT_METHODS.get(method, "quantized checkpoints are not supported")
         raise UnsupportedModelError(f"quantization_config with quant_method {method!r}: {why}")
+
+
+def _moe_fields(hf_config, family: str) -> dict:
+    """Mixtral's and Qwen MoE's expert fields. Mixtral: every layer sparse, experts as wide as intermediate_size,
+    top-k always renormalised; Qwen: moe_intermediate_size, norm_topk_prob, decoder_sparse_step / mlp_only_layers."""
+    n = hf_config.num_hidden_layers
+    if family == "mixtral":
+        return dict(num_experts=hf_config.num_local_experts, num_experts_per_tok=hf_config.num_experts_per_tok,
+                    moe_intermediate_size=hf_config.intermediate_size, norm_topk_prob=True, moe_layers=(True,) * n)
+    step = getattr(hf_config, "decoder_sparse_step", 1) or 1
+    dense = set(getattr(hf_config, "mlp_only_layers", None) or [])
+    num = hf_config.num_experts
+    return dict(num_experts=num, num_experts_per_tok=hf_config.num_experts_per_tok,
+                moe_intermediate_size=hf_config.moe_intermediate_size,
+                norm_topk_prob=bool(getattr(hf_config, "norm_topk_prob", False)),
+                shared_expert_intermediate_size=(getattr(hf_config, "shared_expert_intermediate_size", 0) or 0)
+                if family == "qwen2_moe" else 0,
+                moe_layers=tuple(i not in dense and num > 0 and (i + 1) % step == 0 for i in range(n)))
 
 
 def _gemma_fields(hf_config, family: str) -> dict:

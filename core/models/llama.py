@@ -57,12 +57,12 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype, device):
+    def __init__(self, cfg: ModelConfig, dtype, device, intermediate_size: int | None = None):
         super().__init__()
-        self.gate_up_proj = Linear(cfg.hidden_size, [cfg.intermediate_size] * 2, names=["gate_proj", "up_proj"],
+        inter = intermediate_size or cfg.intermediate_size
+        self.gate_up_proj = Linear(cfg.hidden_size, [inter] * 2, names=["gate_proj", "up_proj"],
                                    dtype=dtype, device=device, fused_name="gate_up_proj")
-        self.down_proj = Linear(cfg.intermediate_size, [cfg.hidden_size], names=["down_proj"], dtype=dtype,
-                                device=device)
+        self.down_proj = Linear(inter, [cfg.hidden_size], names=["down_proj"], dtype=dtype, device=device)
         self.fused = cfg.fused_ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -70,12 +70,12 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, attn_backend: str, dtype, device):
+    def __init__(self, cfg: ModelConfig, attn_backend: str, dtype, device, mlp: nn.Module | None = None):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device, cfg.fused_ops)
         self.self_attn = LlamaAttention(cfg, attn_backend, dtype, device)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device, cfg.fused_ops)
-        self.mlp = LlamaMLP(cfg, dtype, device)
+        self.mlp = mlp if mlp is not None else LlamaMLP(cfg, dtype, device)  # a MoE block's (moe.py)
         self.residual_multiplier = cfg.residual_multiplier
 
     def forward(self, positions, x, residual, meta):
@@ -108,13 +108,16 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
         self.embed_tokens.weight.requires_grad_(False)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(cfg, attn_backend, dtype, device) for _ in range(cfg.num_hidden_layers))
+            self._decoder_layer(cfg, i, attn_backend, dtype, device) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device, cfg.fused_ops)
         if cfg.tie_word_embeddings:
             self.lm_head_weight = self.embed_tokens.weight
         else:
             self.lm_head_weight = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype,
                                                            device=device), requires_grad=False)
+
+    def _decoder_layer(self, cfg: ModelConfig, layer_idx: int, attn_backend: str, dtype, device) -> nn.Module:
+        return LlamaDecoderLayer(cfg, attn_backend, dtype, device)
 
     def lora_layer(self, layer_idx: int, module: str) -> Linear:
         obj = self.layers[layer_idx]

@@ -14,6 +14,7 @@ from loraplex.models.gemma import GemmaForCausalLM
 from loraplex.models.llama import LlamaForCausalLM
 from loraplex.models.granite_speech import GraniteSpeechForConditionalGeneration
 from loraplex.models.llava import LlavaForConditionalGeneration
+from loraplex.models.moe import MoeForCausalLM
 from loraplex.models.phi3 import Phi3ForCausalLM
 
 logger = logging.getLogger("loraplex.models")
@@ -24,9 +25,10 @@ _MM_CLASSES = {"LlavaForConditionalGeneration": LlavaForConditionalGeneration,
                "GraniteSpeechForConditionalGeneration": GraniteSpeechForConditionalGeneration}
 # Text decoders with blocks of their own; the others are LlamaForCausalLM.
 _TEXT_CLASSES = {"Gemma2ForCausalLM": GemmaForCausalLM, "Gemma3ForCausalLM": GemmaForCausalLM,
-                 "Phi3ForCausalLM": Phi3ForCausalLM}
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp|input_layernorm|post_attention_layernorm"
-                    r"|pre_feedforward_layernorm|post_feedforward_layernorm)\.?(.*)$")  # the last two: Gemma
+                 "Phi3ForCausalLM": Phi3ForCausalLM, "MixtralForCausalLM": MoeForCausalLM,
+                 "Qwen2MoeForCausalLM": MoeForCausalLM, "Qwen3MoeForCausalLM": MoeForCausalLM}
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp|block_sparse_moe|input_layernorm"
+                    r"|post_attention_layernorm|pre_feedforward_layernorm|post_feedforward_layernorm)\.?(.*)$")
 
 
 def resolve_model_path(model: str, revision: str | None = None, download_dir: str | None = None) -> Path:
@@ -121,7 +123,10 @@ def load_weights(model: LlamaForCausalLM, path: Path, progress: bool = False) ->
             rest = f"{m.group(2)}.{m.group(3)}" if m.group(3) else m.group(2)
             module, _, kind = rest.rpartition(".")
             hf_module = module.split(".")[-1]
-            if hf_module in model.LORA_MODULES:
+            own = getattr(model, "load_layer_tensor", None)  # names of the model's own, e.g. MoE experts
+            if own is not None and own(int(m.group(1)), rest, tensor):
+                pass
+            elif hf_module in model.LORA_MODULES:
                 model.lora_layer(int(m.group(1)), hf_module).load_weight(hf_module, tensor, kind)
             else:
                 target = params.get(f"layers.{m.group(1)}.{rest}")

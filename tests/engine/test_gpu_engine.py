@@ -55,7 +55,7 @@ def _run(engine, loras=None):
 
 
 @pytest.mark.parametrize("enforce_eager", [True, False])
-@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2", "gemma3", "phi3", "phi4mini"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2", "gemma3", "phi3", "phi4mini", "mixtral", "qwen2_moe"])
 def test_bf16_matches_hf(tiny_model_factory, arch, enforce_eager):
     path = tiny_model_factory(arch)
     ref = _hf(path)

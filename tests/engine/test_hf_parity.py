@@ -48,7 +48,7 @@ def run_staggered(engine: LLMEngine, prompts, params, arrivals):
 
 
 @pytest.mark.parametrize("arch", ["llama", "llama3", "mistral", "qwen2", "qwen3", "granite", "gemma2", "gemma3",
-                                  "phi3", "phi4mini"])
+                                  "phi3", "phi4mini", "mixtral", "qwen2_moe", "qwen3_moe"])
 def test_greedy_matches_hf(tiny_model_factory, arch):
     path = tiny_model_factory(arch)
     expected = hf_greedy(path, PROMPTS)

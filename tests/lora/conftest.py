@@ -28,6 +28,18 @@ def _fused(targets, extra: dict):
     return targets, extra
 
 
+_MOE = ("mixtral", "qwen2_moe", "qwen3_moe")
+_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def _attention_only(targets, extra: dict):
+    """MoE models take LoRA on attention only: the same specs cut to it."""
+    targets = list(_ATTENTION) if isinstance(targets, str) else [t for t in targets if t in _ATTENTION]
+    extra = {k: {m: v for m, v in p.items() if m in _ATTENTION} if isinstance(p, dict) else p
+             for k, p in extra.items()}
+    return targets, extra
+
+
 @pytest.fixture(scope="session")
 def adapter_factory(tmp_path_factory, tiny_model_factory):
     """adapter_factory(arch, rank, seed=1) -> PEFT adapter dir for that tiny model (cached per session)."""
@@ -39,6 +51,8 @@ def adapter_factory(tmp_path_factory, tiny_model_factory):
             targets, extra = ADAPTER_SPECS[rank]
             if arch.startswith("phi"):
                 targets, extra = _fused(targets, extra)
+            elif arch in _MOE:
+                targets, extra = _attention_only(targets, extra)
             out = tmp_path_factory.mktemp(f"lora-{arch}-r{rank}-s{seed}")
             cache[key] = make_peft_adapter(tiny_model_factory(arch), out, rank=rank, targets=targets, seed=seed,
                                            **extra)

@@ -40,7 +40,8 @@ def peft_reference(model_dir, adapters: dict[str, str], jobs):
     return results
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "granite", "gemma2", "gemma3", "phi3", "phi4mini"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "granite", "gemma2", "gemma3", "phi3", "phi4mini",
+                                  "mixtral", "qwen2_moe", "qwen3_moe"])
 def test_mixed_batch_matches_peft(arch, tiny_model_factory, adapter_factory):
     model_dir = tiny_model_factory(arch)
     adapters = {f"r{r}": str(adapter_factory(arch, r)) for r in RANKS}
