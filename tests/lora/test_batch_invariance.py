@@ -10,7 +10,8 @@ What stays batch-dependent on the CPU is not LoRA, and the tests below hold it f
 
 - the base model's GEMMs: oneDNN's bf16 matmul changes kernels between 32 and 48 rows (on this machine's AMX CPU;
   about 1 output in 20,000 moves by one bf16 ulp), MKL's fp32 sgemm between 1, 2..3 and >= 4 rows (most outputs
-  move by about one fp32 ulp). A prefill of more than 32 tokens, or any fp32 step of another size, differs;
+  move by about one fp32 ulp). A prefill of more than 32 tokens, or any fp32 step of another size, differs; on
+  a 2-thread AMD EPYC the fp32 sums of a row also change with its position in the batch (one thread holds it);
 - decode attention: the keys of a decode batch are padded to its longest sequence, and SDPA's CPU kernel sums in
   another order when the padded length crosses 16 and around its 512-key blocks, so a sequence shorter than its
   batch mates gets attention outputs a few fp32 ulps off (base rows included: 2 of 5 base-only SmolLM2 rows
@@ -45,6 +46,12 @@ _ids = itertools.count()
 
 @pytest.fixture(scope="module", params=["bfloat16", "float32"])
 def engine(request, tiny_llama, adapter_factory):
+    threads = torch.get_num_threads()
+    if request.param == "float32":
+        # With two threads on an AMD EPYC (2026-12-02), MKL's fp32 sgemm gives a base-model row (no adapter in
+        # the batch) other sums at another position in the same 4-row batch: not LoRA, so held fixed here.
+        torch.set_num_threads(1)
+        request.addfinalizer(lambda: torch.set_num_threads(threads))
     eng = LLMEngine.from_engine_args(EngineArgs(model=str(tiny_llama), device="cpu", dtype=request.param,
                                                 enable_lora=True, max_loras=2, max_lora_rank=16, max_model_len=128,
                                                 max_num_seqs=8))
