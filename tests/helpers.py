@@ -101,7 +101,8 @@ def make_tiny_model(out_dir, arch: str = "llama", seed: int = 0, **overrides) ->
     elif arch == "phi4mini":
         # Phi-4-mini's rope: LongRoPE (short factors up to the pre-training length 256, whose attention factor
         # sqrt(1 + ln 2 / ln 256) scales cos and sin) on 3/4 of each head.
-        cfg = transformers.Phi3Config(**{**common, "head_dim": 16, "original_max_position_embeddings": 256, "rope_parameters": {
+        cfg = transformers.Phi3Config(**{**common, "head_dim": 16, "original_max_position_embeddings": 256,
+                                         "rope_parameters": {
             "rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
             "short_factor": [1.0, 1.3, 1.9, 2.6, 3.2, 4.1], "long_factor": [2.0, 3.0, 5.0, 8.0, 13.0, 21.0],
             "original_max_position_embeddings": 256}})

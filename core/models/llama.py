@@ -1,5 +1,5 @@
-"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM, Granite; Phi-3 in phi3.py) over a flat token batch and paged KV
-cache."""
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM, Granite; Phi-3 in phi3.py, MoE in moe.py) over a
+flat token batch and paged KV cache."""
 from __future__ import annotations
 
 import torch
