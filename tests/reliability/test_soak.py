@@ -95,10 +95,10 @@ def world(tiny_llama, tmp_path_factory):
     bucket = f"soak-{uuid.uuid4().hex[:8]}"
     num_s3 = 100
 
-    def fill_bucket():
+    def fill_bucket(first: int = 0, count: int = num_s3):
         client = s3_client(moto.url)
         client.create_bucket(Bucket=bucket)
-        for k in range(num_s3):
+        for k in range(first, first + count):
             upload_dir(client, bucket, weights["s3"], f"loras/s3-{k}")
 
     fill_bucket()
@@ -269,19 +269,27 @@ class Soak:
             time.sleep(0.3)
 
     def s3_names(self, http: httpx.Client) -> None:
-        """A new name through the S3 resolver every few hundred ms; moto goes down and comes back halfway."""
+        """A new name through the S3 resolver every few hundred ms; moto goes down and comes back halfway.
+
+        The phases follow what was seen, not only the clock: moto stops after a name resolved, comes back after a
+        request saw it down, and this role outlives the soak until a name resolves after the restart (bounded), so
+        a slow machine, where a request under the full load takes seconds, still runs every phase.
+        """
         moto, down_at, up_at = self.w["moto"], SOAK_SECONDS / 3, 2 * SOAK_SECONDS / 3
         start, is_down, was_down = time.monotonic(), False, False
+        num_ok_before = num_down = 0
         self.resolved_after_restart = 0
         self.s3_log = []
-        while self.running:
+        deadline = self.stop_at + 90
+        while self.running or (self.resolved_after_restart == 0 and time.monotonic() < deadline):
             elapsed = time.monotonic() - start
-            if not is_down and not was_down and elapsed > down_at:
+            if not was_down and num_ok_before > 0 and elapsed > down_at:
                 moto.stop()
                 is_down = was_down = True
-            if is_down and elapsed > up_at:
+            if is_down and num_down > 0 and elapsed > up_at:
                 moto.start()
-                self.w["fill_bucket"]()
+                # Only the names still to come: the bucket lived in moto's memory.
+                self.w["fill_bucket"](self.s3_next, 20)
                 is_down = False
             name = f"s3-{self.s3_next}"
             self.s3_next += 1
@@ -292,6 +300,8 @@ class Soak:
                                 r.json().get("error", {}).get("message", "")[:120]))
             self.check(name, PROMPTS[0], r.status_code, r.json()["choices"][0]["text"] if r.status_code == 200
                        else None, r.json().get("error"))
+            num_ok_before += r.status_code == 200 and not was_down
+            num_down += is_down
             if r.status_code == 200 and was_down and not is_down:
                 self.resolved_after_restart += 1
             if r.status_code == 200:  # keep the adapter count bounded: unload what resolved
