@@ -1,7 +1,8 @@
 """Multi-LoRA serving benchmark on one GPU: loraplex vs HF transformers / PEFT vs the memory roofline.
 
 Random weights in Llama-3.2-3B's shape (bf16), no download. Prints a table and writes JSON.
-    python benchmarks/bench_multilora.py --json out.json [--quick]
+    python benchmarks/bench_multilora.py --json out.json [--bases bf16,nf4]
+``--bases bf16,nf4`` adds the same rows on a 4-bit NF4 base (quantization="bitsandbytes"), in the same run.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (LLAMA_3_2_3B, Timer, adapter_bytes, kv_bytes_per_token, measure_hbm_bandwidth,  # noqa: E402
-                    measure_matmul_peak, random_adapter, weight_bytes, write_config)
+                    measure_matmul_peak, nf4_weight_bytes, random_adapter, weight_bytes, write_config)
 
 
 def run_engine(engine, batch: int, num_adapters: int, prompt_len: int, gen_len: int, seed: int):
@@ -66,12 +67,14 @@ def hf_generate(model, batch: int, prompt_len: int, gen_len: int, adapter_names=
     return t.seconds
 
 
-def build_engine(model_dir: Path, max_loras: int, rank: int, max_num_seqs: int, adapters: dict):
+def build_engine(model_dir: Path, max_loras: int, rank: int, max_num_seqs: int, adapters: dict,
+                 quantization: str | None = None):
     from loraplex import EngineArgs, LLMEngine
     from loraplex.lora.request import LoRARequest
 
     engine = LLMEngine.from_engine_args(EngineArgs(
         model=str(model_dir), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
+        quantization=quantization,
         enable_lora=max_loras > 0, max_loras=max(1, max_loras), max_lora_rank=rank, max_cpu_loras=max(1, max_loras),
         max_num_seqs=max_num_seqs, max_model_len=1024, max_num_batched_tokens=max(1024, max_num_seqs * 160),
         num_gpu_blocks_override=max_num_seqs * 1024 // 16 + 64))
@@ -90,8 +93,12 @@ def main() -> None:
     ap.add_argument("--hf-gen-len", type=int, default=32, help="HF/PEFT are slow: time fewer tokens, report tok/s")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--hf-batch-sizes", default=None, help="batch sizes to run HF/PEFT at (default: all)")
+    ap.add_argument("--bases", default="bf16", help="comma list of bf16, nf4 (a 4-bit bitsandbytes base)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    bases = args.bases.split(",")
+    if set(bases) - {"bf16", "nf4"}:
+        ap.error(f"--bases: unknown {sorted(set(bases) - {'bf16', 'nf4'})}")
     batches = [int(b) for b in args.batch_sizes.split(",")]
     counts = [int(c) for c in args.adapter_counts.split(",")]
     cfg = LLAMA_3_2_3B
@@ -106,45 +113,52 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = write_config(Path(tmp) / "llama-3.2-3b-shape")
         engine = None
-        for n in counts:
-            if engine is None or (n > 0) != (engine.lora_manager is not None):
-                # The base rows run on an engine without LoRA, as a base-model deployment would.
-                engine = None
-                gc.collect()  # the runner and its CUDA graphs reference each other
-                torch.cuda.empty_cache()
-                engine = build_engine(model_dir, max_adapters if n else 0, args.rank, max(batches),
-                                      adapters if n else {})
-                run_engine(engine, 4, min(2, n), 16, 4, seed=0)  # warm-up: Triton compiles, caches settle
-                mgr = engine.lora_manager
-                if mgr is not None and "adapter_swap_ms" not in result:
-                    result["adapter_swap_ms"] = swap_ms(mgr, mgr.adapters["a0"])
-            for b in batches:
-                # Untimed pass of the same shape: Triton specialises kernels on the batch size, and the first
-                # prefill of each shape would otherwise time their compilation.
-                run_engine(engine, b, n, args.prompt_len, 4, seed=10_000 + b + n)
-                prefill_s, decode_s, steps = run_engine(engine, b, n, args.prompt_len, args.gen_len, seed=b + n)
-                active = min(n, b)
-                ctx = args.prompt_len + args.gen_len / 2
-                roof_bytes = weight_bytes(cfg) + b * ctx * kv_bytes_per_token(cfg) + active * adapter_bytes(
-                    cfg, args.rank)
-                step_ms = decode_s / steps * 1e3
-                flops = 2 * (weight_bytes(cfg) / 2) * b * args.prompt_len
-                rows.append({"adapters": n, "batch": b, "decode_ms_per_step": step_ms,
-                             "tokens_per_s": b * args.gen_len / (prefill_s + decode_s),
-                             "roofline_ms": roof_bytes / bw * 1e3,
-                             "ratio_to_roofline": step_ms / (roof_bytes / bw * 1e3),
-                             "prefill_tokens_per_s": b * args.prompt_len / prefill_s,
-                             "prefill_frac_of_peak": flops / prefill_s / peak})
-                print(json.dumps(rows[-1]), flush=True)
+        for base_kind in bases:
+            quantization = "bitsandbytes" if base_kind == "nf4" else None
+            base_bytes = nf4_weight_bytes(cfg) if base_kind == "nf4" else weight_bytes(cfg)
+            for n in counts:
+                if engine is None or (n > 0) != (engine.lora_manager is not None) or (
+                        engine.args.quantization != quantization):
+                    # The base rows run on an engine without LoRA, as a base-model deployment would.
+                    engine = None
+                    gc.collect()  # the runner and its CUDA graphs reference each other
+                    torch.cuda.empty_cache()
+                    engine = build_engine(model_dir, max_adapters if n else 0, args.rank, max(batches),
+                                          adapters if n else {}, quantization)
+                    run_engine(engine, 4, min(2, n), 16, 4, seed=0)  # warm-up: Triton compiles, caches settle
+                    mgr = engine.lora_manager
+                    if mgr is not None and "adapter_swap_ms" not in result:
+                        result["adapter_swap_ms"] = swap_ms(mgr, mgr.adapters["a0"])
+                for b in batches:
+                    # Untimed pass of the same shape: Triton specialises kernels on the batch size, and the first
+                    # prefill of each shape would otherwise time their compilation.
+                    run_engine(engine, b, n, args.prompt_len, 4, seed=10_000 + b + n)
+                    prefill_s, decode_s, steps = run_engine(engine, b, n, args.prompt_len, args.gen_len, seed=b + n)
+                    active = min(n, b)
+                    ctx = args.prompt_len + args.gen_len / 2
+                    roof_bytes = base_bytes + b * ctx * kv_bytes_per_token(cfg) + active * adapter_bytes(
+                        cfg, args.rank)
+                    step_ms = decode_s / steps * 1e3
+                    flops = 2 * (weight_bytes(cfg) / 2) * b * args.prompt_len
+                    rows.append({"base": base_kind, "adapters": n, "batch": b, "decode_ms_per_step": step_ms,
+                                 "tokens_per_s": b * args.gen_len / (prefill_s + decode_s),
+                                 "roofline_ms": roof_bytes / bw * 1e3,
+                                 "ratio_to_roofline": step_ms / (roof_bytes / bw * 1e3),
+                                 "prefill_tokens_per_s": b * args.prompt_len / prefill_s,
+                                 "prefill_frac_of_peak": flops / prefill_s / peak})
+                    print(json.dumps(rows[-1]), flush=True)
         engine = None
         gc.collect()
         torch.cuda.empty_cache()
         if not args.skip_hf:
             hf_rows(rows, batches, counts, adapters, args)
-    base = {r["batch"]: r for r in rows if r["adapters"] == 0}
+    base = {(r["base"], r["batch"]): r for r in rows if r["adapters"] == 0}
+    bf16 = {(r["adapters"], r["batch"]): r for r in rows if r["base"] == "bf16"}
     for r in rows:
-        if r["adapters"] and r["batch"] in base:
-            r["lora_overhead"] = r["decode_ms_per_step"] / base[r["batch"]]["decode_ms_per_step"] - 1
+        if r["adapters"] and (r["base"], r["batch"]) in base:
+            r["lora_overhead"] = r["decode_ms_per_step"] / base[r["base"], r["batch"]]["decode_ms_per_step"] - 1
+        if r["base"] != "bf16" and (r["adapters"], r["batch"]) in bf16:
+            r["tok_s_vs_bf16"] = r["tokens_per_s"] / bf16[r["adapters"], r["batch"]]["tokens_per_s"]
         if "hf_tokens_per_s" in r:
             r["speedup_vs_hf"] = r["tokens_per_s"] / r["hf_tokens_per_s"]
     result["rows"] = rows
@@ -182,7 +196,9 @@ def hf_rows(rows, batches, counts, adapters, args) -> None:
                 names = [f"a{i % n}" for i in range(b)]
                 hf_generate(peft_model, b, args.prompt_len, 4, adapter_names=names)
                 seconds = hf_generate(peft_model, b, args.prompt_len, args.hf_gen_len, adapter_names=names)
-            row = next(r for r in rows if r["adapters"] == n and r["batch"] == b)
+            row = next((r for r in rows if r["base"] == "bf16" and r["adapters"] == n and r["batch"] == b), None)
+            if row is None:  # --bases without bf16: nothing to set HF beside
+                continue
             row["hf_tokens_per_s"] = b * args.hf_gen_len / seconds
             print(f"HF/PEFT adapters={n} batch={b}: {row['hf_tokens_per_s']:.1f} tok/s", flush=True)
 
@@ -191,15 +207,15 @@ def print_table(result) -> None:
     print(f"\n{result['gpu']}  {result['shape']} bf16  rank {result['rank']}  prompt {result['prompt_len']} "
           f"+ {result['gen_len']} new  HBM {result['hbm_bytes_per_s'] / 1e12:.2f} TB/s  "
           f"swap {result.get('adapter_swap_ms', float('nan')):.2f} ms")
-    head = f"{'adapters':>8} {'batch':>5} {'ms/step':>8} {'roof ms':>8} {'x roof':>7} {'tok/s':>9} {'HF tok/s':>9} " \
-           f"{'x HF':>7} {'LoRA ovh':>8} {'prefill %pk':>11}"
+    head = f"{'base':>5} {'adapters':>8} {'batch':>5} {'ms/step':>8} {'roof ms':>8} {'x roof':>7} {'tok/s':>9} {'HF tok/s':>9} " \
+           f"{'x HF':>7} {'LoRA ovh':>8} {'prefill %pk':>11} {'x bf16':>6}"
     print(head)
     for r in result["rows"]:
         hf = r.get("hf_tokens_per_s", float("nan"))
-        print(f"{r['adapters']:>8} {r['batch']:>5} {r['decode_ms_per_step']:>8.2f} {r['roofline_ms']:>8.2f} "
+        print(f"{r['base']:>5} {r['adapters']:>8} {r['batch']:>5} {r['decode_ms_per_step']:>8.2f} {r['roofline_ms']:>8.2f} "
               f"{r['ratio_to_roofline']:>7.2f} {r['tokens_per_s']:>9.0f} {hf:>9.1f} "
               f"{r.get('speedup_vs_hf', float('nan')):>7.1f} {r.get('lora_overhead', float('nan')) * 100:>7.1f}% "
-              f"{r['prefill_frac_of_peak'] * 100:>10.1f}%")
+              f"{r['prefill_frac_of_peak'] * 100:>10.1f}% {r.get('tok_s_vs_bf16', float('nan')):>6.2f}")
 
 
 if __name__ == "__main__":

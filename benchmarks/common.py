@@ -59,6 +59,14 @@ def weight_bytes(cfg: dict, elem: int = 2) -> int:
     return (layers * per_layer + embed + h) * elem
 
 
+def nf4_weight_bytes(cfg: dict) -> int:
+    """A 4-bit base: the projections as 4-bit codes plus one fp32 absmax per 64 weights, the rest bf16."""
+    h, layers = cfg["hidden_size"], cfg["num_hidden_layers"]
+    proj = sum(i * o for i, o in module_shapes(cfg).values())
+    embed = cfg["vocab_size"] * h * (1 if cfg["tie_word_embeddings"] else 2)
+    return int(layers * (proj * (0.5 + 4 / 64) + 2 * h * 2) + (embed + h) * 2)
+
+
 def kv_bytes_per_token(cfg: dict, elem: int = 2) -> int:
     return 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * cfg["head_dim"] * elem
 

@@ -146,7 +146,8 @@ def build_engine_parts(args: EngineArgs, progress: bool = False) -> dict:
         from transformers import AutoProcessor
 
         processor = AutoProcessor.from_pretrained(str(path))  # expands placeholders, makes the tower's inputs
-    model = build_model(path, hf_config, dtype, device, load_format=args.load_format, progress=progress)
+    model = build_model(path, hf_config, dtype, device, load_format=args.load_format, progress=progress,
+                        quantization=args.quantization)
     plugin_manager = _plugin_manager()
     lora_manager = None
     if args.enable_lora:

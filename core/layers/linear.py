@@ -3,6 +3,9 @@
 A packed layer keeps its slices' output offsets so that LoRA weights of each HF module land in the right
 columns and all slices go through one shrink and one expand launch. The LoRA weights are views of the adapter
 pool (loraplex.lora.device_pool); the per-step metadata comes from the model's LoRAState.
+
+A quantized base (loraplex.models.quant) keeps the weight as 4-bit codes and absmax buffers instead of ``weight``;
+LoRA is added on top of its output exactly as on a float weight.
 """
 from __future__ import annotations
 
@@ -35,6 +38,12 @@ class Linear(nn.Module):
         self.lora_a: torch.Tensor | None = None  # [num_slices, num_pages, in_features], a view of the pool
         self.lora_b: torch.Tensor | None = None  # [num_pages, out_features], B transposed, a view of the pool
         self.lora_slice_offsets: torch.Tensor | None = None  # [num_slices + 1] int32
+        self.quant = None  # loraplex.models.quant.QuantWeight once the weight is 4-bit
+        self._quant_parts: dict[str, tuple] = {}  # slice name -> (codes, absmax, quant_type, blocksize) as loaded
+
+    @property
+    def device(self) -> torch.device:
+        return self.weight.device if self.quant is None else self.qcodes.device
 
     def slice_of(self, name: str) -> int:
         return self.names.index(name)
@@ -44,15 +53,11 @@ class Linear(nn.Module):
         adapter or running a step never allocates."""
         self.lora_state = state
         self.lora_a, self.lora_b = lora_a, lora_b
-        self.lora_slice_offsets = torch.tensor(self.offsets, dtype=torch.int32, device=self.weight.device)
+        self.lora_slice_offsets = torch.tensor(self.offsets, dtype=torch.int32, device=self.device)
 
     def load_weight(self, name: str, tensor: torch.Tensor, kind: str = "weight") -> None:
         """Copy one HF module's weight (or bias) into its slice, or into all of them for the fused module."""
-        if name == self.fused_name:
-            lo, hi = 0, self.out_features
-        else:
-            i = self.slice_of(name) if self.names else 0
-            lo, hi = self.offsets[i], self.offsets[i + 1]
+        lo, hi = self._slice_rows(name)
         target = self.weight if kind == "weight" else self.bias
         if target is None:
             raise ValueError(f"{name} has no {kind}")
@@ -61,13 +66,64 @@ class Linear(nn.Module):
             raise ValueError(f"{name}.{kind}: checkpoint shape {tuple(tensor.shape)} != model shape {expected}")
         target.data[lo:hi].copy_(tensor)
 
+    def _slice_rows(self, name: str) -> tuple[int, int]:
+        if name == self.fused_name:
+            return 0, self.out_features
+        i = self.slice_of(name) if self.names else 0
+        return self.offsets[i], self.offsets[i + 1]
+
+    def load_quantized(self, name: str, parts: dict[str, torch.Tensor]) -> None:
+        """One HF module's bitsandbytes 4-bit weight (its "weight" codes and quant-state tensors); the layer turns
+        4-bit when every slice has come."""
+        from loraplex.models.quant import unpack_prequantized
+
+        lo, hi = self._slice_rows(name)
+        self._quant_parts[name] = unpack_prequantized(parts, (hi - lo, self.in_features), name)
+        covered = [self.fused_name] if self.fused_name in self._quant_parts else (self.names or [name])
+        if all(n in self._quant_parts for n in covered):
+            pieces = [self._quant_parts[n] for n in covered]
+            kinds = {(p[2], p[3]) for p in pieces}
+            if len(kinds) != 1:
+                raise ValueError(f"{'/'.join(covered)}: slices quantized differently {sorted(kinds)}")
+            quant_type, blocksize = kinds.pop()
+            for n in covered:
+                lo, hi = self._slice_rows(n)
+                if ((hi - lo) * self.in_features) % blocksize:
+                    raise ValueError(f"{n}: {hi - lo} x {self.in_features} weights are not whole blocks of "
+                                     f"{blocksize}, so its 4-bit codes cannot be stacked with the other slices'")
+            self._set_quantized(torch.cat([p[0] for p in pieces]), torch.cat([p[1] for p in pieces]),
+                                quant_type, blocksize)
+            self._quant_parts.clear()
+
+    def quantize_(self, spec) -> None:
+        """Quantize the float weight in place (a float checkpoint with quantization="bitsandbytes")."""
+        from loraplex.models.quant import quantize
+
+        codes, absmax = quantize(self.weight.data, spec)
+        self._set_quantized(codes, absmax, spec.quant_type, spec.blocksize)
+
+    def _set_quantized(self, codes: torch.Tensor, absmax: torch.Tensor, quant_type: str, blocksize: int) -> None:
+        from loraplex.models.quant import QuantWeight
+
+        device = self.weight.device
+        self.quant = QuantWeight((self.out_features, self.in_features), quant_type, blocksize)
+        self.register_buffer("qcodes", codes.to(device))  # [out * in / 2] uint8, two 4-bit codes a byte
+        self.register_buffer("qabsmax", absmax.to(device))  # [out * in / blocksize] fp32
+        del self.weight  # the float weight is not kept: that is the memory a 4-bit base saves
+        self.weight = None
+
+    def _base(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quant is not None:
+            return self.quant.matmul(x, self.qcodes, self.qabsmax, self.bias)
+        return nn.functional.linear(x, self.weight, self.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [num_tokens, in_features] -> [num_tokens, out_features]
         state = self.lora_state
         if state is None or not state.is_active:
-            return nn.functional.linear(x, self.weight, self.bias)
+            return self._base(x)
         if state.side_stream is None or not x.is_cuda:
-            y = nn.functional.linear(x, self.weight, self.bias)
+            y = self._base(x)
             add_lora(y, x, self.lora_a, self.lora_b, state.meta, self.lora_slice_offsets, backend=state.backend)
             return y
         # Fork: shrink on the side stream while the matmul runs; join before the expand adds into y. The scratch
@@ -77,7 +133,7 @@ class Linear(nn.Module):
         state.side_stream.wait_stream(main)
         with torch.cuda.stream(state.side_stream):
             lora_shrink(x, self.lora_a, buf, state.meta, backend=state.backend)
-        y = nn.functional.linear(x, self.weight, self.bias)
+        y = self._base(x)
         main.wait_stream(state.side_stream)
         lora_expand(buf, self.lora_b, y, state.meta, self.lora_slice_offsets, backend=state.backend)
         return y

@@ -209,27 +209,11 @@ class ModelConfig:
         return dataclasses.replace(cfg, **_gemma_fields(hf_config, family)) if family.startswith("gemma") else cfg
 
 
-# quantization_config["quant_method"] -> why it is refused. Refused at start, before any weight is read: a quantized
-# checkpoint loaded as if it were not fails on its first packed tensor, or worse, runs on garbage.
-_QUANT_METHODS = {
-    "bitsandbytes": "bitsandbytes NF4 / FP4 / int8 bases are not supported yet; load the bf16 base",
-    "fp8": "FP8 checkpoints are not supported yet; load the bf16 base",
-    "compressed-tensors": "compressed-tensors (FP8 / INT8 / W4A16) checkpoints are not supported yet",
-    "gptq": "GPTQ checkpoints are not supported",
-    "awq": "AWQ checkpoints are not supported",
-}
-
-
 def _refuse_quantized(hf_config) -> None:
-    configs = [hf_config] + [getattr(hf_config, n) for n in ("text_config",) if getattr(hf_config, n, None)]
-    for config in configs:
-        quant = getattr(config, "quantization_config", None)
-        if not quant:
-            continue
-        method = (quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None))
-        method = str(getattr(method, "value", method) or "unknown").lower()
-        why = _QUANT_METHODS.get(method, "quantized checkpoints are not supported")
-        raise UnsupportedModelError(f"quantization_config with quant_method {method!r}: {why}")
+    # At start, before any weight is read: a format that cannot load is refused naming it (loraplex.models.quant).
+    from loraplex.models.quant import quant_spec
+
+    quant_spec(hf_config, None)
 
 
 def _moe_fields(hf_config, family: str) -> dict:

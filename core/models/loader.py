@@ -1,6 +1,7 @@
 """Find a checkpoint (local dir, GGUF file or hub id), build our model and load its weights."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -9,6 +10,7 @@ from pathlib import Path
 import torch
 
 from loraplex.errors import UnsupportedModelError
+from loraplex.layers.linear import Linear
 from loraplex.models.config import ModelConfig
 from loraplex.models.gemma import GemmaForCausalLM
 from loraplex.models.llama import LlamaForCausalLM
@@ -16,6 +18,7 @@ from loraplex.models.granite_speech import GraniteSpeechForConditionalGeneration
 from loraplex.models.llava import LlavaForConditionalGeneration
 from loraplex.models.moe import MoeForCausalLM
 from loraplex.models.phi3 import Phi3ForCausalLM
+from loraplex.models.quant import QUANT_SUFFIXES, QuantSpec, quant_spec
 
 logger = logging.getLogger("loraplex.models")
 
@@ -81,8 +84,20 @@ def _iter_checkpoint(path: Path):
         yield from torch.load(file, map_location="cpu", weights_only=True).items()
 
 
+def _quant_part(rest: str, tensor: torch.Tensor) -> tuple[str, str] | None:
+    """(module path, part) of a bitsandbytes 4-bit tensor: "q_proj.weight" as uint8 codes, or a quant-state
+    tensor "q_proj.weight.absmax" ...; None for a float tensor."""
+    module, sep, suffix = rest.partition(".weight.")
+    if sep and suffix in QUANT_SUFFIXES:
+        return module, suffix
+    if rest.endswith(".weight") and tensor.dtype == torch.uint8:
+        return rest.removesuffix(".weight"), "weight"
+    return None
+
+
 def load_weights(model: LlamaForCausalLM, path: Path, progress: bool = False) -> None:
     loaded: set[str] = set()
+    quant_parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}  # (layer, module path) -> 4-bit parts
     params = dict(model.named_parameters())
     items = _iter_checkpoint(path)
     if progress:
@@ -121,6 +136,11 @@ def load_weights(model: LlamaForCausalLM, path: Path, progress: bool = False) ->
                 raise UnsupportedModelError(f"unexpected checkpoint tensor {name!r}")
             layer = model.layers[int(m.group(1))]
             rest = f"{m.group(2)}.{m.group(3)}" if m.group(3) else m.group(2)
+            quant = _quant_part(rest, tensor)
+            if quant is not None:
+                quant_parts.setdefault((int(m.group(1)), quant[0]), {})[quant[1]] = tensor
+                loaded.add(name)
+                continue
             module, _, kind = rest.rpartition(".")
             hf_module = module.split(".")[-1]
             own = getattr(model, "load_layer_tensor", None)  # names of the model's own, e.g. MoE experts
@@ -134,6 +154,12 @@ def load_weights(model: LlamaForCausalLM, path: Path, progress: bool = False) ->
                     raise UnsupportedModelError(f"unexpected checkpoint tensor {name!r}")
                 target.data.copy_(tensor)
         loaded.add(name)
+    for (layer, module), parts in quant_parts.items():
+        hf_module = module.split(".")[-1]
+        if hf_module not in model.LORA_MODULES:
+            raise UnsupportedModelError(f"4-bit tensor of model.layers.{layer}.{module}: only the attention and "
+                                        "MLP projections may be quantized")
+        model.lora_layer(layer, hf_module).load_quantized(hf_module, parts)
     for part, state in towers.items():
         missing = [k for k in state if f"{part}:{k}" not in loaded and not k.endswith("position_ids")]
         if missing:
@@ -145,18 +171,41 @@ def load_weights(model: LlamaForCausalLM, path: Path, progress: bool = False) ->
         model.lm_head_weight.data.copy_(model.embed_tokens.weight.data)
 
 
-def build_model(path: Path, hf_config, dtype: torch.dtype, device: torch.device,
-                attn_backend: str = "auto", load_format: str = "auto", progress: bool = False) -> LlamaForCausalLM:
+def build_model(path: Path, hf_config, dtype: torch.dtype, device: torch.device, attn_backend: str = "auto",
+                load_format: str = "auto", progress: bool = False,
+                quantization: str | None = None) -> LlamaForCausalLM:
     from loraplex import envs
 
     cfg = ModelConfig.from_hf(hf_config)
     cfg.fused_ops = envs.fused_ops()
+    spec = quant_spec(hf_config, quantization)
+    if spec is not None and (cfg.architecture in _MM_CLASSES or cfg.num_experts):
+        raise UnsupportedModelError(f"a {spec.method} 4-bit base of {cfg.architecture} is not supported: "
+                                    "4-bit bases are dense text decoders (Llama family, Gemma, Phi-3)")
     if load_format == "dummy":
-        return build_dummy_model(cfg, dtype, device, attn_backend, hf_config)
+        model = build_dummy_model(cfg, dtype, device, attn_backend, hf_config)
+        if spec is not None:
+            quantize_model(model, dataclasses.replace(spec, is_prequantized=False))
+        return model
     with torch.device("cpu"):
         model = _new_model(cfg, hf_config, attn_backend, dtype, "cpu")
     load_weights(model, path, progress)
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    if spec is not None and not spec.is_prequantized:
+        quantize_model(model, spec)  # on the device: bitsandbytes quantizes there far faster
+    return model
+
+
+@torch.no_grad()
+def quantize_model(model: LlamaForCausalLM, spec: QuantSpec) -> None:
+    """Every projection of every decoder layer to 4 bits, in place; embeddings, norms and the LM head stay
+    float, as transformers' bitsandbytes integration keeps them."""
+    for layer in model.layers:
+        for module in layer.modules():
+            if isinstance(module, Linear) and module.quant is None:
+                module.quantize_(spec)
+    if model.lm_head_weight.is_cuda:
+        torch.cuda.empty_cache()
 
 
 def _new_model(cfg: ModelConfig, hf_config, attn_backend: str, dtype, device) -> LlamaForCausalLM:

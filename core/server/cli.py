@@ -140,8 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only 1: pipeline parallelism is not supported yet")
     s.add_argument("--data-parallel-size", "-dp", type=int, default=1,
                    help="only 1: run one server per device behind a load balancer instead")
-    s.add_argument("--quantization", "-q", default=None, help="refused: quantized base models are not supported "
-                   "yet (default: none, the checkpoint's weights)")
+    s.add_argument("--quantization", "-q", default=None, help="bitsandbytes: quantize the projections to 4-bit "
+                   "NF4 as they load (a bitsandbytes 4-bit checkpoint needs no flag); other formats are refused")
     s.add_argument("--kv-cache-dtype", default="auto", help="only auto: the KV cache in the model's dtype")
     s.add_argument("--tokenizer-mode", default="auto", help="only auto: the checkpoint's (fast) tokenizer")
     s.add_argument("--speculative-config", type=_json_object, default=None, metavar="JSON",
@@ -188,7 +188,8 @@ NOT_YET = (
     ("pipeline_parallel_size", "--pipeline-parallel-size", (1,), "pipeline parallelism is not supported yet; use 1"),
     ("data_parallel_size", "--data-parallel-size", (1,), "data parallelism is not supported yet: run one server "
      "per device behind a load balancer"),
-    ("quantization", "--quantization", (None,), "quantized base models are not supported yet"),
+    ("quantization", "--quantization", (None, "bitsandbytes"), "only bitsandbytes (4-bit NF4 bases) is supported "
+     "yet"),
     ("kv_cache_dtype", "--kv-cache-dtype", ("auto",), "a KV cache in another dtype than the model's is not "
      "supported yet"),
     ("tokenizer_mode", "--tokenizer-mode", ("auto",), "only the checkpoint's own tokenizer (auto) is supported"),
@@ -301,7 +302,8 @@ def serve(args) -> int:
             max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
             enable_prefix_caching=args.enable_prefix_caching, enable_chunked_prefill=args.enable_chunked_prefill,
             gpu_memory_utilization=args.gpu_memory_utilization, cpu_kv_cache_space=args.cpu_kv_cache_space,
-            enforce_eager=args.enforce_eager, load_format=args.load_format, async_scheduling=args.async_scheduling,
+            enforce_eager=args.enforce_eager, load_format=args.load_format, quantization=args.quantization,
+            async_scheduling=args.async_scheduling,
             max_logprobs=args.max_logprobs, trust_remote_code=args.trust_remote_code,
             enable_lora=args.enable_lora, max_loras=args.max_loras, max_lora_rank=max_rank,
             max_cpu_loras=args.max_cpu_loras, max_gpu_loras=args.max_gpu_loras,

@@ -1,7 +1,7 @@
 """Model configs loraplex refuses at start, by name, and the limits it derives (issue #19).
 
-- quantized checkpoints (bitsandbytes, FP8, compressed-tensors, GPTQ, AWQ, unknown methods) fail before any
-  weight is read, naming the method;
+- quantized checkpoints (bitsandbytes 8-bit, FP8, compressed-tensors, GPTQ, AWQ, unknown methods) fail before
+  any weight is read, naming the method (bitsandbytes 4-bit loads: tests/engine/test_quantized.py);
 - LongRoPE (Phi-4-mini): max_model_len defaults to the pre-training length and a longer one is refused;
 - Phi-3's fused modules: its PEFT adapters load, and one targeting qkv_proj on a Llama is refused naming it.
 """
@@ -26,7 +26,7 @@ def _with_config(src, dst, **changes):
 
 
 @pytest.mark.parametrize("quant, named", [
-    ({"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}, "bitsandbytes"),
+    ({"quant_method": "bitsandbytes", "load_in_8bit": True}, "bitsandbytes"),
     ({"quant_method": "fp8", "activation_scheme": "dynamic"}, "fp8"),
     ({"quant_method": "compressed-tensors", "format": "float-quantized"}, "compressed-tensors"),
     ({"quant_method": "gptq", "bits": 4, "group_size": 128}, "gptq"),
