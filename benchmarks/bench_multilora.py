@@ -2,7 +2,8 @@
 
 Random weights in Llama-3.2-3B's shape (bf16), no download. Prints a table and writes JSON.
     python benchmarks/bench_multilora.py --json out.json [--bases bf16,nf4]
-``--bases bf16,nf4`` adds the same rows on a 4-bit NF4 base (quantization="bitsandbytes"), in the same run.
+``--bases bf16,nf4,fp8`` adds the same rows on a 4-bit NF4 base (quantization="bitsandbytes") and an FP8 one
+(quantization="fp8": per-channel weights, per-token activations, FP8 matmuls), in the same run.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (LLAMA_3_2_3B, Timer, adapter_bytes, kv_bytes_per_token, measure_hbm_bandwidth,  # noqa: E402
-                    measure_matmul_peak, nf4_weight_bytes, random_adapter, weight_bytes, write_config)
+                    measure_matmul_peak, quant_weight_bytes, random_adapter, weight_bytes, write_config)
 
 
 def run_engine(engine, batch: int, num_adapters: int, prompt_len: int, gen_len: int, seed: int):
@@ -93,12 +94,12 @@ def main() -> None:
     ap.add_argument("--hf-gen-len", type=int, default=32, help="HF/PEFT are slow: time fewer tokens, report tok/s")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--hf-batch-sizes", default=None, help="batch sizes to run HF/PEFT at (default: all)")
-    ap.add_argument("--bases", default="bf16", help="comma list of bf16, nf4 (a 4-bit bitsandbytes base)")
+    ap.add_argument("--bases", default="bf16", help="comma list of bf16, nf4 (4-bit bitsandbytes), fp8")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     bases = args.bases.split(",")
-    if set(bases) - {"bf16", "nf4"}:
-        ap.error(f"--bases: unknown {sorted(set(bases) - {'bf16', 'nf4'})}")
+    if set(bases) - {"bf16", "nf4", "fp8"}:
+        ap.error(f"--bases: unknown {sorted(set(bases) - {'bf16', 'nf4', 'fp8'})}")
     batches = [int(b) for b in args.batch_sizes.split(",")]
     counts = [int(c) for c in args.adapter_counts.split(",")]
     cfg = LLAMA_3_2_3B
@@ -114,8 +115,8 @@ def main() -> None:
         model_dir = write_config(Path(tmp) / "llama-3.2-3b-shape")
         engine = None
         for base_kind in bases:
-            quantization = "bitsandbytes" if base_kind == "nf4" else None
-            base_bytes = nf4_weight_bytes(cfg) if base_kind == "nf4" else weight_bytes(cfg)
+            quantization = {"nf4": "bitsandbytes", "fp8": "fp8"}.get(base_kind)
+            base_bytes = quant_weight_bytes(cfg, base_kind)
             for n in counts:
                 if engine is None or (n > 0) != (engine.lora_manager is not None) or (
                         engine.args.quantization != quantization):

@@ -59,12 +59,17 @@ def weight_bytes(cfg: dict, elem: int = 2) -> int:
     return (layers * per_layer + embed + h) * elem
 
 
-def nf4_weight_bytes(cfg: dict) -> int:
-    """A 4-bit base: the projections as 4-bit codes plus one fp32 absmax per 64 weights, the rest bf16."""
+def quant_weight_bytes(cfg: dict, base: str) -> int:
+    """Bytes of a base's weights: "bf16"; "nf4" (the projections as 4-bit codes plus one fp32 absmax per 64
+    weights) or "fp8" (one byte a weight plus an fp32 scale per output channel), the rest bf16."""
+    if base == "bf16":
+        return weight_bytes(cfg)
     h, layers = cfg["hidden_size"], cfg["num_hidden_layers"]
     proj = sum(i * o for i, o in module_shapes(cfg).values())
+    channels = sum(o for _, o in module_shapes(cfg).values())
+    proj_bytes = proj * (0.5 + 4 / 64) if base == "nf4" else proj + 4 * channels
     embed = cfg["vocab_size"] * h * (1 if cfg["tie_word_embeddings"] else 2)
-    return int(layers * (proj * (0.5 + 4 / 64) + 2 * h * 2) + (embed + h) * 2)
+    return int(layers * (proj_bytes + 2 * h * 2) + (embed + h) * 2)
 
 
 def kv_bytes_per_token(cfg: dict, elem: int = 2) -> int:

@@ -41,8 +41,9 @@ class EngineArgs:
     trust_remote_code: bool = False
     # "dummy" builds random weights on the device from config.json alone (benchmarks; vLLM's name).
     load_format: str = "auto"
-    # "bitsandbytes": quantize a float checkpoint's projections to NF4 as it loads (vLLM's in-flight bitsandbytes);
-    # a bitsandbytes 4-bit checkpoint is found from its config.json with or without it.
+    # "bitsandbytes" / "fp8": quantize a float checkpoint's projections to NF4 / FP8 as it loads (vLLM's in-flight
+    # quantization); a quantized checkpoint (bitsandbytes 4-bit, compressed-tensors FP8) is found from its
+    # config.json with or without it.
     quantization: str | None = None
     skip_tokenizer_init: bool = False
     download_dir: str | None = None
@@ -116,8 +117,10 @@ class EngineArgs:
             raise bad("num_gpu_blocks_override", "must be >= 2")
         if self.load_format not in ("auto", "safetensors", "dummy"):
             raise bad("load_format", "must be 'auto', 'safetensors' or 'dummy'")
-        if self.quantization is not None and self.quantization not in ("bitsandbytes",):
-            raise bad("quantization", "must be None or 'bitsandbytes' (4-bit NF4 base); other formats are not "
+        from loraplex.models.quant import QUANTIZATION_METHODS
+
+        if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
+            raise bad("quantization", f"must be None or one of {QUANTIZATION_METHODS}; other formats are not "
                       "supported yet")
         if self.tensor_parallel_size != 1:
             raise bad("tensor_parallel_size", "must be 1: loraplex runs on one device")

@@ -6,9 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo /.whl/ >> .git/info/exclude
 # The server (starlette, uvicorn, pyzmq), the openai client and its needs, soundfile (audio parts), torchaudio
-# (Granite Speech's feature extractor), bitsandbytes (4-bit bases, 43 MB: the carry limit is 64 MiB in all).
+# (Granite Speech's feature extractor), bitsandbytes (4-bit bases, 43 MB: the carry limit is 64 MiB in all),
+# compressed-tensors and loguru (the FP8 tests' oracle).
 names="starlette uvicorn pyzmq openai httpx2 httpcore2 truststore idna h11 distro jiter pydantic pydantic_core
-annotated-types typing-inspection sniffio soundfile cffi pycparser torchaudio bitsandbytes"
+annotated-types typing-inspection sniffio soundfile cffi pycparser torchaudio bitsandbytes compressed-tensors loguru"
 specs=()
 for n in $names; do
   v=$(.venv/bin/pip show "$n" 2>/dev/null | sed -n "s/^Version: //p" || true)

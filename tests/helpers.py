@@ -318,3 +318,51 @@ def agree_up_to_near_ties(ours, ref, margin: float = 0.25) -> int:
         first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
         good += first is None and len(a) == len(b) or (first is not None and margins[first] < margin)
     return good
+
+
+def make_fp8_checkpoint(model_dir, out_dir, scheme: str = "FP8_DYNAMIC", calibration=("Hello, my name is",)) -> Path:
+    """An FP8 checkpoint of the float model in model_dir, as llm-compressor saves it (compressed-tensors
+    "float-quantized"): weight scales by min-max (each channel's, or the tensor's, absmax maps to 448), and for
+    the static scheme "FP8" input scales from the absmax each Linear saw over the calibration prompts.
+    scheme: "FP8_DYNAMIC" (per-channel weights, per-token dynamic activations), "FP8" (per-tensor weights, static
+    per-tensor activations) or "FP8_W" (per-channel weights only; activations stay float)."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (QuantizationConfig, QuantizationStatus, apply_quantization_config,
+                                                 preset_name_to_scheme)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    amax: dict[str, float] = {}
+    if scheme == "FP8":
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        hooks = [m.register_forward_hook(lambda mod, args, out, name=name: amax.__setitem__(
+                     name, max(amax.get(name, 0.0), float(args[0].abs().max()))))
+                 for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and name != "lm_head"]
+        with torch.no_grad():
+            for prompt in calibration:
+                model(torch.tensor([tok(prompt).input_ids]))
+        for h in hooks:
+            h.remove()
+    q_scheme = preset_name_to_scheme("FP8_DYNAMIC" if scheme == "FP8_W" else scheme, ["Linear"])
+    if scheme == "FP8_W":
+        q_scheme.input_activations = None
+    config = QuantizationConfig(config_groups={"group_0": q_scheme}, ignore=["lm_head"],
+                                quantization_status=QuantizationStatus.INITIALIZED)
+    apply_quantization_config(model, config)
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if hasattr(m, "weight_scale"):
+                w = m.weight.abs()
+                a = w.amax(dim=1, keepdim=True) if m.weight_scale.numel() > 1 else w.amax().reshape(m.weight_scale.shape)
+                m.weight_scale.copy_((a / 448.0).to(m.weight_scale.dtype))
+            if hasattr(m, "input_scale") and name in amax:
+                m.input_scale.fill_(amax[name] / 448.0)
+    compressor = ModelCompressor.from_pretrained_model(model, quantization_format="float-quantized")
+    compressor.compress_model(model)
+    model.save_pretrained(out_dir)
+    compressor.update_config(out_dir)
+    for f in model_dir.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            (out_dir / f.name).write_bytes(f.read_bytes())
+    return out_dir

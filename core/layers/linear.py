@@ -4,8 +4,8 @@ A packed layer keeps its slices' output offsets so that LoRA weights of each HF 
 columns and all slices go through one shrink and one expand launch. The LoRA weights are views of the adapter
 pool (loraplex.lora.device_pool); the per-step metadata comes from the model's LoRAState.
 
-A quantized base (loraplex.models.quant) keeps the weight as 4-bit codes and absmax buffers instead of ``weight``;
-LoRA is added on top of its output exactly as on a float weight.
+A quantized base (loraplex.models.quant) keeps the weight as buffers of its format (4-bit codes, FP8 weights and
+scales) instead of ``weight``; LoRA is added on top of its output exactly as on a float weight.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from loraplex.kernels.lora_ops import add_lora, lora_buffer, lora_expand, lora_shrink
+from loraplex.layers import bnb4, fp8
 
 
 class Linear(nn.Module):
@@ -38,12 +39,14 @@ class Linear(nn.Module):
         self.lora_a: torch.Tensor | None = None  # [num_slices, num_pages, in_features], a view of the pool
         self.lora_b: torch.Tensor | None = None  # [num_pages, out_features], B transposed, a view of the pool
         self.lora_slice_offsets: torch.Tensor | None = None  # [num_slices + 1] int32
-        self.quant = None  # loraplex.models.quant.QuantWeight once the weight is 4-bit
-        self._quant_parts: dict[str, tuple] = {}  # slice name -> (codes, absmax, quant_type, blocksize) as loaded
+        # A quantized base (loraplex.models.quant): the weight object (bnb4.Bnb4Weight, fp8.Fp8Weight) that reads
+        # this layer's buffers in place of ``weight``; and each slice's unpacked tensors until all have come.
+        self.quant = None
+        self._quant_parts: dict[str, tuple] = {}
 
     @property
     def device(self) -> torch.device:
-        return self.weight.device if self.quant is None else self.qcodes.device
+        return self.weight.device if self.quant is None else getattr(self, self._quant_buffer).device
 
     def slice_of(self, name: str) -> int:
         return self.names.index(name)
@@ -72,49 +75,46 @@ class Linear(nn.Module):
         i = self.slice_of(name) if self.names else 0
         return self.offsets[i], self.offsets[i + 1]
 
-    def load_quantized(self, name: str, parts: dict[str, torch.Tensor]) -> None:
-        """One HF module's bitsandbytes 4-bit weight (its "weight" codes and quant-state tensors); the layer turns
-        4-bit when every slice has come."""
-        from loraplex.models.quant import unpack_prequantized
-
+    def load_quantized(self, name: str, parts: dict[str, torch.Tensor], spec) -> None:
+        """One HF module's quantized weight: "weight" and the tensors beside it (bitsandbytes' quant state or
+        FP8's scales). The layer turns quantized when every slice has come."""
         lo, hi = self._slice_rows(name)
-        self._quant_parts[name] = unpack_prequantized(parts, (hi - lo, self.in_features), name)
+        unpack = bnb4.unpack if spec.method == "bitsandbytes" else fp8.unpack
+        self._quant_parts[name] = unpack(parts, (hi - lo, self.in_features), name)
         covered = [self.fused_name] if self.fused_name in self._quant_parts else (self.names or [name])
-        if all(n in self._quant_parts for n in covered):
-            pieces = [self._quant_parts[n] for n in covered]
-            kinds = {(p[2], p[3]) for p in pieces}
-            if len(kinds) != 1:
-                raise ValueError(f"{'/'.join(covered)}: slices quantized differently {sorted(kinds)}")
-            quant_type, blocksize = kinds.pop()
-            for n in covered:
-                lo, hi = self._slice_rows(n)
-                if ((hi - lo) * self.in_features) % blocksize:
-                    raise ValueError(f"{n}: {hi - lo} x {self.in_features} weights are not whole blocks of "
-                                     f"{blocksize}, so its 4-bit codes cannot be stacked with the other slices'")
-            self._set_quantized(torch.cat([p[0] for p in pieces]), torch.cat([p[1] for p in pieces]),
-                                quant_type, blocksize)
-            self._quant_parts.clear()
+        if not all(n in self._quant_parts for n in covered):
+            return
+        pieces = [self._quant_parts.pop(n) for n in covered]
+        if spec.method == "bitsandbytes":
+            rows = [self._slice_rows(n)[1] - self._slice_rows(n)[0] for n in covered]
+            self._set_quantized(*bnb4.Bnb4Weight.stack(pieces, rows, self.in_features, covered))
+        else:
+            self._set_quantized(*fp8.Fp8Weight.stack(pieces, spec.act_strategy, spec.is_act_dynamic))
 
     def quantize_(self, spec) -> None:
-        """Quantize the float weight in place (a float checkpoint with quantization="bitsandbytes")."""
-        from loraplex.models.quant import quantize
+        """Quantize the float weight in place (a float checkpoint with quantization="bitsandbytes" / "fp8")."""
+        if spec.method == "bitsandbytes":
+            codes, absmax = bnb4.quantize(self.weight.data, spec.quant_type, spec.blocksize)
+            self._set_quantized(bnb4.Bnb4Weight((self.out_features, self.in_features), spec.quant_type,
+                                                spec.blocksize), {"qcodes": codes, "qabsmax": absmax})
+        else:
+            weight, scale = fp8.quantize(self.weight.data)
+            # Per-channel weight scales; activations as the spec says, their scales computed per step.
+            act = spec.act_strategy if spec.is_prequantized or spec.act_strategy else None
+            self._set_quantized(fp8.Fp8Weight(act, True), {"qweight": weight, "qscale": scale})
 
-        codes, absmax = quantize(self.weight.data, spec)
-        self._set_quantized(codes, absmax, spec.quant_type, spec.blocksize)
-
-    def _set_quantized(self, codes: torch.Tensor, absmax: torch.Tensor, quant_type: str, blocksize: int) -> None:
-        from loraplex.models.quant import QuantWeight
-
+    def _set_quantized(self, quant, buffers: dict[str, torch.Tensor]) -> None:
         device = self.weight.device
-        self.quant = QuantWeight((self.out_features, self.in_features), quant_type, blocksize)
-        self.register_buffer("qcodes", codes.to(device))  # [out * in / 2] uint8, two 4-bit codes a byte
-        self.register_buffer("qabsmax", absmax.to(device))  # [out * in / blocksize] fp32
-        del self.weight  # the float weight is not kept: that is the memory a 4-bit base saves
+        self.quant = quant
+        for key, tensor in buffers.items():
+            self.register_buffer(key, tensor.to(device))
+        self._quant_buffer = next(iter(buffers))
+        del self.weight  # the float weight is not kept: that is the memory a quantized base saves
         self.weight = None
 
     def _base(self, x: torch.Tensor) -> torch.Tensor:
         if self.quant is not None:
-            return self.quant.matmul(x, self.qcodes, self.qabsmax, self.bias)
+            return self.quant.matmul(self, x)
         return nn.functional.linear(x, self.weight, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -85,17 +85,17 @@ def _iter_checkpoint(path: Path):
 
 
 def _quant_part(rest: str, tensor: torch.Tensor) -> tuple[str, str] | None:
-    """(module path, part) of a bitsandbytes 4-bit tensor: "q_proj.weight" as uint8 codes, or a quant-state
-    tensor "q_proj.weight.absmax" ...; None for a float tensor."""
-    module, sep, suffix = rest.partition(".weight.")
-    if sep and suffix in QUANT_SUFFIXES:
-        return module, suffix
-    if rest.endswith(".weight") and tensor.dtype == torch.uint8:
+    """(module path, part) of a quantized Linear's tensor: "q_proj.weight" as 4-bit codes (uint8) or FP8, or
+    what is saved beside it ("q_proj.weight.absmax", "q_proj.weight_scale", ...); None for a float tensor."""
+    for suffix in QUANT_SUFFIXES:
+        if rest.endswith("." + suffix):
+            return rest[: -len(suffix) - 1], suffix
+    if rest.endswith(".weight") and tensor.dtype in (torch.uint8, torch.float8_e4m3fn):
         return rest.removesuffix(".weight"), "weight"
     return None
 
 
-def load_weights(model: LlamaForCausalLM, path: Path, progress: bool = False) -> None:
+def load_weights(model: LlamaForCausalLM, path: Path, progress: bool = False, spec: QuantSpec | None = None) -> None:
     loaded: set[str] = set()
     quant_parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}  # (layer, module path) -> 4-bit parts
     params = dict(model.named_parameters())
@@ -136,7 +136,7 @@ def load_weights(model: LlamaForCausalLM, path: Path, progress: bool = False) ->
                 raise UnsupportedModelError(f"unexpected checkpoint tensor {name!r}")
             layer = model.layers[int(m.group(1))]
             rest = f"{m.group(2)}.{m.group(3)}" if m.group(3) else m.group(2)
-            quant = _quant_part(rest, tensor)
+            quant = _quant_part(rest, tensor) if spec is not None and spec.is_prequantized else None
             if quant is not None:
                 quant_parts.setdefault((int(m.group(1)), quant[0]), {})[quant[1]] = tensor
                 loaded.add(name)
@@ -159,7 +159,7 @@ def load_weights(model: LlamaForCausalLM, path: Path, progress: bool = False) ->
         if hf_module not in model.LORA_MODULES:
             raise UnsupportedModelError(f"4-bit tensor of model.layers.{layer}.{module}: only the attention and "
                                         "MLP projections may be quantized")
-        model.lora_layer(layer, hf_module).load_quantized(hf_module, parts)
+        model.lora_layer(layer, hf_module).load_quantized(hf_module, parts, spec)
     for part, state in towers.items():
         missing = [k for k in state if f"{part}:{k}" not in loaded and not k.endswith("position_ids")]
         if missing:
@@ -180,8 +180,8 @@ def build_model(path: Path, hf_config, dtype: torch.dtype, device: torch.device,
     cfg.fused_ops = envs.fused_ops()
     spec = quant_spec(hf_config, quantization)
     if spec is not None and (cfg.architecture in _MM_CLASSES or cfg.num_experts):
-        raise UnsupportedModelError(f"a {spec.method} 4-bit base of {cfg.architecture} is not supported: "
-                                    "4-bit bases are dense text decoders (Llama family, Gemma, Phi-3)")
+        raise UnsupportedModelError(f"a {spec.method} base of {cfg.architecture} is not supported: quantized "
+                                    "bases are dense text decoders (Llama family, Gemma, Phi-3)")
     if load_format == "dummy":
         model = build_dummy_model(cfg, dtype, device, attn_backend, hf_config)
         if spec is not None:
@@ -189,7 +189,7 @@ def build_model(path: Path, hf_config, dtype: torch.dtype, device: torch.device,
         return model
     with torch.device("cpu"):
         model = _new_model(cfg, hf_config, attn_backend, dtype, "cpu")
-    load_weights(model, path, progress)
+    load_weights(model, path, progress, spec)
     model = model.to(device).eval()
     if spec is not None and not spec.is_prequantized:
         quantize_model(model, spec)  # on the device: bitsandbytes quantizes there far faster
@@ -198,8 +198,8 @@ def build_model(path: Path, hf_config, dtype: torch.dtype, device: torch.device,
 
 @torch.no_grad()
 def quantize_model(model: LlamaForCausalLM, spec: QuantSpec) -> None:
-    """Every projection of every decoder layer to 4 bits, in place; embeddings, norms and the LM head stay
-    float, as transformers' bitsandbytes integration keeps them."""
+    """Every projection of every decoder layer to the spec's format, in place; embeddings, norms and the LM head
+    stay float, as transformers' bitsandbytes integration and llm-compressor keep them."""
     for layer in model.layers:
         for module in layer.modules():
             if isinstance(module, Linear) and module.quant is None:

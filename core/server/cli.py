@@ -140,8 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only 1: pipeline parallelism is not supported yet")
     s.add_argument("--data-parallel-size", "-dp", type=int, default=1,
                    help="only 1: run one server per device behind a load balancer instead")
-    s.add_argument("--quantization", "-q", default=None, help="bitsandbytes: quantize the projections to 4-bit "
-                   "NF4 as they load (a bitsandbytes 4-bit checkpoint needs no flag); other formats are refused")
+    s.add_argument("--quantization", "-q", default=None, help="bitsandbytes / fp8: quantize the projections to "
+                   "4-bit NF4 / FP8 as they load (a quantized checkpoint needs no flag); other formats are refused")
     s.add_argument("--kv-cache-dtype", default="auto", help="only auto: the KV cache in the model's dtype")
     s.add_argument("--tokenizer-mode", default="auto", help="only auto: the checkpoint's (fast) tokenizer")
     s.add_argument("--speculative-config", type=_json_object, default=None, metavar="JSON",
@@ -188,8 +188,8 @@ NOT_YET = (
     ("pipeline_parallel_size", "--pipeline-parallel-size", (1,), "pipeline parallelism is not supported yet; use 1"),
     ("data_parallel_size", "--data-parallel-size", (1,), "data parallelism is not supported yet: run one server "
      "per device behind a load balancer"),
-    ("quantization", "--quantization", (None, "bitsandbytes"), "only bitsandbytes (4-bit NF4 bases) is supported "
-     "yet"),
+    ("quantization", "--quantization", (None, "bitsandbytes", "fp8", "compressed-tensors"), "only bitsandbytes "
+     "(4-bit), fp8 and compressed-tensors (FP8 checkpoints) are supported yet"),
     ("kv_cache_dtype", "--kv-cache-dtype", ("auto",), "a KV cache in another dtype than the model's is not "
      "supported yet"),
     ("tokenizer_mode", "--tokenizer-mode", ("auto",), "only the checkpoint's own tokenizer (auto) is supported"),

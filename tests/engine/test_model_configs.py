@@ -28,7 +28,9 @@ def _with_config(src, dst, **changes):
 @pytest.mark.parametrize("quant, named", [
     ({"quant_method": "bitsandbytes", "load_in_8bit": True}, "bitsandbytes"),
     ({"quant_method": "fp8", "activation_scheme": "dynamic"}, "fp8"),
-    ({"quant_method": "compressed-tensors", "format": "float-quantized"}, "compressed-tensors"),
+    ({"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {"group_0": {
+        "format": "pack-quantized", "targets": ["Linear"], "weights": {"num_bits": 4, "type": "int"}}}},
+     "compressed-tensors"),
     ({"quant_method": "gptq", "bits": 4, "group_size": 128}, "gptq"),
     ({"quant_method": "awq", "bits": 4}, "awq"),
     ({"quant_method": "hqq"}, "hqq"),

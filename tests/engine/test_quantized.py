@@ -1,5 +1,6 @@
-"""4-bit bases (bitsandbytes NF4 / FP4, the QLoRA setting) against HF transformers running the same 4-bit
-weights, on the CPU in fp32 (issue #19).
+"""Quantized bases against HF transformers running the same quantized weights, on the CPU in fp32 (issue #19).
+
+bitsandbytes 4-bit (NF4 / FP4, the QLoRA setting):
 
 - a checkpoint saved by transformers with BitsAndBytesConfig (double quantization on) loads, its packed
   linears stay 4-bit, and greedy tokens equal HF's on that quantized model, Llama and Phi-3 (fused qkv);
@@ -8,6 +9,13 @@ weights, on the CPU in fp32 (issue #19).
 - a float checkpoint with quantization="bitsandbytes" is quantized as it loads, to exactly the codes HF's
   in-flight NF4 gives (double quantization off);
 - 8-bit, MoE and multi-modal 4-bit bases, and other quantization values are refused by name.
+
+FP8 as llm-compressor saves it (compressed-tensors), HF running it through compressed-tensors' own forward (each
+activation quantized as the scheme says, then the dequantized product):
+- per-channel weights with per-token dynamic activations, per-tensor weights with static activations, and
+  weight-only: greedy tokens equal, Llama and Phi-3 (fused qkv); with PEFT adapters in a mixed batch too;
+- a float checkpoint with quantization="fp8": the same FP8 weights and scales as llm-compressor's FP8_DYNAMIC
+  with min-max scales, and its tokens.
 """
 from __future__ import annotations
 
@@ -25,7 +33,7 @@ from loraplex.layers.linear import Linear  # noqa: E402
 from loraplex.lora.request import LoRARequest  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
-from helpers import make_peft_adapter, make_tiny_model  # noqa: E402
+from helpers import make_fp8_checkpoint, make_peft_adapter, make_tiny_model  # noqa: E402
 
 PROMPTS = ["Hello, my name is", "The capital of France", "abc", "1 2 3 4", "once upon a time", "zq"]
 MAX_TOKENS = 12
@@ -153,11 +161,77 @@ def test_inflight_quantization_equals_hf(float_models):
     assert _ours(engine, PROMPTS) == expected
 
 
+@pytest.fixture(scope="module")
+def fp8_models(float_models, tmp_path_factory):
+    pytest.importorskip("compressed_tensors")
+    return {(arch, scheme): make_fp8_checkpoint(float_models[arch], tmp_path_factory.mktemp(f"{scheme}-{arch}"),
+                                                scheme, calibration=PROMPTS)
+            for arch, scheme in (("llama", "FP8_DYNAMIC"), ("llama", "FP8"), ("llama", "FP8_W"),
+                                 ("phi3", "FP8_DYNAMIC"))}
+
+
+def _hf_fp8(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("arch, scheme", [("llama", "FP8_DYNAMIC"), ("llama", "FP8"), ("llama", "FP8_W"),
+                                          ("phi3", "FP8_DYNAMIC")])
+def test_fp8_checkpoint_matches_hf(arch, scheme, fp8_models):
+    from transformers import AutoTokenizer
+
+    path = fp8_models[arch, scheme]
+    expected = _hf_greedy(_hf_fp8(path), AutoTokenizer.from_pretrained(path), PROMPTS)
+    engine = LLMEngine.from_engine_args(EngineArgs(model=str(path), max_model_len=128))
+    linears = _linears(engine)
+    assert linears and all(m.weight is None and m.qweight.dtype == torch.float8_e4m3fn for m in linears)
+    assert _ours(engine, PROMPTS) == expected
+
+
+def test_fp8_lora_mixed_batch_matches_peft(fp8_models, float_models, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    path = fp8_models["llama", "FP8_DYNAMIC"]
+    adapters = {f"r{r}": make_peft_adapter(float_models["llama"], tmp_path / f"r{r}", rank=r, seed=r,
+                                           targets="all-linear", scale=0.1) for r in (4, 8)}
+    names = [None, "r4", "r8", "r4", None, "r8"]
+    model = PeftModel.from_pretrained(_hf_fp8(path), str(adapters["r4"]), adapter_name="r4")
+    model.load_adapter(str(adapters["r8"]), adapter_name="r8")
+    expected = _hf_greedy(model.eval(), AutoTokenizer.from_pretrained(path), PROMPTS,
+                          [n or "__base__" for n in names])
+    engine = LLMEngine.from_engine_args(EngineArgs(model=str(path), max_model_len=128, enable_lora=True,
+                                                   max_loras=2, max_lora_rank=8))
+    loras = {i: LoRARequest(n, int(n[1:]), str(adapters[n])) for i, n in enumerate(names) if n}
+    assert _ours(engine, PROMPTS, loras) == expected
+
+
+def test_inflight_fp8_equals_llm_compressor(fp8_models, float_models):
+    from transformers import AutoTokenizer
+
+    ref_path = fp8_models["llama", "FP8_DYNAMIC"]
+    expected = _hf_greedy(_hf_fp8(ref_path), AutoTokenizer.from_pretrained(ref_path), PROMPTS)
+    engine = LLMEngine.from_engine_args(EngineArgs(model=str(float_models["llama"]), max_model_len=128,
+                                                   quantization="fp8"))
+    from safetensors import safe_open
+
+    with safe_open(str(ref_path / "model.safetensors"), "pt") as f:
+        down = engine.model.layers[1].mlp.down_proj
+        ref_w = f.get_tensor("model.layers.1.mlp.down_proj.weight")
+        ref_s = f.get_tensor("model.layers.1.mlp.down_proj.weight_scale")
+    assert torch.equal(down.qweight.view(torch.uint8), ref_w.view(torch.uint8))
+    assert torch.equal(down.qscale, ref_s.float().reshape(-1))
+    assert _ours(engine, PROMPTS) == expected
+
+
 def test_refusals(tiny_model_factory, float_models):
     with pytest.raises(ConfigError, match="quantization"):
         EngineArgs(model=str(float_models["llama"]), quantization="awq")
-    with pytest.raises(UnsupportedModelError, match="4-bit base of MixtralForCausalLM"):
+    with pytest.raises(UnsupportedModelError, match="bitsandbytes base of MixtralForCausalLM"):
         LLMEngine.from_engine_args(EngineArgs(model=str(tiny_model_factory("mixtral")), quantization="bitsandbytes"))
+    with pytest.raises(ConfigError, match="needs a compressed-tensors checkpoint"):
+        LLMEngine.from_engine_args(EngineArgs(model=str(float_models["llama"]), quantization="compressed-tensors"))
 
 
 @pytest.mark.gpu
@@ -192,4 +266,40 @@ def test_nf4_cuda_matches_hf_with_qlora(enforce_eager, nf4_models, float_models,
     assert all(m.weight is None for m in _linears(engine))
     loras = {i: LoRARequest(n, int(n[1:]), str(adapters[n])) for i, n in enumerate(names) if n}
     ours = _ours(engine, PROMPTS, loras)
+    assert agree_up_to_near_ties(ours, ref) == len(PROMPTS), list(zip(ours, ref))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("enforce_eager", [True, False])
+def test_fp8_cuda_matches_hf(enforce_eager, fp8_models, float_models, tmp_path):
+    """bf16 on CUDA, FP8 matmuls (torch._scaled_mm, row-wise scales) against compressed-tensors' forward in HF,
+    with adapters, with and without CUDA graphs."""
+    from helpers import agree_up_to_near_ties
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = fp8_models["llama", "FP8_DYNAMIC"]
+    adapters = {f"r{r}": make_peft_adapter(float_models["llama"], tmp_path / f"r{r}", rank=r, seed=r,
+                                           targets="all-linear", scale=0.1) for r in (4, 8)}
+    names = [None, "r4", "r8", "r4", None, "r8"]
+    tok = AutoTokenizer.from_pretrained(path)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda()
+    model = PeftModel.from_pretrained(hf, str(adapters["r4"]), adapter_name="r4")
+    model.load_adapter(str(adapters["r8"]), adapter_name="r8")
+    ref = []
+    for prompt, name in zip(PROMPTS, names):
+        ids = tok(prompt, return_tensors="pt").input_ids.cuda()
+        gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_TOKENS, do_sample=False,
+                             pad_token_id=tok.pad_token_id, return_dict_in_generate=True, output_scores=True,
+                             adapter_names=[name or "__base__"])
+        top2 = [s[0].float().topk(2).values for s in gen.scores]
+        ref.append((gen.sequences[0, ids.shape[1]:].tolist(), [float(t[0] - t[1]) for t in top2]))
+    engine = LLMEngine.from_engine_args(EngineArgs(model=str(path), dtype="bfloat16", device="cuda",
+                                                   max_model_len=128, enable_lora=True, max_loras=2,
+                                                   max_lora_rank=8, enforce_eager=enforce_eager))
+    layer = engine.model.layers[0].self_attn.qkv_proj
+    assert layer.quant._is_scaled_mm.get((layer.qweight.device, torch.bfloat16)) in (None, True)
+    loras = {i: LoRARequest(n, int(n[1:]), str(adapters[n])) for i, n in enumerate(names) if n}
+    ours = _ours(engine, PROMPTS, loras)
+    assert layer.quant._is_scaled_mm[(layer.qweight.device, torch.bfloat16)]  # the FP8 tensor-core path ran
     assert agree_up_to_near_ties(ours, ref) == len(PROMPTS), list(zip(ours, ref))

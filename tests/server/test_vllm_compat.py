@@ -198,7 +198,7 @@ def run_cli(*args, env=None) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("flags, message", [
     (["--tensor-parallel-size", "2"], "--tensor-parallel-size 2: tensor parallelism is not supported yet"),
     (["-tp", "4"], "--tensor-parallel-size 4: tensor parallelism is not supported yet"),
-    (["--quantization", "awq"], "--quantization awq: only bitsandbytes (4-bit NF4 bases) is supported yet"),
+    (["--quantization", "awq"], "--quantization awq: only bitsandbytes (4-bit), fp8 and compressed-tensors (FP8 checkpoints) are supported yet"),
 ])
 def test_unsupported_vllm_flags_are_refused_by_name(tiny_llama, flags, message):
     out = run_cli("serve", str(tiny_llama), "--port", "0", *flags)
