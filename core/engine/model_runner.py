@@ -190,13 +190,20 @@ class ModelRunner:
         # Graphs take true decodes only: not a 1-token chunk, nor a multi-modal prompt's last token.
         is_decode = max(num_new) == 1 and rows is None and (ahead or all(
             s.mm_inputs is None or s.num_computed_tokens >= s.num_prompt_tokens for s in seqs))
-        if is_decode and self.graph_runner is not None and self.graph_runner.can_run(len(seqs)):
+        expert_runs = self._expert_lora_runs(seqs, num_new) if self.lora_manager is not None else []
+        if is_decode and not expert_runs and self.graph_runner is not None and self.graph_runner.can_run(len(seqs)):
             logits = self.graph_runner.run(seqs, input_ids)
         else:
             ids, pos, meta, qsl, lora_idx = self._prepare(seqs, num_new, input_ids)
             self._set_lora(lora_idx)
             embeds = self._multimodal_embeds(ids, seqs, num_new, qsl) if self.cfg.is_multimodal else None
-            hidden = self.model(ids, pos, meta, inputs_embeds=embeds)  # [num_tokens, hidden]
+            if expert_runs:
+                self.model.expert_lora.runs = expert_runs
+            try:
+                hidden = self.model(ids, pos, meta, inputs_embeds=embeds)  # [num_tokens, hidden]
+            finally:
+                if expert_runs:
+                    self.model.expert_lora.runs = []
             prompt = None if ahead else self._prompt_logprobs(hidden, seqs, num_new, qsl, ahead)
             if meta.max_query_len > 1 or rows is not None:
                 last = [qsl[i + 1] - 1 for i in (range(len(seqs)) if rows is None else rows)]
@@ -245,8 +252,20 @@ class ModelRunner:
         for seq, feats in zip(owners, self.model.encode_mm(items)):
             seq.mm_inputs["embeds"] = feats  # [num placeholders, hidden]
 
+    def _expert_lora_runs(self, seqs: list[Sequence], num_new: list[int]) -> list[tuple[int, int, dict]]:
+        """(first token, end token, expert weights on the device) of each sequence whose adapter targets MoE
+        experts, in flat-batch token order; empty when none does (then CUDA graphs may run)."""
+        runs, start = [], 0
+        for seq, n in zip(seqs, num_new):
+            m = seq.lora_model
+            if m is not None and m.has_experts:
+                runs.append((start, start + n, self._tower_lora(m)))
+            start += n
+        return runs
+
     def _tower_lora(self, version) -> dict | None:
-        """An adapter version's tower / connector LoRA on this device, uploaded on first use (it is small)."""
+        """An adapter version's LoRA outside the page pool (tower / connector, MoE experts) on this device,
+        uploaded on first use."""
         if version is None or not version.tower:
             return None
         if version.tower_device is None:

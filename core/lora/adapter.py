@@ -32,6 +32,19 @@ def _tower_key(key: str) -> tuple[str, str] | None:
         path = path.removeprefix(prefix)
     return (path, rest[:1]) if path.startswith(_TOWER_ROOTS) else None
 _KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
+# MoE experts. PEFT's target_parameters on transformers 5's fused experts (one wrapper per parameter, nested:
+# "experts.base_layer.lora_A" is the inner one), and transformers 4's per-expert Linears (Mixtral's w1 gate, w3 up,
+# w2 down; Qwen's gate_proj / up_proj / down_proj).
+_EXPERTS_FUSED = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.((?:base_layer\.)*)"
+                            r"lora_([AB])(?:\.[\w-]+)?\.weight$")
+_EXPERTS_EACH = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\."
+                           r"(w1|w2|w3|gate_proj|up_proj|down_proj)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
+_EXPERT_KIND = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "down", "down_proj": "down"}
+
+
+def experts_path(layer: int, kind: str) -> str:
+    """Key of a sparse layer's expert LoRA among an adapter's unpaged weights; kind "w13" (gate and up) or "w2"."""
+    return f"model.layers.{layer}.mlp.experts.{kind}"
 _ALL_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
                 "qkv_proj", "gate_up_proj")  # the last two: checkpoints that fuse them (Phi-3)
 
@@ -137,10 +150,12 @@ class LoRAModel:
     is_fresh_upload: bool = False  # uploaded and not yet used
     # Completes when this version is loaded and registered (add_lora / add_lora_async).
     future: concurrent.futures.Future | None = field(default=None, repr=False)
-    # Tower / projector LoRA of a multi-modal model: path -> (A, B) on the host, and on the device once used.
+    # LoRA outside the page pool (AdapterPlan.tower: towers, projectors, MoE experts): path -> (A, B) on the host,
+    # and on the device once used.
     tower: dict = field(default_factory=dict, repr=False)
     tower_device: dict | None = field(default=None, repr=False)
     has_lm: bool = True  # False: the adapter targets only the tower (its decoder page is zero and is not run)
+    has_experts: bool = False  # some of ``tower`` is MoE expert LoRA: its steps run eager
 
     @property
     def path(self) -> str:
@@ -177,8 +192,9 @@ class AdapterPlan:
     name: str
     rank: int
     pieces: list[_Piece]
-    # LoRA on a multi-modal model's tower / projector: module path -> (A [r, in], B [out, r] scaled). Small, and run
-    # by plain matmuls per adapter group (not paged): see LlavaForConditionalGeneration.embed_images.
+    # LoRA run outside the page pool by plain matmuls per adapter group: a multi-modal model's tower / projector
+    # (module path -> A [r, in], B [out, r] scaled; see TowerLoRA) and MoE experts (experts_path(layer, kind) ->
+    # A [num_experts, r, in], B [num_experts, out, r] scaled; see SparseMoe).
     tower: dict = field(default_factory=dict)
 
     @property
@@ -190,12 +206,24 @@ def plan_adapter(layout: PageLayout, config: dict, tensors: dict[str, torch.Tens
                  max_lora_rank: int) -> AdapterPlan:
     """Validate every tensor against the model; raise LoRALoadError / LoRARankError naming the adapter and
     module. Reads shapes only."""
-    validate_config(config, name, frozenset(p.rsplit(".", 1)[-1] for p in layout.tower_linears))
+    extra = frozenset(p.rsplit(".", 1)[-1] for p in layout.tower_linears) | (
+        frozenset(_EXPERT_KIND) if layout.expert_layers else frozenset())  # Mixtral's experts: w1, w2, w3
+    validate_config(config, name, extra)
     alpha_default = config.get("lora_alpha", config["r"])
     rslora = bool(config.get("use_rslora", False))
     modules: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     tower: dict[str, dict[str, torch.Tensor]] = {}
+    experts: dict[tuple, dict[str, torch.Tensor]] = {}  # (layer, nesting) or (layer, expert, kind) -> A / B
     for key, tensor in tensors.items():
+        m = _EXPERTS_FUSED.search(key) or _EXPERTS_EACH.search(key)
+        if m is not None:
+            if not layout.expert_layers:
+                raise LoRALoadError(f"adapter '{name}': {key} targets MoE experts; this model has none", name)
+            if int(m.group(1)) not in layout.expert_layers:
+                raise LoRALoadError(f"adapter '{name}': layer {m.group(1)} has no routed experts ({key})", name)
+            groups = m.groups()
+            experts.setdefault((int(groups[0]),) + tuple(groups[1:-1]), {})[groups[-1]] = tensor
+            continue
         tower_key = _tower_key(key)
         if tower_key is not None:
             # Checked first: a vision tower's "layers.N.self_attn.q_proj" must never land on the decoder's.
@@ -218,9 +246,10 @@ def plan_adapter(layout: PageLayout, config: dict, tensors: dict[str, torch.Tens
             raise LoRALoadError(f"adapter '{name}': layer {layer} of {module} does not exist (the base model has "
                                 f"{layout.num_layers} layers; was it trained for another model?)", name)
         modules.setdefault((layer, module), {})[ab] = tensor
-    if not modules and not tower:
+    if not modules and not tower and not experts:
         raise LoRALoadError(f"adapter '{name}': no LoRA weights found", name)
     tower_plan = _plan_tower(layout, config, tower, name, max_lora_rank, alpha_default, rslora)
+    tower_plan.update(_plan_experts(layout, config, experts, name, max_lora_rank, alpha_default, rslora))
     pieces, max_rank = [], 0
     for (layer, module), ab in sorted(modules.items()):
         where = f"adapter '{name}', layer {layer} {module}"
@@ -275,6 +304,85 @@ def _plan_tower(layout: PageLayout, config: dict, tower: dict, name: str, max_lo
         alpha = _pattern_value(config.get("alpha_pattern"), path, alpha_default, name)
         scale = alpha / math.sqrt(rank) if rslora else alpha / rank
         plan[path] = (a.float().contiguous(), (b.float() * scale).contiguous())
+    return plan
+
+
+def _plan_experts(layout: PageLayout, config: dict, experts: dict, name: str, max_lora_rank: int, alpha_default,
+                  rslora: bool) -> dict:
+    """experts_path(layer, kind) -> (A [num_experts, r, in], B [num_experts, out, r] scaled), fp32. kind "w13":
+    the experts' gate and up rows (in = hidden), "w2": their down projection (in = intermediate)."""
+    def scale_of(pattern_key: str, rank: int) -> float:
+        alpha = _pattern_value(config.get("alpha_pattern"), pattern_key, alpha_default, name)
+        return float(alpha / math.sqrt(rank) if rslora else alpha / rank)
+
+    def check(where: str, ab: dict, rank: int) -> None:
+        if set(ab) != {"A", "B"}:
+            raise LoRALoadError(f"{where}: lora_A and lora_B must both be present", name)
+        if not (ab["A"].is_floating_point() and ab["B"].is_floating_point()):
+            raise LoRALoadError(f"{where}: weights must be floating point", name)
+        if rank > max_lora_rank:
+            raise LoRARankError(f"{where}: rank {rank} exceeds max_lora_rank {max_lora_rank}", name)
+
+    plan: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    each: dict[tuple[int, str], dict[int, tuple]] = {}  # (layer, gate | up | down) -> expert -> (A, B, scale)
+    for key, ab in sorted(experts.items()):
+        layer = key[0]
+        num, hidden, inter = layout.expert_layers[layer]
+        if len(key) == 2:  # PEFT's wrapper of one fused parameter: A [r * experts, in], B [out, r * experts]
+            where = f"adapter '{name}', layer {layer} experts"
+            a, b = ab.get("A"), ab.get("B")
+            rank = a.shape[0] // num if a is not None and a.dim() == 2 else -1
+            check(where, ab, rank)
+            fits = {"w13": (hidden, 2 * inter), "w2": (inter, hidden)}
+            kind = next((k for k, (i, o) in fits.items() if (a.shape[1], b.shape[0]) == (i, o)), None)
+            if kind is None or rank < 1 or a.shape[0] != rank * num or tuple(b.shape[1:]) != (rank * num,):
+                raise LoRALoadError(f"{where}: shapes A {tuple(a.shape)} / B {tuple(b.shape)} fit neither the "
+                                    f"experts' gate_up_proj (A [r*{num}, {hidden}], B [{2 * inter}, r*{num}]) nor "
+                                    f"their down_proj (A [r*{num}, {inter}], B [{hidden}, r*{num}])", name)
+            if experts_path(layer, kind) in plan:
+                raise LoRALoadError(f"{where}: two wrappers of the experts' {kind}", name)
+            scale = scale_of(f"model.layers.{layer}.mlp.experts", rank)
+            # PEFT's delta of expert e: B.reshape(out, r, E)[:, :, e] @ A.reshape(E, r, in)[e]
+            plan[experts_path(layer, kind)] = (a.float().reshape(num, rank, a.shape[1]).contiguous(),
+                                               (b.float().reshape(b.shape[0], rank, num).permute(2, 0, 1)
+                                                * scale).contiguous())
+            continue
+        _, expert, module = key
+        kind = _EXPERT_KIND[module]
+        where = f"adapter '{name}', layer {layer} expert {expert} {module}"
+        a, b = ab.get("A"), ab.get("B")
+        rank = a.shape[0] if a is not None and a.dim() == 2 else -1
+        check(where, ab, rank)
+        fan_in, fan_out = (inter, hidden) if kind == "down" else (hidden, inter)
+        if int(expert) >= num or rank < 1 or tuple(a.shape) != (rank, fan_in) or tuple(b.shape) != (fan_out, rank):
+            raise LoRALoadError(f"{where}: shapes A {tuple(a.shape)} / B {tuple(b.shape)} do not fit (expected A "
+                                f"[r, {fan_in}], B [{fan_out}, r], expert < {num})", name)
+        scale = scale_of(f"model.layers.{layer}.mlp.experts.{expert}.{module}", rank)
+        each.setdefault((layer, kind), {})[int(expert)] = (a.float(), b.float(), scale)
+    layers = sorted({layer for layer, _ in each})
+    for layer in layers:
+        num, hidden, inter = layout.expert_layers[layer]
+        for kind, parts, fan_in, fan_out in (("w13", ("gate", "up"), hidden, inter), ("w2", ("down",), inter, hidden)):
+            present = [(i, each.get((layer, part), {})) for i, part in enumerate(parts)]
+            ranks = [max((r[0].shape[0] for r in got.values()), default=0) for _, got in present]
+            total = sum(ranks)
+            if not total:
+                continue
+            if experts_path(layer, kind) in plan:
+                raise LoRALoadError(f"adapter '{name}', layer {layer}: its experts are targeted twice", name)
+            # Gate and up have an A each: stacked along the rank, their B block-diagonal over the output rows.
+            a3 = torch.zeros(num, total, fan_in)
+            b3 = torch.zeros(num, fan_out * len(parts), total)
+            col = 0
+            for (i, got), r in zip(present, ranks):
+                for e, (a, b, scale) in got.items():
+                    a3[e, col: col + a.shape[0]] = a
+                    b3[e, i * fan_out: (i + 1) * fan_out, col: col + a.shape[0]] = b * scale
+                col += r
+            plan[experts_path(layer, kind)] = (a3, b3)
+    for path, (a, b) in plan.items():
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise LoRALoadError(f"adapter '{name}': weights contain NaN or Inf ({path})", name)
     return plan
 
 

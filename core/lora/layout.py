@@ -68,6 +68,9 @@ class PageLayout:
         # A multi-modal model's tower / projector Linears that adapters may target: path -> (in, out).
         targets = getattr(model, "tower_lora_targets", None)
         self.tower_linears: dict[str, tuple[int, int]] = targets() if targets is not None else {}
+        # Sparse layers whose routed experts adapters may target: layer -> (num_experts, hidden, intermediate).
+        shapes = getattr(model, "expert_lora_shapes", None)
+        self.expert_layers: dict[int, tuple[int, int, int]] = shapes() if shapes is not None else {}
         # Every spelling an adapter may use for a tower path -> the model's own.
         self.tower_paths: dict[str, str] = {}
         for path in self.tower_linears:

@@ -214,6 +214,7 @@ class LoRAManager:
                 continue
             m.rank, m.num_bytes, m.error = res.rank, res.num_bytes, None
             m.tower = res.tower
+            m.has_experts = any(".mlp.experts." in path for path in res.tower)
             m.has_lm = res.has_lm
             m.is_fresh_load = True
             self._host_put(m, res.buf)

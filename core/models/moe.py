@@ -4,10 +4,12 @@ Llama's attention and layer structure; the feed-forward of a sparse layer is a r
 fp32, top-k, renormalised where the model does) and per-expert SwiGLU MLPs, plus Qwen2-MoE's shared expert behind
 a sigmoid gate. Dense layers (Qwen's ``mlp_only_layers`` / ``decoder_sparse_step``) keep Llama's MLP.
 
-LoRA applies to the attention projections; adapters that target the experts, the shared expert or a dense
-layer's MLP are refused by name when they load. The experts run as a torch
-loop over the experts that this step's tokens chose (HF's reference computation); a fused Triton MoE path is not
-written yet.
+LoRA applies to the attention projections (paged, as on every model) and to the routed experts: each expert's
+gate / up and down projections get their own A and B (PEFT's ``target_parameters`` on transformers 5's fused
+experts, or transformers 4's per-expert Linears). Adapters on the shared expert or a dense layer's MLP are refused
+by name when they load. The experts run as a torch loop over the experts that this step's tokens chose (HF's
+reference computation), expert LoRA as matmuls per (expert, adapter) on the rows of that pair; a step with expert
+LoRA runs eager (no CUDA graph). A fused Triton MoE path is not written yet.
 """
 from __future__ import annotations
 
@@ -29,9 +31,21 @@ _SHARED_GATE = "mlp.shared_expert_gate.weight"
 _DENSE = re.compile(r"^mlp\.(gate_proj|up_proj|down_proj)\.weight$")
 
 
+class ExpertLoRARuns:
+    """This step's expert LoRA, shared by every sparse layer: [(first token, end token, weights)] for the runs of
+    flat-batch rows whose adapter targets the experts; weights: experts_path(layer, kind) -> (A [experts, r, in],
+    B [experts, out, r]) on the device. Empty outside a step, and inside CUDA graphs."""
+
+    def __init__(self):
+        self.runs: list[tuple[int, int, dict]] = []
+
+
 class SparseMoe(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype, device):
+    def __init__(self, cfg: ModelConfig, dtype, device, layer_idx: int = 0, lora_runs: ExpertLoRARuns | None = None):
         super().__init__()
+        self.layer_idx = layer_idx
+        self.lora_runs = lora_runs or ExpertLoRARuns()
+        self._paths = {kind: f"model.layers.{layer_idx}.mlp.experts.{kind}" for kind in ("w13", "w2")}
         num, hidden, inter = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
         self.top_k = cfg.num_experts_per_tok
         self.is_renormalized = cfg.norm_topk_prob
@@ -62,15 +76,33 @@ class SparseMoe(nn.Module):
                 h = silu_and_mul(nn.functional.linear(x, self.w13[e]))
                 out += (nn.functional.linear(h, self.w2[e]) * w).to(x.dtype)
         else:
+            runs = [r for r in self.lora_runs.runs if self._paths["w13"] in r[2] or self._paths["w2"] in r[2]]
             for e in experts.unique().tolist():  # the experts this step's tokens chose
                 token, slot = (experts == e).nonzero(as_tuple=True)
-                h = silu_and_mul(nn.functional.linear(x[token], self.w13[e]))  # [n, inter]
-                y = nn.functional.linear(h, self.w2[e]) * weights[token, slot, None]
-                out.index_add_(0, token, y.to(x.dtype))
+                g = nn.functional.linear(x[token], self.w13[e])  # [n, 2 * inter]
+                if runs:
+                    self._add_lora(g, x[token], token, e, "w13", runs)
+                h = silu_and_mul(g)  # [n, inter]
+                y = nn.functional.linear(h, self.w2[e])
+                if runs:
+                    self._add_lora(y, h, token, e, "w2", runs)
+                out.index_add_(0, token, (y * weights[token, slot, None]).to(x.dtype))
         if self.shared is not None:
             gate = torch.sigmoid(nn.functional.linear(x, self.shared_gate))  # [num_tokens, 1]
             out = out + gate * self.shared(x)
         return out
+
+    def _add_lora(self, out: torch.Tensor, inp: torch.Tensor, token: torch.Tensor, expert: int, kind: str,
+                  runs: list) -> None:
+        """out[i] += B_e (A_e inp[i]) for the rows i of expert e whose token's adapter targets this projection."""
+        path = self._paths[kind]
+        for first, end, lora in runs:
+            if path not in lora:
+                continue
+            rows = ((token >= first) & (token < end)).nonzero().squeeze(1)
+            if rows.numel():
+                a, b = lora[path]  # [experts, r, in], [experts, out, r]
+                out.index_add_(0, rows, (inp[rows] @ a[expert].t()) @ b[expert].t())
 
     def load(self, rest: str, tensor: torch.Tensor) -> bool:
         """Copy one checkpoint tensor (its name after "model.layers.N.") in; False when it is not this block's."""
@@ -105,8 +137,16 @@ class MoeForCausalLM(LlamaForCausalLM):
                     "o_proj": "self_attn.o_proj"}
 
     def _decoder_layer(self, cfg: ModelConfig, layer_idx: int, attn_backend: str, dtype, device) -> nn.Module:
-        mlp = SparseMoe(cfg, dtype, device) if cfg.moe_layers[layer_idx] else None
+        if not hasattr(self, "expert_lora"):
+            self.expert_lora = ExpertLoRARuns()  # built before the layers: LlamaForCausalLM's __init__ calls this
+        mlp = SparseMoe(cfg, dtype, device, layer_idx, self.expert_lora) if cfg.moe_layers[layer_idx] else None
         return LlamaDecoderLayer(cfg, attn_backend, dtype, device, mlp=mlp)
+
+    def expert_lora_shapes(self) -> dict[int, tuple[int, int, int]]:
+        """Sparse layer -> (num_experts, hidden, intermediate): the experts adapters may target."""
+        cfg = self.cfg
+        return {i: (cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+                for i, is_sparse in enumerate(cfg.moe_layers) if is_sparse}
 
     def load_layer_tensor(self, layer_idx: int, rest: str, tensor: torch.Tensor) -> bool:
         """The loader's hook for names Llama's layout does not have: the sparse feed-forward's, and a dense
