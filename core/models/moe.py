@@ -7,9 +7,11 @@ a sigmoid gate. Dense layers (Qwen's ``mlp_only_layers`` / ``decoder_sparse_step
 LoRA applies to the attention projections (paged, as on every model) and to the routed experts: each expert's
 gate / up and down projections get their own A and B (PEFT's ``target_parameters`` on transformers 5's fused
 experts, or transformers 4's per-expert Linears). Adapters on the shared expert or a dense layer's MLP are refused
-by name when they load. The experts run as a torch loop over the experts that this step's tokens chose (HF's
-reference computation), expert LoRA as matmuls per (expert, adapter) on the rows of that pair; a step with expert
-LoRA runs eager (no CUDA graph). A fused Triton MoE path is not written yet.
+by name when they load. On CUDA the experts run as two fused Triton grouped GEMMs over the experts the step's
+tokens chose (loraplex.kernels.fused_moe), eager and inside CUDA graphs; on the CPU, and in a step with expert
+LoRA, as a torch loop over those experts (HF's reference computation), expert LoRA as matmuls per (expert,
+adapter) on the rows of that pair. A step with expert LoRA runs eager (no CUDA graph): the fused kernel does not
+take expert LoRA yet.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import torch
 from torch import nn
 
 from loraplex.kernels.activation import silu_and_mul
+from loraplex.kernels.fused_moe import HAS_TRITON, fused_moe
 from loraplex.models.config import ModelConfig
 from loraplex.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP
 
@@ -46,6 +49,7 @@ class SparseMoe(nn.Module):
         self.layer_idx = layer_idx
         self.lora_runs = lora_runs or ExpertLoRARuns()
         self._paths = {kind: f"model.layers.{layer_idx}.mlp.experts.{kind}" for kind in ("w13", "w2")}
+        self.is_fused = cfg.fused_ops and HAS_TRITON  # the Triton grouped GEMMs on CUDA
         num, hidden, inter = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
         self.top_k = cfg.num_experts_per_tok
         self.is_renormalized = cfg.norm_topk_prob
@@ -67,16 +71,20 @@ class SparseMoe(nn.Module):
             weights = weights / weights.sum(-1, keepdim=True)
         if not self.is_fp32_weights:
             weights = weights.to(x.dtype)
-        out = torch.zeros_like(x)
-        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        runs = [r for r in self.lora_runs.runs if self._paths["w13"] in r[2] or self._paths["w2"] in r[2]]
+        if self.is_fused and x.is_cuda and not runs:
+            # Two grouped GEMMs over the chosen experts, no host sync: eager and inside CUDA graphs alike.
+            out = fused_moe(x, self.w13, self.w2, weights, experts)
+        elif x.is_cuda and torch.cuda.is_current_stream_capturing():
             # A CUDA graph (decode) cannot read back which experts were chosen: every expert runs on every row,
             # weighted by zero where it was not chosen. Decode reads each expert's weights either way.
+            out = torch.zeros_like(x)
             for e in range(self.w13.shape[0]):
                 w = (weights * (experts == e)).sum(-1, keepdim=True)  # [num_tokens, 1]
                 h = silu_and_mul(nn.functional.linear(x, self.w13[e]))
                 out += (nn.functional.linear(h, self.w2[e]) * w).to(x.dtype)
         else:
-            runs = [r for r in self.lora_runs.runs if self._paths["w13"] in r[2] or self._paths["w2"] in r[2]]
+            out = torch.zeros_like(x)
             for e in experts.unique().tolist():  # the experts this step's tokens chose
                 token, slot = (experts == e).nonzero(as_tuple=True)
                 g = nn.functional.linear(x[token], self.w13[e])  # [n, 2 * inter]
