@@ -42,7 +42,9 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     num_pairs = flat.numel()
     max_padded = num_pairs + num_experts * (block_m - 1)
     max_padded = -(-max_padded // block_m) * block_m
-    counts = torch.bincount(flat, minlength=num_experts)  # [experts]
+    # Not bincount: its output size depends on the largest id, which it reads back (a sync, illegal in a graph).
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device).scatter_add_(
+        0, flat, torch.ones_like(flat))  # [experts]
     padded = (counts + block_m - 1) // block_m * block_m
     starts = torch.cumsum(padded, 0) - padded  # [experts] first padded row of each expert
     order = torch.argsort(flat, stable=True)  # pairs by expert
