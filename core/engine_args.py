@@ -39,7 +39,8 @@ class EngineArgs:
     async_scheduling: bool | None = None
     max_logprobs: int = 20
     trust_remote_code: bool = False
-    # "dummy" builds random weights on the device from config.json alone (benchmarks; vLLM's name).
+    # "dummy" builds random weights on the device from config.json alone (benchmarks; vLLM's name). "gguf": a .gguf
+    # file's Q4_0 / Q4_1 / Q8_0 projections stay in their blocks on any device ("auto" keeps them on CUDA only).
     load_format: str = "auto"
     # "bitsandbytes" / "fp8": quantize a float checkpoint's projections to NF4 / FP8 as it loads (vLLM's in-flight
     # quantization); a quantized checkpoint (bitsandbytes 4-bit, compressed-tensors FP8) is found from its
@@ -115,8 +116,8 @@ class EngineArgs:
             raise bad("cpu_kv_cache_space", "must be > 0 (GiB)")
         if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 2:
             raise bad("num_gpu_blocks_override", "must be >= 2")
-        if self.load_format not in ("auto", "safetensors", "dummy"):
-            raise bad("load_format", "must be 'auto', 'safetensors' or 'dummy'")
+        if self.load_format not in ("auto", "safetensors", "dummy", "gguf"):
+            raise bad("load_format", "must be 'auto', 'safetensors', 'dummy' or 'gguf'")
         from loraplex.models.quant import QUANTIZATION_METHODS
 
         if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:

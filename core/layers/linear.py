@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from loraplex.kernels.lora_ops import add_lora, lora_buffer, lora_expand, lora_shrink
-from loraplex.layers import bnb4, fp8
+from loraplex.layers import bnb4, fp8, gguf_quant
 
 
 class Linear(nn.Module):
@@ -79,7 +79,7 @@ class Linear(nn.Module):
         """One HF module's quantized weight: "weight" and the tensors beside it (bitsandbytes' quant state or
         FP8's scales). The layer turns quantized when every slice has come."""
         lo, hi = self._slice_rows(name)
-        unpack = bnb4.unpack if spec.method == "bitsandbytes" else fp8.unpack
+        unpack = {"bitsandbytes": bnb4.unpack, "fp8": fp8.unpack, "gguf": _gguf_unpack}[spec.method]
         self._quant_parts[name] = unpack(parts, (hi - lo, self.in_features), name)
         covered = [self.fused_name] if self.fused_name in self._quant_parts else (self.names or [name])
         if not all(n in self._quant_parts for n in covered):
@@ -88,6 +88,17 @@ class Linear(nn.Module):
         if spec.method == "bitsandbytes":
             rows = [self._slice_rows(n)[1] - self._slice_rows(n)[0] for n in covered]
             self._set_quantized(*bnb4.Bnb4Weight.stack(pieces, rows, self.in_features, covered))
+        elif spec.method == "gguf":
+            stacked = gguf_quant.GgufWeight.stack(pieces)
+            if stacked is not None:
+                self._set_quantized(*stacked)
+                return
+            # Slices of several types, or a type kept only dequantized: this layer loads as floats.
+            import gguf
+
+            for n, (blocks, qtype) in zip(covered, pieces):
+                floats = gguf.quants.dequantize(blocks.numpy(), gguf.GGMLQuantizationType(qtype))
+                self.load_weight(n, torch.from_numpy(floats.reshape(blocks.shape[0], -1)))
         else:
             self._set_quantized(*fp8.Fp8Weight.stack(pieces, spec.act_strategy, spec.is_act_dynamic))
 
@@ -137,3 +148,12 @@ class Linear(nn.Module):
         main.wait_stream(state.side_stream)
         lora_expand(buf, self.lora_b, y, state.meta, self.lora_slice_offsets, backend=state.backend)
         return y
+
+
+def _gguf_unpack(parts: dict[str, torch.Tensor], shape: tuple[int, int], name: str):
+    """(blocks [out, row bytes] uint8, GGML type) of one HF module's GGUF weight."""
+    blocks, qtype = parts["weight"], int(parts["gguf_type"])
+    size = gguf_quant.SUPPORTED.get(qtype, (None, None))[1]
+    if blocks.shape[0] != shape[0] or (size is not None and blocks.shape[1] != shape[1] // 32 * size):
+        raise ValueError(f"{name}: GGUF blocks {tuple(blocks.shape)} do not fit the model shape {tuple(shape)}")
+    return blocks, qtype

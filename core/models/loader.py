@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from loraplex.errors import UnsupportedModelError
+from loraplex.errors import ConfigError, UnsupportedModelError
 from loraplex.layers.linear import Linear
 from loraplex.models.config import ModelConfig
 from loraplex.models.gemma import GemmaForCausalLM
@@ -59,8 +59,71 @@ def load_hf_config(path: Path):
     return AutoConfig.from_pretrained(path)
 
 
-def _iter_checkpoint(path: Path):
-    """Yield (name, tensor) from safetensors shards, .bin shards, or a GGUF file (dequantised by transformers)."""
+# GGUF tensor names (llama.cpp's) of the architectures whose projections stay in their block format -> HF's.
+_GGUF_KEPT_ARCHS = ("llama", "qwen2", "qwen3")
+_GGUF_TOP = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+             "output.weight": "lm_head.weight"}
+_GGUF_LAYER = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
+               "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+               "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm", "ffn_gate": "mlp.gate_proj",
+               "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+_GGUF_LINEAR = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+
+def keeps_gguf_blocks(path: Path, hf_config, device: torch.device, load_format: str) -> bool:
+    """Whether a checkpoint's projections stay in their GGUF blocks: a .gguf file of an architecture mapped here,
+    on CUDA ("auto") or anywhere (load_format "gguf"). On the CPU "auto" dequantizes at load instead: expanding
+    every weight for every product costs seconds a step there, and host memory is not what a 4-bit file saves."""
+    is_gguf = path.is_file() and path.suffix == ".gguf"
+    if load_format == "gguf" and not is_gguf:
+        raise ConfigError(f"load_format='gguf' needs a .gguf file, got {str(path)!r}", "load_format")
+    if not is_gguf or load_format == "dummy" or hf_config.model_type not in _GGUF_KEPT_ARCHS:
+        return False
+    return load_format == "gguf" or device.type == "cuda"
+
+
+def _iter_gguf(path: Path, hf_config):
+    """(HF name, tensor) of a GGUF file read with gguf-py: float tensors as they are, the projections' quantized
+    blocks as uint8 [out, row bytes] with their type beside them ("<module>.gguf_type"), any other quantized tensor
+    dequantized. llama.cpp permutes the rows of a Llama's q / k for its rotary layout: undone here, on whole rows."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    is_llama = hf_config.model_type == "llama"
+    heads, kv_heads = hf_config.num_attention_heads, hf_config.num_key_value_heads
+    for t in reader.tensors:
+        shape = tuple(reversed([int(n) for n in t.shape]))  # GGUF lists ne0 (the input dim) first
+        if t.name in _GGUF_TOP:
+            name, kind = _GGUF_TOP[t.name], None
+        else:
+            parts = t.name.split(".")
+            if len(parts) != 4 or parts[0] != "blk" or parts[2] not in _GGUF_LAYER:
+                raise UnsupportedModelError(f"unexpected GGUF tensor {t.name!r}")
+            name, kind = f"model.layers.{parts[1]}.{_GGUF_LAYER[parts[2]]}.{parts[3]}", parts[2]
+        qtype = gguf.GGMLQuantizationType(t.tensor_type)
+        is_float = qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16,
+                             gguf.GGMLQuantizationType.BF16)
+        if is_float:
+            tensor = torch.from_numpy(t.data.copy()).reshape(shape)
+        elif kind in _GGUF_LINEAR and name.endswith(".weight"):
+            tensor = torch.from_numpy(t.data.copy()).reshape(shape[0], -1)  # [out, row bytes]
+        else:
+            tensor = torch.from_numpy(gguf.quants.dequantize(t.data, qtype)).reshape(shape)
+        if is_llama and kind in ("attn_q", "attn_k"):
+            n = heads if kind == "attn_q" else kv_heads
+            tensor = tensor.reshape(n, tensor.shape[0] // n // 2, 2, *tensor.shape[1:]).transpose(1, 2).reshape(
+                tensor.shape)
+        yield name, tensor
+        if not is_float and kind in _GGUF_LINEAR and name.endswith(".weight"):
+            yield name.removesuffix(".weight") + ".gguf_type", torch.tensor(int(qtype))
+
+
+def _iter_checkpoint(path: Path, hf_config=None, spec: QuantSpec | None = None):
+    """Yield (name, tensor) from safetensors shards, .bin shards, or a GGUF file (kept in blocks where the spec
+    says so, else dequantised by transformers)."""
+    if spec is not None and spec.method == "gguf":
+        yield from _iter_gguf(path, hf_config)
+        return
     if path.is_file() and path.suffix == ".gguf":
         from transformers import AutoModelForCausalLM
 
@@ -95,11 +158,12 @@ def _quant_part(rest: str, tensor: torch.Tensor) -> tuple[str, str] | None:
     return None
 
 
-def load_weights(model: LlamaForCausalLM, path: Path, progress: bool = False, spec: QuantSpec | None = None) -> None:
+def load_weights(model: LlamaForCausalLM, path: Path, progress: bool = False, spec: QuantSpec | None = None,
+                 hf_config=None) -> None:
     loaded: set[str] = set()
-    quant_parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}  # (layer, module path) -> 4-bit parts
+    quant_parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}  # (layer, module path) -> quantized parts
     params = dict(model.named_parameters())
-    items = _iter_checkpoint(path)
+    items = _iter_checkpoint(path, hf_config, spec)
     if progress:
         from tqdm import tqdm
 
@@ -179,6 +243,11 @@ def build_model(path: Path, hf_config, dtype: torch.dtype, device: torch.device,
     cfg = ModelConfig.from_hf(hf_config)
     cfg.fused_ops = envs.fused_ops()
     spec = quant_spec(hf_config, quantization)
+    if keeps_gguf_blocks(path, hf_config, device, load_format):
+        if spec is not None:
+            raise ConfigError(f"quantization={quantization!r} on a GGUF file: its projections are quantized "
+                              "already (they stay in their GGUF blocks)", "quantization")
+        spec = QuantSpec(method="gguf", is_prequantized=True)
     if spec is not None and (cfg.architecture in _MM_CLASSES or cfg.num_experts):
         raise UnsupportedModelError(f"a {spec.method} base of {cfg.architecture} is not supported: quantized "
                                     "bases are dense text decoders (Llama family, Gemma, Phi-3)")
@@ -189,7 +258,7 @@ def build_model(path: Path, hf_config, dtype: torch.dtype, device: torch.device,
         return model
     with torch.device("cpu"):
         model = _new_model(cfg, hf_config, attn_backend, dtype, "cpu")
-    load_weights(model, path, progress, spec)
+    load_weights(model, path, progress, spec, hf_config)
     model = model.to(device).eval()
     if spec is not None and not spec.is_prequantized:
         quantize_model(model, spec)  # on the device: bitsandbytes quantizes there far faster

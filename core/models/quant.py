@@ -7,6 +7,9 @@
   schemes): per-tensor or per-channel weight scales, activations quantized per token or per tensor, dynamically
   or with the checkpoint's static input scale; or a float checkpoint with ``quantization="fp8"`` (per-channel
   weights, per-token dynamic activations). Weights: loraplex.layers.fp8.
+- GGUF files of the Llama, Qwen2 and Qwen3 architectures: Q4_0 / Q4_1 / Q8_0 projections stay in their block
+  format (loraplex.layers.gguf_quant), other types are dequantized as they load. Other architectures' GGUF files
+  load dequantized through transformers.
 
 Only the projections of the decoder layers are quantized; embeddings, norms and the LM head stay float, as the
 tools that make these checkpoints leave them. LoRA runs on top in the model's dtype.
@@ -30,14 +33,14 @@ QUANTIZATION_METHODS = ("bitsandbytes", "fp8", "compressed-tensors")
 # Checkpoint tensors beside a quantized Linear's "weight": bitsandbytes' quant state, FP8's scales.
 QUANT_SUFFIXES = ("weight.absmax", "weight.quant_map", "weight.nested_absmax", "weight.nested_quant_map",
                   "weight.quant_state.bitsandbytes__nf4", "weight.quant_state.bitsandbytes__fp4", "weight_scale",
-                  "input_scale")
+                  "input_scale", "gguf_type")
 
 
 @dataclasses.dataclass(frozen=True)
 class QuantSpec:
     """How the base's projections are stored.
 
-    :param method: "bitsandbytes" (4-bit) or "fp8".
+    :param method: "bitsandbytes" (4-bit), "fp8" or "gguf".
     :param is_prequantized: the checkpoint holds quantized weights (else a float checkpoint is quantized as it
         loads).
     :param quant_type: bitsandbytes' "nf4" or "fp4". :param blocksize: bitsandbytes' weights per absmax.

@@ -83,8 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of GPU memory the engine may use (the KV cache is sized from it)")
     s.add_argument("--cpu-kv-cache-space", type=float, default=1.0, help="CPU KV cache in GiB")
     s.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
-    s.add_argument("--load-format", choices=["auto", "safetensors", "dummy"], default="auto",
-                   help="dummy: random weights of the checkpoint's shape (benchmarks), nothing read from disk")
+    s.add_argument("--load-format", choices=["auto", "safetensors", "dummy", "gguf"], default="auto",
+                   help="dummy: random weights of the checkpoint's shape (benchmarks), nothing read from disk; gguf: "
+                   "a .gguf file's Q4_0 / Q4_1 / Q8_0 projections stay quantized on any device (auto: on CUDA)")
     s.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="overlap host work with the GPU step (default: on with CUDA graphs)")
     s.add_argument("--trust-remote-code", action="store_true", help="passed to transformers")
