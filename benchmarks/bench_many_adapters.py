@@ -123,7 +123,7 @@ def run(engine, loras: list, args, seed: int, vocab: int, on_step=None) -> dict:
 def loader_probe(engine, dirs: list[Path], repeats: int) -> dict:
     """The loader job for one adapter, timed in this thread by stage: read (the load hook), validate + plan,
     pack into a host buffer (first: a new pinned buffer; then recycled ones)."""
-    from loraplex.lora.adapter import pack_pages, plan_adapter
+    from loraplex.lora.plan import pack_pages, plan_adapter
     from loraplex.lora.peft_loader import read_peft_dir
 
     mgr = engine.lora_manager

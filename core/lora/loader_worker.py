@@ -32,7 +32,7 @@ def _attach(name: str) -> shared_memory.SharedMemory:
 def serve(conn) -> None:
     import torch
 
-    from loraplex.lora.adapter import pack_pages, plan_adapter
+    from loraplex.lora.plan import pack_pages, plan_adapter
     from loraplex.lora.peft_loader import check_allowed, loraplex_load_adapter
     from loraplex.lora.request import LoRARequest
 

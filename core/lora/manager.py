@@ -22,7 +22,8 @@ import time
 import torch
 
 from loraplex.errors import InvalidRequestError, LoRAError, LoRALoadError
-from loraplex.lora.adapter import LoRAModel, pack_pages, plan_adapter
+from loraplex.lora.adapter import LoRAModel
+from loraplex.lora.plan import pack_pages, plan_adapter
 from loraplex.lora.device_pool import DevicePool
 from loraplex.lora.host_cache import HostBufferPool, HostCache
 from loraplex.lora.layout import PageLayout

@@ -3,7 +3,7 @@
 
 The packed layers are Llama's already; only the module names differ. PEFT adapters of Phi target the fused
 modules: one A for all slices and one B over their outputs, which the adapter planner splits by slice
-(loraplex.lora.adapter), so the LoRA kernels see the same three (two) slices as for Llama.
+(loraplex.lora.plan), so the LoRA kernels see the same three (two) slices as for Llama.
 """
 from __future__ import annotations
 
