@@ -70,22 +70,24 @@ _GGUF_LAYER = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layer
 _GGUF_LINEAR = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
 
-def keeps_gguf_blocks(path: Path, hf_config, device: torch.device, load_format: str) -> bool:
-    """Whether a checkpoint's projections stay in their GGUF blocks: a .gguf file of an architecture mapped here,
-    on CUDA ("auto") or anywhere (load_format "gguf"). On the CPU "auto" dequantizes at load instead: expanding
-    every weight for every product costs seconds a step there, and host memory is not what a 4-bit file saves."""
+def gguf_mode(path: Path, hf_config, device: torch.device, load_format: str) -> str | None:
+    """How a .gguf file of an architecture mapped here loads: "keep" (projections stay in their blocks: on CUDA
+    with "auto", anywhere with load_format "gguf") or "dequantize" (the CPU with "auto": expanding every weight
+    for every product costs seconds a step there, and host memory is not what a 4-bit file saves). None: not
+    such a file (another architecture's GGUF loads through transformers)."""
     is_gguf = path.is_file() and path.suffix == ".gguf"
     if load_format == "gguf" and not is_gguf:
         raise ConfigError(f"load_format='gguf' needs a .gguf file, got {str(path)!r}", "load_format")
     if not is_gguf or load_format == "dummy" or hf_config.model_type not in _GGUF_KEPT_ARCHS:
-        return False
-    return load_format == "gguf" or device.type == "cuda"
+        return None
+    return "keep" if load_format == "gguf" or device.type == "cuda" else "dequantize"
 
 
-def _iter_gguf(path: Path, hf_config):
-    """(HF name, tensor) of a GGUF file read with gguf-py: float tensors as they are, the projections' quantized
-    blocks as uint8 [out, row bytes] with their type beside them ("<module>.gguf_type"), any other quantized tensor
-    dequantized. llama.cpp permutes the rows of a Llama's q / k for its rotary layout: undone here, on whole rows."""
+def _iter_gguf(path: Path, hf_config, keep: bool):
+    """(HF name, tensor) of a GGUF file read with gguf-py: float tensors as they are; with ``keep`` the
+    projections' quantized blocks as uint8 [out, row bytes] with their type beside them ("<module>.gguf_type");
+    any other quantized tensor dequantized (by gguf-py, as transformers does). llama.cpp permutes the rows of a
+    Llama's q / k for its rotary layout: undone here, on whole rows."""
     import gguf
 
     reader = gguf.GGUFReader(path)
@@ -105,7 +107,7 @@ def _iter_gguf(path: Path, hf_config):
                              gguf.GGMLQuantizationType.BF16)
         if is_float:
             tensor = torch.from_numpy(t.data.copy()).reshape(shape)
-        elif kind in _GGUF_LINEAR and name.endswith(".weight"):
+        elif keep and kind in _GGUF_LINEAR and name.endswith(".weight"):
             tensor = torch.from_numpy(t.data.copy()).reshape(shape[0], -1)  # [out, row bytes]
         else:
             tensor = torch.from_numpy(gguf.quants.dequantize(t.data, qtype)).reshape(shape)
@@ -114,15 +116,16 @@ def _iter_gguf(path: Path, hf_config):
             tensor = tensor.reshape(n, tensor.shape[0] // n // 2, 2, *tensor.shape[1:]).transpose(1, 2).reshape(
                 tensor.shape)
         yield name, tensor
-        if not is_float and kind in _GGUF_LINEAR and name.endswith(".weight"):
+        if keep and not is_float and kind in _GGUF_LINEAR and name.endswith(".weight"):
             yield name.removesuffix(".weight") + ".gguf_type", torch.tensor(int(qtype))
 
 
-def _iter_checkpoint(path: Path, hf_config=None, spec: QuantSpec | None = None):
-    """Yield (name, tensor) from safetensors shards, .bin shards, or a GGUF file (kept in blocks where the spec
-    says so, else dequantised by transformers)."""
-    if spec is not None and spec.method == "gguf":
-        yield from _iter_gguf(path, hf_config)
+def _iter_checkpoint(path: Path, hf_config=None, gguf: str | None = None):
+    """Yield (name, tensor) from safetensors shards, .bin shards, or a GGUF file (read by gguf-py for the
+    architectures mapped here, kept in blocks or dequantized as gguf_mode says; else dequantised by
+    transformers)."""
+    if gguf is not None:
+        yield from _iter_gguf(path, hf_config, keep=gguf == "keep")
         return
     if path.is_file() and path.suffix == ".gguf":
         from transformers import AutoModelForCausalLM
@@ -159,11 +162,11 @@ def _quant_part(rest: str, tensor: torch.Tensor) -> tuple[str, str] | None:
 
 
 def load_weights(model: LlamaForCausalLM, path: Path, progress: bool = False, spec: QuantSpec | None = None,
-                 hf_config=None) -> None:
+                 hf_config=None, gguf: str | None = None) -> None:
     loaded: set[str] = set()
     quant_parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}  # (layer, module path) -> quantized parts
     params = dict(model.named_parameters())
-    items = _iter_checkpoint(path, hf_config, spec)
+    items = _iter_checkpoint(path, hf_config, gguf)
     if progress:
         from tqdm import tqdm
 
@@ -243,10 +246,11 @@ def build_model(path: Path, hf_config, dtype: torch.dtype, device: torch.device,
     cfg = ModelConfig.from_hf(hf_config)
     cfg.fused_ops = envs.fused_ops()
     spec = quant_spec(hf_config, quantization)
-    if keeps_gguf_blocks(path, hf_config, device, load_format):
-        if spec is not None:
-            raise ConfigError(f"quantization={quantization!r} on a GGUF file: its projections are quantized "
-                              "already (they stay in their GGUF blocks)", "quantization")
+    gguf = gguf_mode(path, hf_config, device, load_format)
+    if gguf is not None and spec is not None:
+        raise ConfigError(f"quantization={quantization!r} on a GGUF file: its projections are quantized already",
+                          "quantization")
+    if gguf == "keep":
         spec = QuantSpec(method="gguf", is_prequantized=True)
     if spec is not None and (cfg.architecture in _MM_CLASSES or cfg.num_experts):
         raise UnsupportedModelError(f"a {spec.method} base of {cfg.architecture} is not supported: quantized "
@@ -258,7 +262,7 @@ def build_model(path: Path, hf_config, dtype: torch.dtype, device: torch.device,
         return model
     with torch.device("cpu"):
         model = _new_model(cfg, hf_config, attn_backend, dtype, "cpu")
-    load_weights(model, path, progress, spec, hf_config)
+    load_weights(model, path, progress, spec, hf_config, gguf)
     model = model.to(device).eval()
     if spec is not None and not spec.is_prequantized:
         quantize_model(model, spec)  # on the device: bitsandbytes quantizes there far faster
