@@ -33,6 +33,23 @@ def dequantize_blocks(blocks: torch.Tensor, qtype: int, dtype: torch.dtype) -> t
     return w.reshape(out, -1).to(dtype)
 
 
+def unpack(parts: dict[str, torch.Tensor], shape: tuple[int, int], name: str):
+    """(blocks [out, row bytes] uint8, GGML type) of one HF module's GGUF weight."""
+    blocks, qtype = parts["weight"], int(parts["gguf_type"])
+    size = SUPPORTED.get(qtype, (None, None))[1]
+    if blocks.shape[0] != shape[0] or (size is not None and blocks.shape[1] != shape[1] // 32 * size):
+        raise ValueError(f"{name}: GGUF blocks {tuple(blocks.shape)} do not fit the model shape {tuple(shape)}")
+    return blocks, qtype
+
+
+def dequantize_any(blocks: torch.Tensor, qtype: int) -> torch.Tensor:
+    """[out, in] fp32 of blocks of any GGML type, by gguf-py (as transformers dequantizes)."""
+    import gguf
+
+    floats = gguf.quants.dequantize(blocks.numpy(), gguf.GGMLQuantizationType(qtype))
+    return torch.from_numpy(floats.reshape(blocks.shape[0], -1))
+
+
 class GgufWeight:
     """The GGUF weight of one Linear, whose buffer ``qblocks`` ([out, row bytes] uint8) it reads."""
 

@@ -39,7 +39,7 @@ class Linear(nn.Module):
         self.lora_a: torch.Tensor | None = None  # [num_slices, num_pages, in_features], a view of the pool
         self.lora_b: torch.Tensor | None = None  # [num_pages, out_features], B transposed, a view of the pool
         self.lora_slice_offsets: torch.Tensor | None = None  # [num_slices + 1] int32
-        # A quantized base (loraplex.models.quant): the weight object (bnb4.Bnb4Weight, fp8.Fp8Weight) that reads
+        # A quantized base (loraplex.models.quant): the weight object (Bnb4Weight, Fp8Weight, GgufWeight) that reads
         # this layer's buffers in place of ``weight``; and each slice's unpacked tensors until all have come.
         self.quant = None
         self._quant_parts: dict[str, tuple] = {}
@@ -76,10 +76,10 @@ class Linear(nn.Module):
         return self.offsets[i], self.offsets[i + 1]
 
     def load_quantized(self, name: str, parts: dict[str, torch.Tensor], spec) -> None:
-        """One HF module's quantized weight: "weight" and the tensors beside it (bitsandbytes' quant state or
-        FP8's scales). The layer turns quantized when every slice has come."""
+        """One HF module's quantized weight: "weight" and the tensors beside it (bitsandbytes' quant state, FP8's
+        scales, the GGUF type). The layer turns quantized when every slice has come."""
         lo, hi = self._slice_rows(name)
-        unpack = {"bitsandbytes": bnb4.unpack, "fp8": fp8.unpack, "gguf": _gguf_unpack}[spec.method]
+        unpack = {"bitsandbytes": bnb4.unpack, "fp8": fp8.unpack, "gguf": gguf_quant.unpack}[spec.method]
         self._quant_parts[name] = unpack(parts, (hi - lo, self.in_features), name)
         covered = [self.fused_name] if self.fused_name in self._quant_parts else (self.names or [name])
         if not all(n in self._quant_parts for n in covered):
@@ -94,11 +94,8 @@ class Linear(nn.Module):
                 self._set_quantized(*stacked)
                 return
             # Slices of several types, or a type kept only dequantized: this layer loads as floats.
-            import gguf
-
             for n, (blocks, qtype) in zip(covered, pieces):
-                floats = gguf.quants.dequantize(blocks.numpy(), gguf.GGMLQuantizationType(qtype))
-                self.load_weight(n, torch.from_numpy(floats.reshape(blocks.shape[0], -1)))
+                self.load_weight(n, gguf_quant.dequantize_any(blocks, qtype))
         else:
             self._set_quantized(*fp8.Fp8Weight.stack(pieces, spec.act_strategy, spec.is_act_dynamic))
 
@@ -111,8 +108,7 @@ class Linear(nn.Module):
         else:
             weight, scale = fp8.quantize(self.weight.data)
             # Per-channel weight scales; activations as the spec says, their scales computed per step.
-            act = spec.act_strategy if spec.is_prequantized or spec.act_strategy else None
-            self._set_quantized(fp8.Fp8Weight(act, True), {"qweight": weight, "qscale": scale})
+            self._set_quantized(fp8.Fp8Weight(spec.act_strategy, True), {"qweight": weight, "qscale": scale})
 
     def _set_quantized(self, quant, buffers: dict[str, torch.Tensor]) -> None:
         device = self.weight.device
@@ -149,11 +145,3 @@ class Linear(nn.Module):
         lora_expand(buf, self.lora_b, y, state.meta, self.lora_slice_offsets, backend=state.backend)
         return y
 
-
-def _gguf_unpack(parts: dict[str, torch.Tensor], shape: tuple[int, int], name: str):
-    """(blocks [out, row bytes] uint8, GGML type) of one HF module's GGUF weight."""
-    blocks, qtype = parts["weight"], int(parts["gguf_type"])
-    size = gguf_quant.SUPPORTED.get(qtype, (None, None))[1]
-    if blocks.shape[0] != shape[0] or (size is not None and blocks.shape[1] != shape[1] // 32 * size):
-        raise ValueError(f"{name}: GGUF blocks {tuple(blocks.shape)} do not fit the model shape {tuple(shape)}")
-    return blocks, qtype
