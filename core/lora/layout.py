@@ -57,7 +57,10 @@ class PageLayout:
         for layer in range(self.num_layers):
             for attr in attrs:
                 module = next(m for m, a in self.lora_modules.items() if a == attr)
-                linear = model.lora_layer(layer, module)
+                try:
+                    linear = model.lora_layer(layer, module)
+                except AttributeError:  # not in this layer: a MoE model's dense MLP in a sparse layer, or back
+                    continue
                 seg = Segment(layer, attr, tuple(linear.names), linear.in_features, tuple(linear.offsets),
                               offset, offset + len(linear.names) * linear.in_features)
                 offset = seg.b_offset + seg.out_features

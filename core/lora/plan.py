@@ -30,7 +30,9 @@ def _tower_key(key: str) -> tuple[str, str] | None:
     for prefix in ("base_model.model.", "model."):
         path = path.removeprefix(prefix)
     return (path, rest[:1]) if path.startswith(_TOWER_ROOTS) else None
-_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
+# The module keeps Qwen2-MoE's "shared_expert." prefix: its gate_proj is not the dense layers' gate_proj.
+_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.((?:shared_expert\.)?\w+)\.lora_([AB])"
+                  r"(?:\.[\w-]+)?\.weight$")
 # MoE experts. PEFT's target_parameters on transformers 5's fused experts (one wrapper per parameter, nested:
 # "experts.base_layer.lora_A" is the inner one), and transformers 4's per-expert Linears (Mixtral's w1 gate, w3 up,
 # w2 down; Qwen's gate_proj / up_proj / down_proj).
@@ -191,6 +193,9 @@ def plan_adapter(layout: PageLayout, config: dict, tensors: dict[str, torch.Tens
         if layer >= layout.num_layers:
             raise LoRALoadError(f"adapter '{name}': layer {layer} of {module} does not exist (the base model has "
                                 f"{layout.num_layers} layers; was it trained for another model?)", name)
+        if (layer, layout.lora_modules[module]) not in layout.segments:
+            raise LoRALoadError(f"adapter '{name}': layer {layer} has no {module} (its MLP is of another kind: "
+                                "a sparse layer's experts, or a dense layer)", name)
         modules.setdefault((layer, module), {})[ab] = tensor
     if not modules and not tower and not experts:
         raise LoRALoadError(f"adapter '{name}': no LoRA weights found", name)
@@ -203,8 +208,9 @@ def plan_adapter(layout: PageLayout, config: dict, tensors: dict[str, torch.Tens
             raise LoRALoadError(f"{where}: lora_A and lora_B must both be present", name)
         a, b = ab["A"], ab["B"]
         seg = layout.segment(layer, module)
+        base = module.rsplit(".", 1)[-1]  # "shared_expert.gate_proj" is its packed linear's "gate_proj" slice
         # A fused module (Phi-3's qkv_proj) covers every slice of its packed linear: B spans them all.
-        slices = (module,) if module in seg.names else seg.names
+        slices = (base,) if base in seg.names else seg.names
         b_lo, b_hi = seg.b_span(slices[0])[0], seg.b_span(slices[-1])[1]
         rank = a.shape[0] if a.dim() == 2 else -1
         if rank == 0:

@@ -4,10 +4,9 @@ Llama's attention and layer structure; the feed-forward of a sparse layer is a r
 fp32, top-k, renormalised where the model does) and per-expert SwiGLU MLPs, plus Qwen2-MoE's shared expert behind
 a sigmoid gate. Dense layers (Qwen's ``mlp_only_layers`` / ``decoder_sparse_step``) keep Llama's MLP.
 
-LoRA applies to the attention projections (paged, as on every model) and to the routed experts: each expert's
-gate / up and down projections get their own A and B (PEFT's ``target_parameters`` on transformers 5's fused
-experts, or transformers 4's per-expert Linears). Adapters on the shared expert or a dense layer's MLP are refused
-by name when they load. On CUDA the experts run as two fused Triton grouped GEMMs over the experts the step's
+LoRA applies to the attention projections, a dense layer's MLP and Qwen2-MoE's shared expert (paged, as on every
+model), and to the routed experts: each expert's gate / up and down projections get their own A and B (PEFT's
+``target_parameters`` on transformers 5's fused experts, or transformers 4's per-expert Linears). On CUDA the experts run as two fused Triton grouped GEMMs over the experts the step's
 tokens chose (loraplex.kernels.fused_moe), eager and inside CUDA graphs; on the CPU, and in a step with expert
 LoRA, as a torch loop over those experts (HF's reference computation), expert LoRA as matmuls per (expert,
 adapter) on the rows of that pair. A step with expert LoRA runs eager (no CUDA graph): the fused kernel does not
@@ -141,8 +140,12 @@ class SparseMoe(nn.Module):
 class MoeForCausalLM(LlamaForCausalLM):
     """MixtralForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM."""
 
+    # Attention in every layer; a dense layer's MLP (Qwen's mlp_only_layers) and Qwen2-MoE's shared expert where
+    # the layer has them (the page layout skips the others). The routed experts' LoRA is not paged (SparseMoe).
     LORA_MODULES = {"q_proj": "self_attn.qkv_proj", "k_proj": "self_attn.qkv_proj", "v_proj": "self_attn.qkv_proj",
-                    "o_proj": "self_attn.o_proj"}
+                    "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_up_proj", "up_proj": "mlp.gate_up_proj",
+                    "down_proj": "mlp.down_proj", "shared_expert.gate_proj": "mlp.shared.gate_up_proj",
+                    "shared_expert.up_proj": "mlp.shared.gate_up_proj", "shared_expert.down_proj": "mlp.shared.down_proj"}
 
     def _decoder_layer(self, cfg: ModelConfig, layer_idx: int, attn_backend: str, dtype, device) -> nn.Module:
         if not hasattr(self, "expert_lora"):

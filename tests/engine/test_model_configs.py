@@ -4,7 +4,7 @@
   any weight is read, naming the method (bitsandbytes 4-bit loads: tests/engine/test_quantized.py);
 - LongRoPE (Phi-4-mini): max_model_len defaults to the pre-training length and a longer one is refused;
 - Phi-3's fused modules: its PEFT adapters load, and one targeting qkv_proj on a Llama is refused naming it;
-- MoE: an adapter on an MLP (dense layer, shared expert) is refused naming the module.
+- MoE: an MLP module in a layer that has none, or the shared expert's gate, is refused naming it.
 """
 from __future__ import annotations
 
@@ -64,17 +64,28 @@ def test_fused_module_adapter_on_a_model_without_it(tiny_llama, tiny_model_facto
         llm.llm_engine.add_lora(LoRARequest("phi", 1, str(adapter)))
 
 
-def test_moe_mlp_adapters_refused(tiny_model_factory, tmp_path):
-    """MoE models take LoRA on attention and on the routed experts (tests/lora/test_moe_expert_lora.py): an
-    adapter on an MLP (a dense layer's, or Qwen2-MoE's shared expert) is refused by name when it loads."""
-    import sys
-    from pathlib import Path
+def test_moe_mlp_adapters_refused_where_the_layer_lacks_them(tiny_model_factory, tmp_path):
+    """MoE models take LoRA on attention, the routed experts (tests/lora/test_moe_expert_lora.py), a dense layer's
+    MLP and Qwen2-MoE's shared expert (tests/lora/test_peft_parity.py); an MLP module in a layer that has no such
+    module, and the shared expert's 1-wide gate, are refused by name when the adapter loads."""
+    import torch
+    from safetensors.torch import save_file
 
-    sys.path.insert(0, str(Path(__file__).parents[1]))
-    from helpers import make_peft_adapter
+    def adapter(name: str, module: str, a_shape, b_shape):
+        d = tmp_path / name
+        d.mkdir()
+        key = f"base_model.model.model.layers.1.mlp.{module}"
+        save_file({f"{key}.lora_A.weight": torch.zeros(a_shape), f"{key}.lora_B.weight": torch.zeros(b_shape)},
+                  str(d / "adapter_model.safetensors"))
+        (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8}))
+        return str(d)
 
-    path = tiny_model_factory("qwen2_moe")
-    mlp = make_peft_adapter(path, tmp_path / "mlp", rank=4, targets=["gate_proj"])
-    llm = LLM(str(path), enable_lora=True, max_lora_rank=8, max_model_len=128)
-    with pytest.raises(LoRALoadError, match="gate_proj"):
-        llm.llm_engine.add_lora(LoRARequest("mlp", 1, str(mlp)))
+    qwen2 = LLM(str(tiny_model_factory("qwen2_moe")), enable_lora=True, max_lora_rank=8, max_model_len=128)
+    with pytest.raises(LoRALoadError, match="layer 1 has no gate_proj"):  # layer 1 is sparse: experts, no MLP
+        qwen2.llm_engine.add_lora(LoRARequest("dense", 1, adapter("dense", "gate_proj", (4, 64), (112, 4))))
+    with pytest.raises(LoRALoadError, match="shared_expert_gate"):
+        qwen2.llm_engine.add_lora(LoRARequest("gate", 2, adapter("gate", "shared_expert_gate", (4, 64), (1, 4))))
+    qwen3 = LLM(str(tiny_model_factory("qwen3_moe")), enable_lora=True, max_lora_rank=8, max_model_len=128)
+    with pytest.raises(LoRALoadError, match="layer 1 has no shared_expert.gate_proj"):
+        qwen3.llm_engine.add_lora(LoRARequest("shared", 3, adapter("shared", "shared_expert.gate_proj", (4, 64),
+                                                                   (56, 4))))

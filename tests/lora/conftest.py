@@ -33,7 +33,8 @@ _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 def _attention_only(targets, extra: dict):
-    """MoE models take LoRA on attention only: the same specs cut to it."""
+    """Mixtral and Qwen3-MoE have no MLP Linears (their experts are parameters; tests/lora/test_moe_expert_lora.py):
+    the same specs cut to attention."""
     targets = list(_ATTENTION) if isinstance(targets, str) else [t for t in targets if t in _ATTENTION]
     extra = {k: {m: v for m, v in p.items() if m in _ATTENTION} if isinstance(p, dict) else p
              for k, p in extra.items()}
@@ -51,7 +52,11 @@ def adapter_factory(tmp_path_factory, tiny_model_factory):
             targets, extra = ADAPTER_SPECS[rank]
             if arch.startswith("phi"):
                 targets, extra = _fused(targets, extra)
-            elif arch in _MOE:
+            elif arch == "qwen2_moe" and isinstance(targets, str):
+                # Its MLP Linears are the dense first layer's and the shared experts' ("all-linear" would also
+                # take the shared expert's 1-wide gate, which is not a projection LoRA serves).
+                targets = list(_ATTENTION) + ["gate_proj", "up_proj", "down_proj"]
+            elif arch in _MOE and arch != "qwen2_moe":
                 targets, extra = _attention_only(targets, extra)
             out = tmp_path_factory.mktemp(f"lora-{arch}-r{rank}-s{seed}")
             cache[key] = make_peft_adapter(tiny_model_factory(arch), out, rank=rank, targets=targets, seed=seed,
