@@ -123,11 +123,10 @@ class EngineArgs:
         if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
             raise bad("quantization", f"must be None or one of {QUANTIZATION_METHODS}; other formats are not "
                       "supported yet")
-        if self.tensor_parallel_size != 1:
-            raise bad("tensor_parallel_size", "must be 1: loraplex runs on one device")
+        if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
+            raise bad("tensor_parallel_size", "must be a positive int (ranks started torchrun-style above 1)")
         if self.fully_sharded_loras is not False:
-            raise bad("fully_sharded_loras", "is not supported: it shards LoRA over tensor-parallel ranks, and "
-                      "loraplex runs on one device (tensor_parallel_size 1)")
+            raise bad("fully_sharded_loras", "is not supported: LoRA is not split over tensor-parallel ranks yet")
         for flag in ("enforce_eager", "trust_remote_code", "skip_tokenizer_init", "disable_log_stats", "enable_lora"):
             if not isinstance(getattr(self, flag), bool):
                 raise bad(flag, "must be a bool")

@@ -226,3 +226,14 @@ PROMETHEUS_MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
 
 def prometheus_multiproc_dir() -> str | None:
     return os.environ.get(PROMETHEUS_MULTIPROC_DIR) or None
+
+
+# --- tensor parallelism ----------------------------------------------------------------------
+
+def torch_distributed_env() -> tuple[int, int, int] | None:
+    """(rank, world size, local rank) from torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK; MASTER_ADDR and
+    MASTER_PORT are read by torch.distributed itself); None when they are not set."""
+    rank, world = os.environ.get("RANK"), os.environ.get("WORLD_SIZE")
+    if rank is None or world is None:
+        return None
+    return int(rank), int(world), int(os.environ.get("LOCAL_RANK", rank))

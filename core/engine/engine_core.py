@@ -6,6 +6,7 @@ import time
 
 import torch
 
+from loraplex.distributed import init_tensor_parallel
 from loraplex.engine.block_manager import NUM_RESERVED_BLOCKS, BlockManager
 from loraplex.engine.model_runner import ModelRunner
 from loraplex.engine.policy import FCFSPolicy
@@ -99,8 +100,15 @@ def build_engine_parts(args: EngineArgs, progress: bool = False) -> dict:
     start = time.perf_counter()
     path = resolve_model_path(args.model, args.revision, args.download_dir)
     hf_config = load_hf_config(path)
-    model_config = ModelConfig.from_hf(hf_config)
     device = pick_device(args.device)
+    tp, local_rank = init_tensor_parallel(args.tensor_parallel_size, device.type)
+    if tp.is_parallel:
+        if args.enable_lora:
+            raise ConfigError("EngineArgs.enable_lora with tensor_parallel_size > 1: LoRA is not split over the "
+                              "ranks yet", "enable_lora")
+        if device.type == "cuda":
+            device = torch.device("cuda", local_rank)
+    model_config = ModelConfig.from_hf(hf_config).shard(tp.rank, tp.world_size)
     dtype = pick_dtype(args.dtype, hf_config, device)
     if args.seed is not None:
         torch.manual_seed(args.seed)
@@ -147,7 +155,7 @@ def build_engine_parts(args: EngineArgs, progress: bool = False) -> dict:
 
         processor = AutoProcessor.from_pretrained(str(path))  # expands placeholders, makes the tower's inputs
     model = build_model(path, hf_config, dtype, device, load_format=args.load_format, progress=progress,
-                        quantization=args.quantization)
+                        quantization=args.quantization, tp=tp)
     plugin_manager = _plugin_manager()
     lora_manager = None
     if args.enable_lora:
@@ -160,7 +168,8 @@ def build_engine_parts(args: EngineArgs, progress: bool = False) -> dict:
         pages = pool_pages(layout, args, device, lora_dtype, device_memory_budget(args, model, device))
         lora_manager = LoRAManager(model, args, device, lora_dtype, pages, args.max_num_batched_tokens,
                                    plugin_manager, layout=layout)
-    blocks = num_kv_blocks(args, model, device, dtype, max_model_len)
+    # Every rank must see the same cache: the same blocks make the same scheduling decisions.
+    blocks = tp.min_int(num_kv_blocks(args, model, device, dtype, max_model_len))
     capacity = (blocks - NUM_RESERVED_BLOCKS) * args.block_size
     if capacity < max_model_len:
         raise ValueError(f"the KV cache holds {capacity} tokens, fewer than max_model_len={max_model_len}; give it "
@@ -175,8 +184,9 @@ def build_engine_parts(args: EngineArgs, progress: bool = False) -> dict:
     eos = eos_ids(tokenizer, hf_config, path)
     runner = ModelRunner(model, device, dtype, args.block_size, blocks, max_model_len, args.max_num_seqs, eos,
                          lora_manager, args.seed, enforce_eager=args.enforce_eager)
-    logger.info("engine ready in %.1fs: %s on %s (%s), %d KV blocks of %d tokens", time.perf_counter() - start,
-                model_config.architecture, device, dtype, blocks, args.block_size)
+    logger.info("engine ready in %.1fs: %s on %s (%s), %d KV blocks of %d tokens%s", time.perf_counter() - start,
+                model_config.architecture, device, dtype, blocks, args.block_size,
+                f", rank {tp.rank} of {tp.world_size}" if tp.is_parallel else "")
     return dict(tokenizer=tokenizer, processor=processor, model=model, model_config=model_config, hf_config=hf_config, device=device,
                 dtype=dtype, runner=runner, scheduler=scheduler, lora_manager=lora_manager,
                 plugin_manager=plugin_manager, max_model_len=max_model_len, eos_token_ids=eos, model_path=path,

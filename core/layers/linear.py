@@ -18,8 +18,15 @@ from loraplex.layers import bnb4, fp8, gguf_quant
 
 class Linear(nn.Module):
     def __init__(self, in_features: int, out_sizes: list[int], bias: bool = False,
-                 names: list[str] | None = None, dtype=None, device=None, fused_name: str | None = None):
+                 names: list[str] | None = None, dtype=None, device=None, fused_name: str | None = None,
+                 tp=None, parallel: str | None = None):
         super().__init__()
+        # Tensor parallelism (loraplex.distributed.TensorParallel): "column" layers hold this rank's rows of each
+        # slice, "row" layers its columns, their outputs summed over the ranks. The sizes given are this rank's.
+        self.tp = tp if tp is not None and tp.is_parallel else None
+        self.parallel = parallel if self.tp is not None else None
+        if self.parallel == "row" and bias:
+            raise ValueError("a row-parallel linear with a bias is not supported")
         self.in_features = in_features
         self.out_sizes = list(out_sizes)
         self.out_features = sum(out_sizes)
@@ -61,6 +68,12 @@ class Linear(nn.Module):
     def load_weight(self, name: str, tensor: torch.Tensor, kind: str = "weight") -> None:
         """Copy one HF module's weight (or bias) into its slice, or into all of them for the fused module."""
         lo, hi = self._slice_rows(name)
+        if self.parallel == "column" or (self.parallel == "row" and kind == "weight"):
+            dim = 0 if self.parallel == "column" else 1
+            full = (hi - lo if dim == 0 else self.in_features) * self.tp.world_size
+            if tensor.shape[dim] != full:
+                raise ValueError(f"{name}.{kind}: checkpoint shape {tuple(tensor.shape)}: dim {dim} is not {full}")
+            tensor = tensor.chunk(self.tp.world_size, dim)[self.tp.rank]  # this rank's share
         target = self.weight if kind == "weight" else self.bias
         if target is None:
             raise ValueError(f"{name} has no {kind}")
@@ -126,6 +139,10 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [num_tokens, in_features] -> [num_tokens, out_features]
+        y = self._forward(x)
+        return self.tp.all_reduce(y) if self.parallel == "row" else y  # the ranks' partial sums
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         state = self.lora_state
         if state is None or not state.is_active:
             return self._base(x)

@@ -82,6 +82,30 @@ class ModelConfig:
     # (LLaVA) or an audio clip (Granite Speech).
     image_token_id: int | None = None
     audio_token_id: int | None = None
+    # Tensor parallelism (loraplex.distributed): this rank's share. The head and MLP counts above are this rank's.
+    tp_rank: int = 0
+    tp_size: int = 1
+
+    def shard(self, rank: int, world_size: int) -> "ModelConfig":
+        """This rank's config under tensor parallelism: 1 / world of the attention heads, KV heads and MLP
+        columns; refused by name for what is not split yet."""
+        if world_size == 1:
+            return self
+        why = None
+        if self.architecture not in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
+                                     "Qwen3ForCausalLM", "GraniteForCausalLM"):
+            why = f"{self.architecture} is not split yet (the Llama family is: Llama, Mistral, Qwen2, Qwen3, Granite)"
+        elif self.num_attention_heads % world_size or self.num_key_value_heads % world_size:
+            why = (f"{self.num_attention_heads} attention / {self.num_key_value_heads} KV heads do not split into "
+                   f"{world_size} equal shares")
+        elif self.intermediate_size % world_size:
+            why = f"intermediate_size {self.intermediate_size} does not split into {world_size} equal shares"
+        if why is not None:
+            raise UnsupportedModelError(f"tensor_parallel_size {world_size}: {why}")
+        return dataclasses.replace(
+            self, num_attention_heads=self.num_attention_heads // world_size,
+            num_key_value_heads=self.num_key_value_heads // world_size,
+            intermediate_size=self.intermediate_size // world_size, tp_rank=rank, tp_size=world_size)
 
     @property
     def is_multimodal(self) -> bool:

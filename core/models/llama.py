@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from loraplex.distributed import TensorParallel
 from loraplex.kernels.activation import silu_and_mul
 from loraplex.kernels.rms_norm import rms_norm
 from loraplex.layers.attention import Attention, AttentionMetadata
@@ -30,9 +31,12 @@ class LlamaAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, attn_backend: str, dtype, device):
         super().__init__()
         self.cfg = cfg
+        tp = TensorParallel(cfg.tp_rank, cfg.tp_size)
         self.qkv_proj = Linear(cfg.hidden_size, [cfg.q_size, cfg.kv_size, cfg.kv_size], bias=cfg.attention_bias,
-                               names=["q_proj", "k_proj", "v_proj"], dtype=dtype, device=device, fused_name="qkv_proj")
-        self.o_proj = Linear(cfg.q_size, [cfg.hidden_size], names=["o_proj"], dtype=dtype, device=device)
+                               names=["q_proj", "k_proj", "v_proj"], dtype=dtype, device=device, fused_name="qkv_proj",
+                               tp=tp, parallel="column")
+        self.o_proj = Linear(cfg.q_size, [cfg.hidden_size], names=["o_proj"], dtype=dtype, device=device, tp=tp,
+                             parallel="row")
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype, device, cfg.fused_ops)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype, device, cfg.fused_ops)
@@ -60,9 +64,11 @@ class LlamaMLP(nn.Module):
     def __init__(self, cfg: ModelConfig, dtype, device, intermediate_size: int | None = None):
         super().__init__()
         inter = intermediate_size or cfg.intermediate_size
+        tp = TensorParallel(cfg.tp_rank, cfg.tp_size)
         self.gate_up_proj = Linear(cfg.hidden_size, [inter] * 2, names=["gate_proj", "up_proj"],
-                                   dtype=dtype, device=device, fused_name="gate_up_proj")
-        self.down_proj = Linear(inter, [cfg.hidden_size], names=["down_proj"], dtype=dtype, device=device)
+                                   dtype=dtype, device=device, fused_name="gate_up_proj", tp=tp, parallel="column")
+        self.down_proj = Linear(inter, [cfg.hidden_size], names=["down_proj"], dtype=dtype, device=device, tp=tp,
+                                parallel="row")
         self.fused = cfg.fused_ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

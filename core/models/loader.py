@@ -240,13 +240,18 @@ def load_weights(model: LlamaForCausalLM, path: Path, progress: bool = False, sp
 
 def build_model(path: Path, hf_config, dtype: torch.dtype, device: torch.device, attn_backend: str = "auto",
                 load_format: str = "auto", progress: bool = False,
-                quantization: str | None = None) -> LlamaForCausalLM:
+                quantization: str | None = None, tp=None) -> LlamaForCausalLM:
     from loraplex import envs
 
     cfg = ModelConfig.from_hf(hf_config)
+    if tp is not None and tp.is_parallel:
+        cfg = cfg.shard(tp.rank, tp.world_size)
     cfg.fused_ops = envs.fused_ops()
     spec = quant_spec(hf_config, quantization)
     gguf = gguf_mode(path, hf_config, device, load_format)
+    if cfg.tp_size > 1 and (spec is not None or gguf is not None):
+        raise UnsupportedModelError("tensor_parallel_size > 1 with a quantized base: its weights are not split "
+                                    "over the ranks yet")
     if gguf is not None and spec is not None:
         raise ConfigError(f"quantization={quantization!r} on a GGUF file: its projections are quantized already",
                           "quantization")

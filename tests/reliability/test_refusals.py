@@ -17,7 +17,7 @@ def llm(tiny_llama):
 
 @pytest.mark.parametrize("kwargs, name", [
     (dict(fully_sharded_loras=True), "fully_sharded_loras"),
-    (dict(tensor_parallel_size=2), "tensor_parallel_size"),
+    (dict(tensor_parallel_size=0), "tensor_parallel_size"),  # 2 without torchrun: tests/distributed
     (dict(lora_dtype="int8"), "lora_dtype"),
     (dict(enforce_eager="yes"), "enforce_eager"),
     (dict(max_loras=0), "max_loras"),
