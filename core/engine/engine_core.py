@@ -103,9 +103,6 @@ def build_engine_parts(args: EngineArgs, progress: bool = False) -> dict:
     device = pick_device(args.device)
     tp, local_rank = init_tensor_parallel(args.tensor_parallel_size, device.type)
     if tp.is_parallel:
-        if args.enable_lora:
-            raise ConfigError("EngineArgs.enable_lora with tensor_parallel_size > 1: LoRA is not split over the "
-                              "ranks yet", "enable_lora")
         if device.type == "cuda":
             device = torch.device("cuda", local_rank)
     model_config = ModelConfig.from_hf(hf_config).shard(tp.rank, tp.world_size)

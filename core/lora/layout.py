@@ -26,6 +26,9 @@ class Segment:
     slice_offsets: tuple[int, ...]  # output column where each slice starts, plus the total
     a_offset: int  # first element of slice 0's A row
     b_offset: int  # first element of the B^T row
+    # Tensor parallelism: "column" (this rank holds its share of each slice's B rows; A whole), "row" (its share
+    # of A's input columns; B whole, the partial products summed with the base's), None. Sizes are this rank's.
+    parallel: str | None = None
 
     @property
     def num_slices(self) -> int:
@@ -49,6 +52,8 @@ class PageLayout:
 
     def __init__(self, model):
         self.num_layers = model.cfg.num_hidden_layers
+        # This rank's share under tensor parallelism (loraplex.distributed): adapters are sliced as they pack.
+        self.tp_rank, self.tp_size = getattr(model.cfg, "tp_rank", 0), getattr(model.cfg, "tp_size", 1)
         self.lora_modules = dict(model.LORA_MODULES)  # HF module -> packed linear attribute
         self.segments: dict[tuple[int, str], Segment] = {}
         self.linears = {}
@@ -62,7 +67,7 @@ class PageLayout:
                 except AttributeError:  # not in this layer: a MoE model's dense MLP in a sparse layer, or back
                     continue
                 seg = Segment(layer, attr, tuple(linear.names), linear.in_features, tuple(linear.offsets),
-                              offset, offset + len(linear.names) * linear.in_features)
+                              offset, offset + len(linear.names) * linear.in_features, linear.parallel)
                 offset = seg.b_offset + seg.out_features
                 self.segments[(layer, attr)] = seg
                 self.linears[(layer, attr)] = linear

@@ -108,6 +108,30 @@ class AdapterLoader(_Loader):
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
+class InlineLoader(_Loader):
+    """Loads in the calling (engine) thread at submit, finished by the next ``drain``: each load completes at a step
+    fixed by the requests alone, which ranks of a tensor-parallel engine that schedule on their own need (they
+    must make the same decisions at the same step). Same interface as AdapterLoader."""
+
+    def __init__(self, job: Callable):
+        super().__init__()
+        self._job = job
+
+    def submit(self, version) -> None:
+        self.num_in_flight += 1
+        start = time.perf_counter()
+        try:
+            buf, rank, num_bytes, tower, has_lm = self._job(version)
+            result = LoadResult(version, buf, rank, num_bytes, tower=tower, has_lm=has_lm)
+        except BaseException as e:  # the load's failure belongs to its requests
+            result = LoadResult(version, error=e)
+        result.seconds = time.perf_counter() - start
+        self._finish(result)
+
+    def shutdown(self) -> None:
+        pass
+
+
 class ProcessLoader(_Loader):
     """Loader processes (``loraplex.lora.loader_worker``): read, validate and pack in interpreters of their own.
 

@@ -27,7 +27,7 @@ from loraplex.lora.plan import pack_pages, plan_adapter
 from loraplex.lora.device_pool import DevicePool
 from loraplex.lora.host_cache import HostBufferPool, HostCache
 from loraplex.lora.layout import PageLayout
-from loraplex.lora.loader import AdapterLoader, ProcessLoader
+from loraplex.lora.loader import AdapterLoader, InlineLoader, ProcessLoader
 from loraplex.lora.registry import LoRARegistry
 from loraplex.lora.request import LoRARequest
 from loraplex.lora.state import LoRAState
@@ -68,8 +68,11 @@ class LoRAManager:
         self.pool = DevicePool(self.layout, num_pages, max_entries, dtype, device, self.state.meta)
         for key, linear in self.layout.linears.items():
             linear.attach_lora(self.state, *self.pool.views[key])
-        self.loader_kind = args.lora_loader if args.lora_loader != "auto" else \
-            ("process" if device.type == "cuda" else "thread")
+        # Tensor-parallel ranks each run the engine: loads and uploads complete at steps the requests fix, so
+        # that every rank schedules the same batches (loraplex.distributed).
+        self.is_deterministic = getattr(model.cfg, "tp_size", 1) > 1
+        self.loader_kind = "inline" if self.is_deterministic else args.lora_loader if args.lora_loader != "auto" \
+            else ("process" if device.type == "cuda" else "thread")
         buffers = HostBufferPool(self.layout.page_elems, dtype, pin=device.type == "cuda",
                                  shared=self.loader_kind == "process")
         self.host = HostCache(self.max_cpu_loras, buffers)
@@ -77,6 +80,8 @@ class LoRAManager:
         if self.loader_kind == "process":
             self.loader = ProcessLoader(self.num_loader_workers, self._load_job, self.layout, self.max_lora_rank,
                                         buffers)
+        elif self.loader_kind == "inline":
+            self.loader = InlineLoader(self._load_job)
         else:
             self.loader = AdapterLoader(self.num_loader_workers, self._load_job)
         self.registry = LoRARegistry()
@@ -318,6 +323,9 @@ class LoRAManager:
         m.is_fresh_upload = True
         self.host.touch(m)
         self.stats["num_uploads"] += 1
+        if m.device_event is not None and self.is_deterministic:
+            m.device_event.synchronize()  # resident now, on every rank alike
+            m.device_event = m.host_event = None
         if m.device_event is not None:
             self._uploading.append(m)
         self.epoch += 1

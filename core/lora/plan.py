@@ -215,10 +215,19 @@ def plan_adapter(layout: PageLayout, config: dict, tensors: dict[str, torch.Tens
         rank = a.shape[0] if a.dim() == 2 else -1
         if rank == 0:
             raise LoRALoadError(f"{where}: rank 0 (empty lora_A)", name)
-        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != seg.in_features or tuple(b.shape) != (b_hi - b_lo, rank):
+        # The adapter is the whole model's; under tensor parallelism this rank keeps its share of B's rows
+        # (column-parallel) or of A's columns (row-parallel), as its base weight.
+        world = layout.tp_size
+        fan_in = seg.in_features * (world if seg.parallel == "row" else 1)
+        fan_out = (b_hi - b_lo) * (world if seg.parallel == "column" else 1)
+        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != fan_in or tuple(b.shape) != (fan_out, rank):
             raise LoRALoadError(
                 f"{where}: shapes A {tuple(a.shape)} / B {tuple(b.shape)} do not fit the base model (expected A "
-                f"[r, {seg.in_features}] and B [{b_hi - b_lo}, r]); was it trained for another model?", name)
+                f"[r, {fan_in}] and B [{fan_out}, r]); was it trained for another model?", name)
+        if seg.parallel == "column":
+            b = b.chunk(world, 0)[layout.tp_rank]
+        elif seg.parallel == "row":
+            a = a.chunk(world, 1)[layout.tp_rank]
         if not (a.is_floating_point() and b.is_floating_point()):
             raise LoRALoadError(f"{where}: weights must be floating point, got {a.dtype} / {b.dtype}", name)
         if rank > max_lora_rank:

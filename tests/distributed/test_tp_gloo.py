@@ -1,5 +1,6 @@
 """Tensor parallelism on the CPU (issue #20): two ranks over gloo, started torchrun-style, each running the same
-engine on the same requests; greedy tokens equal TP=1's (fp32), Llama (GQA) and Qwen2 (q/k/v bias)."""
+engine on the same requests; greedy tokens equal TP=1's (fp32), Llama (GQA) and Qwen2 (q/k/v bias), and with a
+mixed batch of base rows and adapters of different ranks and targets (each rank packs its share of them)."""
 from __future__ import annotations
 
 import multiprocessing
@@ -21,23 +22,35 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank(rank: int, world: int, port: int, model: str, out) -> None:
+def _generate(model: str, adapters: dict | None, **engine):
+    from loraplex.lora.request import LoRARequest
+
+    kwargs = dict(enable_lora=True, max_loras=2, max_lora_rank=8) if adapters else {}
+    llm = LLM(model, max_model_len=128, device="cpu", **kwargs, **engine)
+    loras = None
+    if adapters:
+        names = [None, "a4", "a8", "a4", None, "a8"]
+        ids = {n: i + 1 for i, n in enumerate(adapters)}
+        loras = [LoRARequest(n, ids[n], adapters[n]) if n else None for n in names]
+    outs = llm.generate(PROMPTS, SamplingParams(**PARAMS), lora_request=loras)
+    return llm, [list(o.outputs[0].token_ids) for o in outs]
+
+
+def _rank(rank: int, world: int, port: int, model: str, adapters, out) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     try:
-        llm = LLM(model, tensor_parallel_size=world, max_model_len=128, device="cpu")
-        shapes = tuple(llm.llm_engine.model.layers[0].self_attn.qkv_proj.weight.shape)
-        outs = llm.generate(PROMPTS, SamplingParams(**PARAMS))
-        out.put((rank, shapes, [list(o.outputs[0].token_ids) for o in outs]))
+        llm, tokens = _generate(model, adapters, tensor_parallel_size=world)
+        out.put((rank, tuple(llm.llm_engine.model.layers[0].self_attn.qkv_proj.weight.shape), tokens))
     except BaseException as e:  # the parent reports it
         out.put((rank, None, repr(e)))
 
 
-def _run_tp(model, world: int = 2):
+def _run_tp(model, world: int = 2, adapters=None):
     ctx = multiprocessing.get_context("spawn")
     out = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_rank, args=(r, world, port, str(model), out)) for r in range(world)]
+    procs = [ctx.Process(target=_rank, args=(r, world, port, str(model), adapters, out)) for r in range(world)]
     for p in procs:
         p.start()
     results = dict((r, (shapes, toks)) for r, shapes, toks in (out.get(timeout=300) for _ in procs))
@@ -49,14 +62,32 @@ def _run_tp(model, world: int = 2):
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_tp2_equals_tp1(arch, tiny_model_factory):
     path = tiny_model_factory(arch)
-    expected = [list(o.outputs[0].token_ids) for o in
-                LLM(str(path), max_model_len=128).generate(PROMPTS, SamplingParams(**PARAMS))]
+    _, expected = _generate(str(path), None)
     results = _run_tp(path)
     for rank, (shapes, tokens) in results.items():
         assert shapes is not None, tokens  # the rank's error
         assert tokens == expected, rank
     full = LLM(str(path), max_model_len=128).llm_engine.model.layers[0].self_attn.qkv_proj.weight.shape
     assert results[0][0] == (full[0] // 2, full[1])  # each rank holds half of q/k/v
+
+
+def test_tp2_with_adapters_equals_tp1(tiny_llama, tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    from helpers import make_peft_adapter
+
+    adapters = {"a4": str(make_peft_adapter(tiny_llama, tmp_path / "a4", rank=4, seed=4, scale=0.2,
+                                            targets=["q_proj", "v_proj", "o_proj", "down_proj"])),
+                "a8": str(make_peft_adapter(tiny_llama, tmp_path / "a8", rank=8, seed=8, scale=0.2,
+                                            targets="all-linear"))}
+    _, expected = _generate(str(tiny_llama), adapters)
+    _, base = _generate(str(tiny_llama), None)
+    assert expected[1] != base[1] and expected[2] != base[2]  # the adapters change the outputs
+    for rank, (shapes, tokens) in _run_tp(tiny_llama, adapters=adapters).items():
+        assert shapes is not None, tokens
+        assert tokens == expected, rank
 
 
 def test_tp_needs_its_ranks(tiny_llama, monkeypatch):
