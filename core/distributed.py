@@ -5,9 +5,10 @@ gate/up are split by output (column-parallel), o_proj and down_proj by input (ro
 are summed over the ranks (``all_reduce``); embeddings, norms and the LM head are replicated, so every rank ends
 a step with the same logits and samples the same tokens.
 
-The ranks are started torchrun-style (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) and run the same
-engine on the same requests, as vLLM's external_launcher: every rank schedules the same batches, so their
-collectives line up. gloo on the CPU, NCCL on CUDA.
+Every rank runs the same engine on the same requests, so every rank schedules the same batches and their
+collectives line up. The ranks are either started by the engine (loraplex.engine.tp_ranks: rank 0 is the caller's
+engine and sends its calls to the others) or torchrun-style (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
+MASTER_PORT), each running the caller's script, as vLLM's external_launcher. gloo on the CPU, NCCL on CUDA.
 """
 from __future__ import annotations
 
@@ -50,20 +51,33 @@ def _collective_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
 
 
-def init_tensor_parallel(world_size: int, device_type: str) -> tuple[TensorParallel, int]:
-    """Join the process group of ``world_size`` ranks (once per process); returns (group, local rank)."""
+def init_tensor_parallel(world_size: int, device_type: str, spawned: tuple[int, int, str] | None = None):
+    """Join the process group of ``world_size`` ranks (once per process). ``spawned``: (rank, world size, init
+    method) of ranks the engine started itself (loraplex.engine.tp_ranks); otherwise torchrun's variables say.
+    Returns (TensorParallel, local rank, the gloo group for control messages)."""
     if world_size == 1:
-        return TensorParallel(), 0
-    found = envs.torch_distributed_env()
-    if found is None or found[1] != world_size:
-        raise ConfigError(f"EngineArgs.tensor_parallel_size {world_size} needs its ranks started torchrun-style "
-                          f"(torchrun --nproc-per-node {world_size} ..., or RANK / WORLD_SIZE / MASTER_ADDR / "
-                          "MASTER_PORT set per process): the engine does not start its own rank processes yet"
-                          + ("" if found is None else f"; WORLD_SIZE is {found[1]}"), "tensor_parallel_size")
-    rank, _, local_rank = found
-    if not torch.distributed.is_initialized():
+        return TensorParallel(), 0, None
+    if spawned is not None:
+        rank, world, init_method = spawned
+        local_rank = rank  # one host
+    else:
+        found = envs.torch_distributed_env()
+        if found is None or found[1] != world_size:
+            raise ConfigError(f"EngineArgs.tensor_parallel_size {world_size}: WORLD_SIZE is {found[1]}, a "
+                              "torchrun-style launch of another size", "tensor_parallel_size")
+        rank, world, local_rank = found
+        init_method = "env://"
+    if torch.distributed.is_initialized():
+        if torch.distributed.get_world_size() != world_size:
+            raise ConfigError(f"EngineArgs.tensor_parallel_size {world_size}: this process already belongs to a "
+                              f"group of {torch.distributed.get_world_size()} ranks", "tensor_parallel_size")
+    else:
+        from loraplex.engine.tp_ranks import COLLECTIVE_TIMEOUT
+
         if device_type == "cuda":
             torch.cuda.set_device(local_rank)
-        torch.distributed.init_process_group("nccl" if device_type == "cuda" else "gloo", rank=rank,
-                                             world_size=world_size)
-    return TensorParallel(rank, world_size), local_rank
+        torch.distributed.init_process_group("nccl" if device_type == "cuda" else "gloo", init_method=init_method,
+                                             rank=rank, world_size=world_size, timeout=COLLECTIVE_TIMEOUT)
+    # Control messages (pickled calls) go over gloo even when the model's collectives use NCCL.
+    control = torch.distributed.new_group(backend="gloo") if device_type == "cuda" else None
+    return TensorParallel(rank, world_size), local_rank, control

@@ -46,6 +46,11 @@ class EngineStepError(LoraplexError):
     """
 
 
+class EngineDeadError(LoraplexError):
+    """The engine cannot run any more steps (a rank of a tensor-parallel engine exited); every later step raises
+    it too. The server answers 503."""
+
+
 class UnsupportedModelError(LoraplexError, ValueError):
     """The checkpoint's architecture or format is not supported."""
 

@@ -96,12 +96,12 @@ def num_kv_blocks(args: EngineArgs, model, device, dtype, max_model_len: int) ->
     return int(blocks)
 
 
-def build_engine_parts(args: EngineArgs, progress: bool = False) -> dict:
+def build_engine_parts(args: EngineArgs, progress: bool = False, spawned_rank=None) -> dict:
     start = time.perf_counter()
     path = resolve_model_path(args.model, args.revision, args.download_dir)
     hf_config = load_hf_config(path)
     device = pick_device(args.device)
-    tp, local_rank = init_tensor_parallel(args.tensor_parallel_size, device.type)
+    tp, local_rank, control_group = init_tensor_parallel(args.tensor_parallel_size, device.type, spawned_rank)
     if tp.is_parallel:
         if device.type == "cuda":
             device = torch.device("cuda", local_rank)
@@ -187,7 +187,7 @@ def build_engine_parts(args: EngineArgs, progress: bool = False) -> dict:
     return dict(tokenizer=tokenizer, processor=processor, model=model, model_config=model_config, hf_config=hf_config, device=device,
                 dtype=dtype, runner=runner, scheduler=scheduler, lora_manager=lora_manager,
                 plugin_manager=plugin_manager, max_model_len=max_model_len, eos_token_ids=eos, model_path=path,
-                num_kv_blocks=blocks)
+                num_kv_blocks=blocks, tp=tp, tp_control_group=control_group)
 
 
 def _plugin_manager():

@@ -5,6 +5,7 @@ import concurrent.futures
 import logging
 import threading
 import time
+import weakref
 from typing import Any
 
 import torch
@@ -33,10 +34,26 @@ _UNKNOWN_PROMPT_KEY = "a prompt dict takes 'prompt' or 'prompt_token_ids'"
 
 
 class LLMEngine:
-    def __init__(self, args: EngineArgs, progress: bool = False):
+    def __init__(self, args: EngineArgs, progress: bool = False, _rank: tuple | None = None):
         self.args = args
-        parts = build_engine_parts(args, progress=progress)
+        # Tensor parallelism without torchrun: this engine is rank 0 and starts the others (engine/tp_ranks.py);
+        # _rank is how a started rank builds its own engine.
+        self._ranks = None
+        if args.tensor_parallel_size > 1 and _rank is None and envs.torch_distributed_env() is None:
+            from loraplex.engine.tp_ranks import RankProcesses
+
+            self._ranks = RankProcesses(args, args.tensor_parallel_size)
+            _rank = (0, args.tensor_parallel_size, self._ranks.init_method)
+        try:
+            parts = build_engine_parts(args, progress=progress, spawned_rank=_rank)
+        except BaseException:
+            if self._ranks is not None:
+                self._ranks.shutdown()
+            raise
         self.__dict__.update(parts)  # tokenizer, model, runner, scheduler, lora_manager, plugin_manager...
+        if self._ranks is not None:
+            self._ranks.group = self.tp_control_group
+            weakref.finalize(self, self._ranks.shutdown)
         self.outputs = OutputProcessor(self.tokenizer)
         self.requests: dict[str, list[Sequence]] = {}
         self._aborted: set[str] = set()  # aborted requests whose final output is not yet returned
@@ -117,6 +134,7 @@ class LLMEngine:
         it): ``{"pixel_values": tensor, "modalities": ("image",)}`` beside ``{"prompt_token_ids": expanded ids}``.
         Offline, pass ``{"prompt": ..., "multi_modal_data": ...}`` instead."""
         request_id = str(request_id)
+        prompt_in, lora_in, mm_in = prompt, lora_request, mm_inputs  # as given: the other ranks replay the call
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         params = params or SamplingParams()
@@ -171,8 +189,13 @@ class LLMEngine:
         self.outputs.register(request_id, text, ids, lora_request)
         self.stats["num_requests"] += 1
         self.stats["num_prompt_tokens"] += len(ids)
+        if self._ranks is not None:
+            self._ranks.record("add_request", request_id, prompt_in, params, lora_request=lora_in,
+                               arrival_time=arrival, priority=priority, mm_inputs=mm_in)
 
     def abort_request(self, request_id) -> None:
+        if self._ranks is not None:
+            self._ranks.record("abort_request", request_id)
         ids = [request_id] if isinstance(request_id, str) else list(request_id)
         for rid in ids:
             for seq in self.requests.get(str(rid), []):
@@ -184,6 +207,8 @@ class LLMEngine:
     def stop_sample(self, request_id: str, index: int, stop_reason=None) -> None:
         """End one sample of a request now, as if it had hit a stop (the server's front end found a stop string
         in its text); the request's other samples go on."""
+        if self._ranks is not None:
+            self._ranks.record("stop_sample", request_id, index, stop_reason)
         for seq in self.requests.get(str(request_id), []):
             if seq.index == index and not seq.is_finished:
                 self.scheduler.finish(seq)
@@ -204,6 +229,8 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Schedule, run, postprocess one step and return its outputs. With async scheduling the next decode
         step is launched from this one's device-side tokens before they are read back (see _launch_ahead)."""
+        if self._ranks is not None:
+            self._ranks.send_step()  # the other ranks replay this engine's calls, then run the same step
         mgr = self.lora_manager
         if mgr is not None:
             # Finished loads and uploads in, failed loads out (their requests end with the error), then loads
@@ -247,6 +274,8 @@ class LLMEngine:
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached block (vLLM's reset_prefix_cache); False, and nothing done, while requests run."""
+        if self._ranks is not None:
+            self._ranks.record("reset_prefix_cache")
         return self.scheduler.block_manager.reset_prefix_cache()
 
     def _wait_idle(self) -> None:
@@ -386,18 +415,25 @@ class LLMEngine:
     def add_lora(self, lora_request: LoRARequest) -> bool:
         """Load (or reload in place) an adapter and wait for it; typed errors, the engine unchanged on failure."""
         self._require_lora().add_lora(lora_request)
+        if self._ranks is not None:
+            self._ranks.record("add_lora", lora_request)
         return True
 
     def add_lora_async(self, lora_request: LoRARequest) -> concurrent.futures.Future:
         """Queue a load in the loader threads and return at once; the future (done in a later step()) holds the
         result or the typed error. Running requests keep their pace meanwhile."""
-        return self._require_lora().add_lora_async(lora_request)
+        future = self._require_lora().add_lora_async(lora_request)
+        if self._ranks is not None:
+            self._ranks.record("add_lora_async", lora_request)
+        return future
 
     def remove_lora(self, lora_name_or_id) -> bool:
         mgr = self._require_lora()
         name = lora_name_or_id
         if isinstance(lora_name_or_id, int):
             name = mgr.registry.name_of(lora_name_or_id)
+        if self._ranks is not None:
+            self._ranks.record("remove_lora", lora_name_or_id)
         return name is not None and mgr.remove_lora(name)
 
     def list_loras(self) -> list[LoRARequest]:
@@ -408,4 +444,6 @@ class LLMEngine:
         name = lora_name_or_id
         if isinstance(lora_name_or_id, int):
             name = mgr.registry.name_of(lora_name_or_id) or str(name)
+        if self._ranks is not None:
+            self._ranks.record("pin_lora", lora_name_or_id)
         return mgr.pin_lora(name)

@@ -90,8 +90,37 @@ def test_tp2_with_adapters_equals_tp1(tiny_llama, tmp_path):
         assert tokens == expected, rank
 
 
-def test_tp_needs_its_ranks(tiny_llama, monkeypatch):
-    monkeypatch.delenv("RANK", raising=False)
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
-    with pytest.raises(ConfigError, match="torchrun-style"):
+def test_engine_started_ranks_with_adapters_and_a_rank_that_dies(tiny_llama, tmp_path):
+    """No torchrun: the engine starts rank 1 itself and sends it its calls. Outputs equal TP=1's, adapters
+    included; when rank 1 dies, the next step raises EngineDeadError at once, and so does every later one."""
+    import sys
+    import time
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    from helpers import make_peft_adapter
+
+    from loraplex.errors import EngineDeadError
+
+    adapters = {"a4": str(make_peft_adapter(tiny_llama, tmp_path / "a4", rank=4, seed=4, scale=0.2)),
+                "a8": str(make_peft_adapter(tiny_llama, tmp_path / "a8", rank=8, seed=8, scale=0.2,
+                                            targets="all-linear"))}
+    _, expected = _generate(str(tiny_llama), adapters)
+    llm, tokens = _generate(str(tiny_llama), adapters, tensor_parallel_size=2)
+    assert tokens == expected
+    assert llm.llm_engine.model.layers[0].mlp.down_proj.weight.shape[1] == 56  # half of intermediate 112
+    proc = llm.llm_engine._ranks.procs[0]
+    proc.kill()
+    proc.join(10)
+    start = time.monotonic()
+    for _ in range(2):
+        with pytest.raises(EngineDeadError, match="rank 1 exited"):
+            llm.generate(PROMPTS[:1], SamplingParams(**PARAMS))
+    assert time.monotonic() - start < 10
+
+
+def test_tp_size_must_match_torchrun(tiny_llama, monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(ConfigError, match="WORLD_SIZE is 4"):
         LLM(str(tiny_llama), tensor_parallel_size=2)
