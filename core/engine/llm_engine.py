@@ -52,7 +52,7 @@ class LLMEngine:
             raise
         self.__dict__.update(parts)  # tokenizer, model, runner, scheduler, lora_manager, plugin_manager...
         if self._ranks is not None:
-            self._ranks.group = self.tp_control_group
+            self._ranks.group, self._ranks.is_ready = self.tp_control_group, True
             weakref.finalize(self, self._ranks.shutdown)
         self.outputs = OutputProcessor(self.tokenizer)
         self.requests: dict[str, list[Sequence]] = {}

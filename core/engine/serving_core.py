@@ -19,7 +19,8 @@ import time
 from loraplex.engine.output_processor import OutputProcessor
 from loraplex.engine.stats_logger import ITL_BUCKETS, StepHistogram
 from loraplex.engine.wire import error_to_wire
-from loraplex.errors import EngineStepError, LoRAAlreadyLoadedError, LoRADisabledError, LoRANotFoundError
+from loraplex.errors import (EngineDeadError, EngineStepError, LoRAAlreadyLoadedError, LoRADisabledError,
+                             LoRANotFoundError)
 from loraplex.lora.request import LoRARequest
 from loraplex.sampling_params import RequestOutputKind, SamplingParams
 
@@ -115,6 +116,8 @@ class ServingCore:
         """One engine step's news as records (``loraplex.engine.wire``)."""
         try:
             outputs = self.engine.step()
+        except EngineDeadError:
+            raise  # no step can run again (a tensor-parallel rank is gone): the engine process ends, health 503
         except Exception as e:
             return self._step_failed(e)
         self.num_step_failures = 0

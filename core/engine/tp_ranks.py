@@ -40,7 +40,8 @@ class RankProcesses:
     def __init__(self, args, world_size: int):
         self.world_size = world_size
         self.port = _free_port()
-        self.group = None  # the gloo group of the control messages, made once the process group exists
+        self.group = None  # the gloo group of the control messages (None: the default group, gloo on the CPU)
+        self.is_ready = False  # every rank built its engine: they wait for commands
         self._commands: list[tuple] = []
         self.dead: str | None = None
         ctx = multiprocessing.get_context("spawn")
@@ -73,7 +74,8 @@ class RankProcesses:
             raise EngineDeadError(f"the tensor-parallel engine is down: {self.dead}")
 
     def shutdown(self) -> None:
-        if self.dead is None and all(p.is_alive() for p in self.procs):
+        # Ranks that never got ready (this engine failed to build, and so do they) are not waiting for a message.
+        if self.is_ready and self.dead is None and all(p.is_alive() for p in self.procs):
             try:
                 _broadcast([("exit", (), {})], self.group)
             except Exception:  # the group is already broken: the ranks are stopped below either way
@@ -96,7 +98,11 @@ def _rank_main(rank: int, world_size: int, port: int, args) -> None:
     """A rank other than 0: build the same engine, then replay rank 0's calls until it says exit."""
     from loraplex.engine.llm_engine import LLMEngine
 
-    engine = LLMEngine(args, _rank=(rank, world_size, f"tcp://127.0.0.1:{port}"))
+    try:
+        engine = LLMEngine(args, _rank=(rank, world_size, f"tcp://127.0.0.1:{port}"))
+    except BaseException as e:  # rank 0 builds the same engine and reports why; one message is enough
+        logger.debug("rank %d could not build its engine", rank, exc_info=e)
+        return
     group = engine.tp_control_group
     while True:
         for name, call_args, kwargs in _broadcast(None, group):

@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a step running longer marks the engine stuck: /health answers 503")
     s.add_argument("--disable-log-stats", action="store_true", help="no periodic throughput/queue/KV-cache log line")
     s.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
-                   help="only 1: the server runs on one device (the offline LLM takes N > 1)")
+                   help="ranks of one engine (the Llama family): the engine starts them on this host")
     s.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1,
                    help="only 1: pipeline parallelism is not supported yet")
     s.add_argument("--data-parallel-size", "-dp", type=int, default=1,
@@ -184,8 +184,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 # vLLM flags loraplex takes only at their neutral value: (dest, flag, accepted values, why others are refused).
 NOT_YET = (
-    ("tensor_parallel_size", "--tensor-parallel-size", (1,), "tensor parallelism is not supported yet in the "
-     "server (the offline LLM runs it); use 1"),
     ("pipeline_parallel_size", "--pipeline-parallel-size", (1,), "pipeline parallelism is not supported yet; use 1"),
     ("data_parallel_size", "--data-parallel-size", (1,), "data parallelism is not supported yet: run one server "
      "per device behind a load balancer"),

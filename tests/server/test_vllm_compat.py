@@ -197,16 +197,15 @@ def run_cli(*args, env=None) -> subprocess.CompletedProcess:
 
 def test_unsupported_vllm_flags_are_refused_by_name(tiny_llama):
     """The CLI as a process, once; the other refusals below take the same path in this process."""
-    out = run_cli("serve", str(tiny_llama), "--port", "0", "--tensor-parallel-size", "2")
-    message = "--tensor-parallel-size 2: tensor parallelism is not supported yet"
+    out = run_cli("serve", str(tiny_llama), "--port", "0", "--pipeline-parallel-size", "2")
+    message = "--pipeline-parallel-size 2: pipeline parallelism"
     assert out.returncode == 1 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["-tp", "4"], "--tensor-parallel-size 4: tensor parallelism is not supported yet"),
     (["--quantization", "awq"], "--quantization awq: only bitsandbytes (4-bit), fp8 and compressed-tensors (FP8 "
      "checkpoints) are supported yet"),
-    (["-pp", "2"], "--pipeline-parallel-size 2: pipeline parallelism"),
+    (["-pp", "3"], "--pipeline-parallel-size 3: pipeline parallelism"),
     (["--data-parallel-size", "2"], "--data-parallel-size 2: data parallelism"),
     (["--kv-cache-dtype", "fp8"], "--kv-cache-dtype fp8:"),
     (["--tokenizer-mode", "mistral"], "--tokenizer-mode mistral:"),
