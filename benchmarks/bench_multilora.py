@@ -22,14 +22,15 @@ from common import (LLAMA_3_2_3B, Timer, adapter_bytes, kv_bytes_per_token, meas
                     measure_matmul_peak, quant_weight_bytes, random_adapter, weight_bytes, write_config)
 
 
-def run_engine(engine, batch: int, num_adapters: int, prompt_len: int, gen_len: int, seed: int):
+def run_engine(engine, batch: int, num_adapters: int, prompt_len: int, gen_len: int, seed: int,
+               vocab_size: int = LLAMA_3_2_3B["vocab_size"]):
     from loraplex import SamplingParams
     from loraplex.lora.request import LoRARequest
 
     gen = torch.Generator().manual_seed(seed)
     params = SamplingParams(temperature=0, max_tokens=gen_len, ignore_eos=True, detokenize=False)
     for i in range(batch):
-        ids = torch.randint(0, LLAMA_3_2_3B["vocab_size"], (prompt_len,), generator=gen).tolist()
+        ids = torch.randint(0, vocab_size, (prompt_len,), generator=gen).tolist()
         lora = LoRARequest(f"a{i % num_adapters}", 1 + i % num_adapters, "") if num_adapters else None
         engine.add_request(f"s{seed}-b{batch}-n{num_adapters}-{i}", {"prompt_token_ids": ids}, params,
                            lora_request=lora)

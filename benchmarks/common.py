@@ -17,6 +17,13 @@ LLAMA_3_2_3B = {
     "tie_word_embeddings": True, "hidden_act": "silu", "bos_token_id": 128000, "eos_token_id": 128009,
     "torch_dtype": "bfloat16",
 }
+# Llama-3.1-8B's shape (config.json of meta-llama/Llama-3.1-8B-Instruct), random weights.
+LLAMA_3_1_8B = {
+    **LLAMA_3_2_3B, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+    "num_attention_heads": 32, "num_key_value_heads": 8, "tie_word_embeddings": False,
+    "rope_scaling": {"factor": 8.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+}
 LORA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
