@@ -2,8 +2,10 @@
 
 Each rank holds 1 / world of every attention head group and MLP column block (ModelConfig.shard): q/k/v and
 gate/up are split by output (column-parallel), o_proj and down_proj by input (row-parallel), whose partial outputs
-are summed over the ranks (``all_reduce``); embeddings, norms and the LM head are replicated, so every rank ends
-a step with the same logits and samples the same tokens.
+are summed over the ranks (``all_reduce``). The embedding and the LM head are split by vocabulary row (padded to a
+multiple of the ranks): a token's embedding comes from the rank that holds its row (``all_reduce`` of the masked
+lookups), the logits are the ranks' blocks side by side (``all_gather``), so every rank ends a step with the same
+logits and samples the same tokens. Norms are replicated.
 
 Every rank runs the same engine on the same requests, so every rank schedules the same batches and their
 collectives line up. The ranks are either started by the engine (loraplex.engine.tp_ranks: rank 0 is the caller's
@@ -36,6 +38,19 @@ class TensorParallel:
         if self.world_size > 1:
             torch.distributed.all_reduce(x)
         return x
+
+    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        """The ranks' x side by side along the last dim (rank order)."""
+        if self.world_size == 1:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.world_size)]
+        torch.distributed.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=-1)
+
+    def vocab_shard(self, vocab_size: int) -> tuple[int, int]:
+        """(first row, rows) of this rank's share of a vocabulary padded to a multiple of the ranks."""
+        rows = -(-vocab_size // self.world_size)
+        return self.rank * rows, rows
 
     def min_int(self, value: int) -> int:
         """The smallest of every rank's value (sizes all ranks must agree on, such as the KV cache's blocks)."""

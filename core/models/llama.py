@@ -100,6 +100,24 @@ class LlamaDecoderLayer(nn.Module):
         return (x * m if m != 1.0 else x), residual
 
 
+class VocabParallelEmbedding(nn.Module):
+    """This rank's rows of the embedding (loraplex.distributed): ids outside them look up zeros, and the
+    all-reduce brings each token the row of the rank that holds it."""
+
+    def __init__(self, cfg: ModelConfig, dtype, device):
+        super().__init__()
+        self.tp = TensorParallel(cfg.tp_rank, cfg.tp_size)
+        self.start, rows = self.tp.vocab_shard(cfg.vocab_size)
+        self.weight = nn.Parameter(torch.empty(rows, cfg.hidden_size, dtype=dtype, device=device),
+                                   requires_grad=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        local = ids - self.start
+        is_mine = (local >= 0) & (local < self.weight.shape[0])
+        out = nn.functional.embedding(torch.where(is_mine, local, 0), self.weight)  # [num_tokens, hidden]
+        return self.tp.all_reduce(out * is_mine.unsqueeze(-1).to(out.dtype))
+
+
 class LlamaForCausalLM(nn.Module):
     # HF module name of each LoRA-targetable projection -> (attribute path inside a decoder layer)
     LORA_MODULES = {
@@ -111,7 +129,11 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, attn_backend: str = "auto", dtype=None, device=None):
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
+        self.tp = TensorParallel(cfg.tp_rank, cfg.tp_size)
+        if self.tp.is_parallel:
+            self.embed_tokens = VocabParallelEmbedding(cfg, dtype, device)
+        else:
+            self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
         self.embed_tokens.weight.requires_grad_(False)
         self.layers = nn.ModuleList(
             self._decoder_layer(cfg, i, attn_backend, dtype, device) for i in range(cfg.num_hidden_layers))
@@ -119,8 +141,9 @@ class LlamaForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head_weight = self.embed_tokens.weight
         else:
-            self.lm_head_weight = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype,
-                                                           device=device), requires_grad=False)
+            rows = self.embed_tokens.weight.shape[0]  # this rank's share under tensor parallelism
+            self.lm_head_weight = nn.Parameter(torch.empty(rows, cfg.hidden_size, dtype=dtype, device=device),
+                                               requires_grad=False)
 
     def _decoder_layer(self, cfg: ModelConfig, layer_idx: int, attn_backend: str, dtype, device) -> nn.Module:
         return LlamaDecoderLayer(cfg, attn_backend, dtype, device)
@@ -147,4 +170,6 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [num_seqs, hidden] -> [num_seqs, vocab] in fp32 for sampling
         logits = nn.functional.linear(hidden, self.lm_head_weight).float()
+        if self.tp.is_parallel:
+            logits = self.tp.all_gather(logits)[:, : self.cfg.vocab_size]  # the ranks' blocks, padding cut
         return logits / self.cfg.logits_scaling if self.cfg.logits_scaling != 1.0 else logits

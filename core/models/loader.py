@@ -161,6 +161,18 @@ def _quant_part(rest: str, tensor: torch.Tensor) -> tuple[str, str] | None:
     return None
 
 
+def _vocab_rows(model, tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's rows of an embedding or LM head (all of them without tensor parallelism)."""
+    tp = getattr(model, "tp", None)
+    if tp is None or not tp.is_parallel:
+        return tensor
+    start, rows = tp.vocab_shard(tensor.shape[0])
+    part = tensor[start: start + rows]
+    if part.shape[0] < rows:  # the last rank's share runs past the vocabulary: zero rows, cut from the logits
+        part = torch.cat([part, part.new_zeros(rows - part.shape[0], *part.shape[1:])])
+    return part
+
+
 def load_weights(model: LlamaForCausalLM, path: Path, progress: bool = False, spec: QuantSpec | None = None,
                  hf_config=None, gguf: str | None = None) -> None:
     loaded: set[str] = set()
@@ -192,9 +204,9 @@ def load_weights(model: LlamaForCausalLM, path: Path, progress: bool = False, sp
         if name == "lm_head.weight":
             if model.cfg.tie_word_embeddings:
                 continue
-            model.lm_head_weight.data.copy_(tensor)
+            model.lm_head_weight.data.copy_(_vocab_rows(model, tensor))
         elif name == "model.embed_tokens.weight":
-            model.embed_tokens.weight.data.copy_(tensor)
+            model.embed_tokens.weight.data.copy_(_vocab_rows(model, tensor))
         elif name == "model.norm.weight":
             model.norm.weight.data.copy_(tensor)
         else:
