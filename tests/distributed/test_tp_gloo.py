@@ -108,7 +108,9 @@ def test_engine_started_ranks_with_adapters_and_a_rank_that_dies(tiny_llama, tmp
     _, expected = _generate(str(tiny_llama), adapters)
     llm, tokens = _generate(str(tiny_llama), adapters, tensor_parallel_size=2)
     assert tokens == expected
-    assert llm.llm_engine.model.layers[0].mlp.down_proj.weight.shape[1] == 56  # half of intermediate 112
+    model = llm.llm_engine.model
+    assert model.layers[0].mlp.down_proj.weight.shape[1] == 56  # half of intermediate 112
+    assert model.embed_tokens.weight.shape[0] == 130 and model.lm_head_weight.shape[0] == 130  # 259 rows, padded
     proc = llm.llm_engine._ranks.procs[0]
     proc.kill()
     proc.join(10)
