@@ -14,8 +14,8 @@ from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 
 from loraplex.engine.wire import EngineCoreError
-from loraplex.errors import (EngineStepError, InvalidRequestError, LoRAAlreadyLoadedError, LoRADisabledError, LoRAError,
-                             LoRANotFoundError)
+from loraplex.errors import (EngineDeadError, EngineStepError, InvalidRequestError, LoRAAlreadyLoadedError,
+                             LoRADisabledError, LoRAError, LoRANotFoundError)
 
 logger = logging.getLogger("loraplex.server")
 
@@ -61,7 +61,7 @@ def to_api_error(exc: BaseException) -> APIError:
         return APIError(400, str(exc))
     if isinstance(exc, (EngineStepError, EngineCoreError)):  # logged with its cause where it happened
         return APIError(500, str(exc))
-    if isinstance(exc, EngineUnavailableError):
+    if isinstance(exc, (EngineUnavailableError, EngineDeadError)):  # the in-thread engine raises the latter
         return APIError(503, str(exc) or "The engine is not running")
     logger.error("unhandled error while serving a request", exc_info=exc)
     return APIError(500, f"Internal server error: {type(exc).__name__}: {exc}")
