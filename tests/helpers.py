@@ -321,7 +321,7 @@ def agree_up_to_near_ties(ours, ref, margin: float = 0.25) -> int:
 
 
 def make_fp8_checkpoint(model_dir, out_dir, scheme: str = "FP8_DYNAMIC", calibration=("Hello, my name is",)) -> Path:
-    """An FP8 checkpoint of the float model in model_dir, as llm-compressor saves it (compressed-tensors
+    """An FP8 checkpoint of the float model in model_dir, written by compressed-tensors as llm-compressor would (compressed-tensors
     "float-quantized"): weight scales by min-max (each channel's, or the tensor's, absmax maps to 448), and for
     the static scheme "FP8" input scales from the absmax each Linear saw over the calibration prompts.
     scheme: "FP8_DYNAMIC" (per-channel weights, per-token dynamic activations), "FP8" (per-tensor weights, static

@@ -10,12 +10,12 @@ bitsandbytes 4-bit (NF4 / FP4, the QLoRA setting):
   in-flight NF4 gives (double quantization off);
 - 8-bit, MoE and multi-modal 4-bit bases, and other quantization values are refused by name.
 
-FP8 as llm-compressor saves it (compressed-tensors), HF running it through compressed-tensors' own forward (each
+FP8 in compressed-tensors' format (the test checkpoints written by compressed-tensors itself), HF running it through compressed-tensors' own forward (each
 activation quantized as the scheme says, then the dequantized product):
 - per-channel weights with per-token dynamic activations, per-tensor weights with static activations, and
   weight-only: greedy tokens equal, Llama and Phi-3 (fused qkv); with PEFT adapters in a mixed batch too;
-- a float checkpoint with quantization="fp8": the same FP8 weights and scales as llm-compressor's FP8_DYNAMIC
-  with min-max scales, and its tokens.
+- a float checkpoint with quantization="fp8": the same FP8 weights and scales as compressed-tensors writes for
+  FP8_DYNAMIC with min-max scales, and its tokens.
 """
 from __future__ import annotations
 
@@ -207,7 +207,7 @@ def test_fp8_lora_mixed_batch_matches_peft(fp8_models, float_models, tmp_path):
     assert _ours(engine, PROMPTS, loras) == expected
 
 
-def test_inflight_fp8_equals_llm_compressor(fp8_models, float_models):
+def test_inflight_fp8_equals_compressed_tensors(fp8_models, float_models):
     from transformers import AutoTokenizer
 
     ref_path = fp8_models["llama", "FP8_DYNAMIC"]
