@@ -321,8 +321,8 @@ def agree_up_to_near_ties(ours, ref, margin: float = 0.25) -> int:
 
 
 def make_fp8_checkpoint(model_dir, out_dir, scheme: str = "FP8_DYNAMIC", calibration=("Hello, my name is",)) -> Path:
-    """An FP8 checkpoint of the float model in model_dir, written by compressed-tensors as llm-compressor would (compressed-tensors
-    "float-quantized"): weight scales by min-max (each channel's, or the tensor's, absmax maps to 448), and for
+    """An FP8 checkpoint of the float model in model_dir, written by compressed-tensors as llm-compressor would
+    (format "float-quantized"): weight scales by min-max (each channel's, or the tensor's, absmax maps to 448), and for
     the static scheme "FP8" input scales from the absmax each Linear saw over the calibration prompts.
     scheme: "FP8_DYNAMIC" (per-channel weights, per-token dynamic activations), "FP8" (per-tensor weights, static
     per-tensor activations) or "FP8_W" (per-channel weights only; activations stay float)."""
@@ -354,7 +354,8 @@ def make_fp8_checkpoint(model_dir, out_dir, scheme: str = "FP8_DYNAMIC", calibra
         for name, m in model.named_modules():
             if hasattr(m, "weight_scale"):
                 w = m.weight.abs()
-                a = w.amax(dim=1, keepdim=True) if m.weight_scale.numel() > 1 else w.amax().reshape(m.weight_scale.shape)
+                a = (w.amax(dim=1, keepdim=True) if m.weight_scale.numel() > 1
+                     else w.amax().reshape(m.weight_scale.shape))
                 m.weight_scale.copy_((a / 448.0).to(m.weight_scale.dtype))
             if hasattr(m, "input_scale") and name in amax:
                 m.input_scale.fill_(amax[name] / 448.0)

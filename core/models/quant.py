@@ -3,9 +3,9 @@
 - bitsandbytes 4-bit (NF4 / FP4, the QLoRA base), as transformers saves ``BitsAndBytesConfig(load_in_4bit=True)``,
   or a float checkpoint with ``quantization="bitsandbytes"`` (quantized to NF4 as it loads, vLLM's in-flight
   bitsandbytes). Weights: loraplex.layers.bnb4.
-- FP8 (e4m3) as compressed-tensors saves it (``format: float-quantized``, the format of llm-compressor's FP8 / FP8_DYNAMIC
-  schemes): per-tensor or per-channel weight scales, activations quantized per token or per tensor, dynamically
-  or with the checkpoint's static input scale; or a float checkpoint with ``quantization="fp8"`` (per-channel
+- FP8 (e4m3) as compressed-tensors saves it (``format: float-quantized``, the format of llm-compressor's FP8 /
+  FP8_DYNAMIC schemes): per-tensor or per-channel weight scales, activations quantized per token or per tensor,
+  dynamically or with the checkpoint's static input scale; or a float checkpoint with ``quantization="fp8"`` (per-channel
   weights, per-token dynamic activations). Weights: loraplex.layers.fp8.
 - GGUF files of the Llama, Qwen2 and Qwen3 architectures: Q4_0 / Q4_1 / Q8_0 projections stay in their block
   format (loraplex.layers.gguf_quant), other types are dequantized as they load. Other architectures' GGUF files

@@ -10,7 +10,8 @@ bitsandbytes 4-bit (NF4 / FP4, the QLoRA setting):
   in-flight NF4 gives (double quantization off);
 - 8-bit, MoE and multi-modal 4-bit bases, and other quantization values are refused by name.
 
-FP8 in compressed-tensors' format (the test checkpoints written by compressed-tensors itself), HF running it through compressed-tensors' own forward (each
+FP8 in compressed-tensors' format (the test checkpoints written by compressed-tensors itself), HF running it
+through compressed-tensors' own forward (each
 activation quantized as the scheme says, then the dequantized product):
 - per-channel weights with per-token dynamic activations, per-tensor weights with static activations, and
   weight-only: greedy tokens equal, Llama and Phi-3 (fused qkv); with PEFT adapters in a mixed batch too;
