@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import logging
 import threading
 import time
@@ -31,6 +32,18 @@ _PROMPT_KEYS = {"prompt": None, "prompt_token_ids": None,
                 "multi_modal_data": "this model is text-only",
                 "mm_processor_kwargs": "per-request processor arguments are not supported"}
 _UNKNOWN_PROMPT_KEY = "a prompt dict takes 'prompt' or 'prompt_token_ids'"
+
+
+def _sent_to_ranks(method):
+    """A call that changes the engine: with ranks this engine started (engine/tp_ranks.py), recorded for them to
+    replay before the next step, once it has succeeded here."""
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        result = method(self, *args, **kwargs)
+        if self._ranks is not None:
+            self._ranks.record(method.__name__, *args, **kwargs)
+        return result
+    return call
 
 
 class LLMEngine:
@@ -193,9 +206,8 @@ class LLMEngine:
             self._ranks.record("add_request", request_id, prompt_in, params, lora_request=lora_in,
                                arrival_time=arrival, priority=priority, mm_inputs=mm_in)
 
+    @_sent_to_ranks
     def abort_request(self, request_id) -> None:
-        if self._ranks is not None:
-            self._ranks.record("abort_request", request_id)
         ids = [request_id] if isinstance(request_id, str) else list(request_id)
         for rid in ids:
             for seq in self.requests.get(str(rid), []):
@@ -204,11 +216,10 @@ class LLMEngine:
                     seq.finish("abort")
                     self._aborted.add(str(rid))
 
+    @_sent_to_ranks
     def stop_sample(self, request_id: str, index: int, stop_reason=None) -> None:
         """End one sample of a request now, as if it had hit a stop (the server's front end found a stop string
         in its text); the request's other samples go on."""
-        if self._ranks is not None:
-            self._ranks.record("stop_sample", request_id, index, stop_reason)
         for seq in self.requests.get(str(request_id), []):
             if seq.index == index and not seq.is_finished:
                 self.scheduler.finish(seq)
@@ -272,10 +283,9 @@ class LLMEngine:
             self.stats["num_prefix_cache_hits"] = bm.num_hits
             self.stats["prefix_cache_by_model"] = {k: list(v) for k, v in bm.stats_by_model.items()}
 
+    @_sent_to_ranks
     def reset_prefix_cache(self) -> bool:
         """Forget every cached block (vLLM's reset_prefix_cache); False, and nothing done, while requests run."""
-        if self._ranks is not None:
-            self._ranks.record("reset_prefix_cache")
         return self.scheduler.block_manager.reset_prefix_cache()
 
     def _wait_idle(self) -> None:
@@ -412,38 +422,33 @@ class LLMEngine:
             raise LoRADisabledError("LoRA is not enabled; construct the engine with enable_lora=True")
         return self.lora_manager
 
+    @_sent_to_ranks
     def add_lora(self, lora_request: LoRARequest) -> bool:
         """Load (or reload in place) an adapter and wait for it; typed errors, the engine unchanged on failure."""
         self._require_lora().add_lora(lora_request)
-        if self._ranks is not None:
-            self._ranks.record("add_lora", lora_request)
         return True
 
+    @_sent_to_ranks
     def add_lora_async(self, lora_request: LoRARequest) -> concurrent.futures.Future:
         """Queue a load in the loader threads and return at once; the future (done in a later step()) holds the
         result or the typed error. Running requests keep their pace meanwhile."""
-        future = self._require_lora().add_lora_async(lora_request)
-        if self._ranks is not None:
-            self._ranks.record("add_lora_async", lora_request)
-        return future
+        return self._require_lora().add_lora_async(lora_request)
 
+    @_sent_to_ranks
     def remove_lora(self, lora_name_or_id) -> bool:
         mgr = self._require_lora()
         name = lora_name_or_id
         if isinstance(lora_name_or_id, int):
             name = mgr.registry.name_of(lora_name_or_id)
-        if self._ranks is not None:
-            self._ranks.record("remove_lora", lora_name_or_id)
         return name is not None and mgr.remove_lora(name)
 
     def list_loras(self) -> list[LoRARequest]:
         return self._require_lora().list_loras()
 
+    @_sent_to_ranks
     def pin_lora(self, lora_name_or_id) -> bool:
         mgr = self._require_lora()
         name = lora_name_or_id
         if isinstance(lora_name_or_id, int):
             name = mgr.registry.name_of(lora_name_or_id) or str(name)
-        if self._ranks is not None:
-            self._ranks.record("pin_lora", lora_name_or_id)
         return mgr.pin_lora(name)

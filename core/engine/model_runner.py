@@ -112,6 +112,8 @@ class ModelRunner:
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed if seed is not None else torch.seed())
         self._allocate_kv_cache()
+        # Adapters may target this model's MoE experts: only then does a step look for such adapters.
+        self.has_expert_lora = lora_manager is not None and bool(lora_manager.layout.expert_layers)
         self.graph_runner = None
         if device.type == "cuda" and not enforce_eager:
             self.graph_runner = CUDAGraphRunner(self, max_num_seqs)
@@ -190,7 +192,7 @@ class ModelRunner:
         # Graphs take true decodes only: not a 1-token chunk, nor a multi-modal prompt's last token.
         is_decode = max(num_new) == 1 and rows is None and (ahead or all(
             s.mm_inputs is None or s.num_computed_tokens >= s.num_prompt_tokens for s in seqs))
-        expert_runs = self._expert_lora_runs(seqs, num_new) if self.lora_manager is not None else []
+        expert_runs = self._expert_lora_runs(seqs, num_new) if self.has_expert_lora else []
         if is_decode and not expert_runs and self.graph_runner is not None and self.graph_runner.can_run(len(seqs)):
             logits = self.graph_runner.run(seqs, input_ids)
         else:

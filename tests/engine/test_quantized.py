@@ -235,22 +235,16 @@ def test_refusals(tiny_model_factory, float_models):
         LLMEngine.from_engine_args(EngineArgs(model=str(float_models["llama"]), quantization="compressed-tensors"))
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("enforce_eager", [True, False])
-def test_nf4_cuda_matches_hf_with_qlora(enforce_eager, nf4_models, float_models, tmp_path):
-    """bf16 on CUDA: HF's bitsandbytes model with PEFT adapters against ours, with and without CUDA graphs."""
-    from helpers import agree_up_to_near_ties
+def _cuda_peft_reference(hf, path, float_models, tmp_path):
+    """(adapters, row adapter names, [(HF tokens, top-1 minus top-2 logit per step)]) of two PEFT adapters on the
+    HF model ``hf`` (on CUDA), each row under its own adapter or none."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoTokenizer
 
-    path = nf4_models["llama", "nf4"]
     adapters = {f"r{r}": make_peft_adapter(float_models["llama"], tmp_path / f"r{r}", rank=r, seed=r,
                                            targets="all-linear", scale=0.1) for r in (4, 8)}
     names = [None, "r4", "r8", "r4", None, "r8"]
     tok = AutoTokenizer.from_pretrained(path)
-    cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
-    hf = AutoModelForCausalLM.from_pretrained(path, quantization_config=cfg, dtype=torch.bfloat16,
-                                              device_map="cuda")
     model = PeftModel.from_pretrained(hf, str(adapters["r4"]), adapter_name="r4")
     model.load_adapter(str(adapters["r8"]), adapter_name="r8")
     ref = []
@@ -261,6 +255,21 @@ def test_nf4_cuda_matches_hf_with_qlora(enforce_eager, nf4_models, float_models,
                              adapter_names=[name or "__base__"])
         top2 = [s[0].float().topk(2).values for s in gen.scores]
         ref.append((gen.sequences[0, ids.shape[1]:].tolist(), [float(t[0] - t[1]) for t in top2]))
+    return adapters, names, ref
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("enforce_eager", [True, False])
+def test_nf4_cuda_matches_hf_with_qlora(enforce_eager, nf4_models, float_models, tmp_path):
+    """bf16 on CUDA: HF's bitsandbytes model with PEFT adapters against ours, with and without CUDA graphs."""
+    from helpers import agree_up_to_near_ties
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    path = nf4_models["llama", "nf4"]
+    cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    hf = AutoModelForCausalLM.from_pretrained(path, quantization_config=cfg, dtype=torch.bfloat16,
+                                              device_map="cuda")
+    adapters, names, ref = _cuda_peft_reference(hf, path, float_models, tmp_path)
     engine = LLMEngine.from_engine_args(EngineArgs(model=str(path), dtype="bfloat16", device="cuda",
                                                    max_model_len=128, enable_lora=True, max_loras=2,
                                                    max_lora_rank=8, enforce_eager=enforce_eager))
@@ -276,25 +285,11 @@ def test_fp8_cuda_matches_hf(enforce_eager, fp8_models, float_models, tmp_path):
     """bf16 on CUDA, FP8 matmuls (torch._scaled_mm, row-wise scales) against compressed-tensors' forward in HF,
     with adapters, with and without CUDA graphs."""
     from helpers import agree_up_to_near_ties
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     path = fp8_models["llama", "FP8_DYNAMIC"]
-    adapters = {f"r{r}": make_peft_adapter(float_models["llama"], tmp_path / f"r{r}", rank=r, seed=r,
-                                           targets="all-linear", scale=0.1) for r in (4, 8)}
-    names = [None, "r4", "r8", "r4", None, "r8"]
-    tok = AutoTokenizer.from_pretrained(path)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda()
-    model = PeftModel.from_pretrained(hf, str(adapters["r4"]), adapter_name="r4")
-    model.load_adapter(str(adapters["r8"]), adapter_name="r8")
-    ref = []
-    for prompt, name in zip(PROMPTS, names):
-        ids = tok(prompt, return_tensors="pt").input_ids.cuda()
-        gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_TOKENS, do_sample=False,
-                             pad_token_id=tok.pad_token_id, return_dict_in_generate=True, output_scores=True,
-                             adapter_names=[name or "__base__"])
-        top2 = [s[0].float().topk(2).values for s in gen.scores]
-        ref.append((gen.sequences[0, ids.shape[1]:].tolist(), [float(t[0] - t[1]) for t in top2]))
+    adapters, names, ref = _cuda_peft_reference(hf, path, float_models, tmp_path)
     engine = LLMEngine.from_engine_args(EngineArgs(model=str(path), dtype="bfloat16", device="cuda",
                                                    max_model_len=128, enable_lora=True, max_loras=2,
                                                    max_lora_rank=8, enforce_eager=enforce_eager))
