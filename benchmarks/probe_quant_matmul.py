@@ -1,5 +1,5 @@
 """A quantized Linear's product at decode batch sizes, per way of computing it, on the Llama-3.2-3B shapes: bf16
-cuBLAS (the base), FP8 as it was (per-token activation quantization + torch._scaled_mm), bitsandbytes'
+cuBLAS (the base), FP8 as the Linear computes it (per-token activation quantization + torch._scaled_mm), bitsandbytes'
 matmul_4bit, and kernels/quant_matmul.py over a sweep of launch shapes. Each time is a CUDA graph of 20 calls
 replayed, divided by 20; `x roof` is over the weight bytes at the measured copy bandwidth.
 
@@ -8,6 +8,7 @@ replayed, divided by 20; `x roof` is over the weight bytes at the measured copy 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import sys
@@ -97,7 +98,7 @@ def main() -> None:
                                                                  cfg=c))):
                     best = None
                     for c in sweep:
-                        c = QuantMatmulConfig(min(max(16, 1 << (m - 1).bit_length()), 64), *list(c.__dict__.values())[1:])
+                        c = dataclasses.replace(c, BLOCK_M=min(max(16, 1 << (m - 1).bit_length()), 64))
                         try:
                             us = graph_us(lambda: fn(c))
                         except Exception as e:  # noqa: BLE001 - a shape that does not fit shared memory
